@@ -38,9 +38,26 @@ class PruneConfig:
     layers: str | None = None  # regex on linear names inside a block; None: all of them
 
 
+TARGETS = ("dense-block", "dense-model")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class RecoverConfig:
-    method: str = "none"
+    """Recovery after pruning each block. Defaults are the EBFT reference code's."""
+
+    method: str = "ebft"  # ebft | none
+    epochs: int = 10
+    lr: float = 2e-4
+    batch_size: int = 8
+    weight_decay: float = 0.1  # reference: 0.1 on every trained parameter
+    grad_clip: float | None = 1.0
+    target: str = "dense-block"  # dense block on the sparse chain's inputs | dense model's own outputs
+    train_norms: bool = False
+    loss: str = "mse"  # mse | token-norm (per-token normalised)
+    holdout: int = 0  # calibration windows held out of training to measure generalisation
+    precision: str = "auto"  # auto (fp32 on CPU, bf16/fp16 autocast on GPU) | fp32 | bf16 | fp16
+    seed: int = 0
 
 
 @dataclass
@@ -88,6 +105,9 @@ class RunConfig:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def _validate_recover(self) -> None:
+        _validate_recover_impl(self.recover, self.calib.nsamples)
+
     # ---- validation, before any model is loaded ---------------------------------------------
     def validate(self, need_out: bool = True):
         """Check every field; return the parsed sparsity :class:`~ebft.masks.Pattern`."""
@@ -108,6 +128,7 @@ class RunConfig:
         _positive("eval.windows", self.eval.windows, optional=True)
         pruner = get_pruner(self.prune.method)
         get_recovery(self.recover.method)
+        self._validate_recover()
         sparsity = self.prune.sparsity
         if sparsity is None and ":" not in str(self.prune.pattern):
             sparsity = 0.5
@@ -124,6 +145,29 @@ class RunConfig:
         if need_out:
             check_out(self.out, self.overwrite)
         return pattern
+
+
+def _validate_recover_impl(r: "RecoverConfig", nsamples: int) -> None:
+    from .recover.ebft import LOSSES
+
+    _positive("recover.epochs", r.epochs)
+    _positive("recover.batch_size", r.batch_size)
+    for name in ("lr", "weight_decay"):
+        value = getattr(r, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"recover.{name}", value, "must be a number >= 0")
+    if r.grad_clip is not None and (isinstance(r.grad_clip, bool) or not isinstance(r.grad_clip, (int, float)) or r.grad_clip <= 0):
+        raise ConfigError("recover.grad_clip", r.grad_clip, "must be a positive number (or null for no clipping)")
+    if r.target not in TARGETS:
+        raise ConfigError("recover.target", r.target, f"allowed: {', '.join(TARGETS)}")
+    if r.loss not in LOSSES:
+        raise ConfigError("recover.loss", r.loss, f"allowed: {', '.join(LOSSES)}")
+    if r.precision not in PRECISIONS:
+        raise ConfigError("recover.precision", r.precision, f"allowed: {', '.join(PRECISIONS)}")
+    if isinstance(r.holdout, bool) or not isinstance(r.holdout, int) or not 0 <= r.holdout < nsamples:
+        raise ConfigError("recover.holdout", r.holdout, f"must be an integer in [0, nsamples = {nsamples})")
+    if not isinstance(r.train_norms, bool):
+        raise ConfigError("recover.train_norms", r.train_norms, "must be true or false")
 
 
 def check_device(device: str) -> None:

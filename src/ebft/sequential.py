@@ -295,7 +295,7 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
             del stats
             push("pruned", block)
             record.update(recovery.fn(block, calib, targets, masks, linears, io, recover.settings,
-                                      progress=progress) or {})
+                                      index=index, progress=progress) or {})
             for name, mask in masks.items():
                 full = f"{prefix}.{index}.{name}"
                 masklib.check_mask(mask, prune.pattern, full)

@@ -1,6 +1,6 @@
 """Recoveries, registered by name.
 
-A recovery is ``fn(block, inputs, targets, masks, linears, io, settings, progress) -> dict`` that
+A recovery is ``fn(block, inputs, targets, masks, linears, io, settings, index, progress) -> dict`` that
 changes the kept weights of one pruned block (already on its device) so that the block's outputs on
 ``inputs`` come closer to ``targets``. It never changes a mask (unless it is a mask-tuning method),
 never moves the block, never loops over blocks. The returned dict is merged into the block's record
@@ -38,6 +38,9 @@ def get_recovery(name: str) -> Recovery:
 
 
 @register_recovery("none", needs_targets=False)
-def no_recovery(block, inputs, targets, masks, linears, io, settings, progress=None) -> dict:
+def no_recovery(block, inputs, targets, masks, linears, io, settings, index=0, progress=None) -> dict:
     """Keep the pruned weights as they are."""
     return {}
+
+
+from . import ebft  # noqa: E402,F401  (registers)

