@@ -38,7 +38,22 @@ RUN_FLAGS = {
     "--eval": ("eval.sources", dict(nargs="+", help="perplexity texts, named or files (default wikitext2)")),
     "--eval-seqlen": ("eval.seqlen", dict(type=int, help="tokens per eval window (default min(context, 2048))")),
     "--eval-windows": ("eval.windows", dict(type=int, help="cap on eval windows per text, for quick runs")),
-    "--recover": ("recover.method", dict(help="recovery after pruning each block: none")),
+    "--recover": ("recover.method", dict(help="recovery after pruning each block: ebft (default) | none")),
+    "--epochs": ("recover.epochs", dict(type=int, help="EBFT epochs over the calibration windows per block (default 10)")),
+    "--lr": ("recover.lr", dict(type=float, help="EBFT AdamW learning rate, decayed linearly to 0 (default 2e-4)")),
+    "--recover-batch-size": ("recover.batch_size", dict(type=int, help="EBFT windows per step (default 8)")),
+    "--weight-decay": ("recover.weight_decay", dict(type=float, help="EBFT AdamW weight decay (default 0.1, as the reference)")),
+    "--grad-clip": ("recover.grad_clip", dict(type=float, help="EBFT gradient-norm clip (default 1.0)")),
+    "--target": ("recover.target", dict(choices=["dense-block", "dense-model"], help="EBFT target: the dense block "
+                 "on the sparse chain's inputs (default, as the reference) or the dense model's own activations")),
+    "--train-norms": ("recover.train_norms", dict(action="store_true", default=None,
+                      help="EBFT also trains the block's norm weights (default: linear weights and biases only)")),
+    "--loss": ("recover.loss", dict(choices=["mse", "token-norm"], help="EBFT loss: mse (default) or per-token "
+               "normalised MSE (weighs tokens with massive activations like the others)")),
+    "--holdout": ("recover.holdout", dict(type=int, help="calibration windows held out of EBFT training to "
+                  "report held-out reconstruction loss (default 0)")),
+    "--precision": ("recover.precision", dict(choices=["auto", "fp32", "bf16", "fp16"], help="EBFT training "
+                    "precision (auto: fp32 on CPU, bf16 autocast on GPUs that have it, else fp16 + GradScaler)")),
     "--dtype": ("dtype", dict(help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16/fp16 on GPU)")),
     "--device": ("device", dict(help="auto | cpu | cuda | cuda:N (default auto)")),
     "--batch-size": ("batch_size", dict(type=int, help="windows per forward pass (default 1)")),
