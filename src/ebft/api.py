@@ -22,6 +22,7 @@ from .config import RunConfig, check_device, check_source, resolve_device
 from .data import calibration_windows, eval_tokens, source_name
 from .evaluate.perplexity import eval_windows, stream_perplexity
 from .export import atomic_folder, save_pretrained, sparsity_report, write_json
+from .report import plot_block_losses
 from .models import context_length, load_model
 from .prune import get_pruner
 from .sequential import PruneSpec, RecoverSpec, walk
@@ -102,6 +103,8 @@ def run(config: RunConfig, progress=None) -> dict:
         save_pretrained(model, tokenizer, tmp)
         record["wall_seconds"] = round(time.perf_counter() - start, 2)
         write_json(tmp / "run.json", record)
+        plot_block_losses(result.blocks, tmp / "block_losses.png",
+                          f"{config.model}: {config.prune.method} {pattern} + {config.recover.method}")
     log.info("saved %s", config.out)
     return record
 

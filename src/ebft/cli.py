@@ -6,6 +6,7 @@ import logging
 import sys
 
 from .errors import EbftError
+from .report import markdown_table as format_table
 
 EXAMPLES_RUN = """examples:
   ebft run --model builtin:smollm2 --method wanda --sparsity 0.5 --calib offline --eval offline --out runs/demo
@@ -122,20 +123,6 @@ class _Progress:
             if self.bar.n == self.bar.total:
                 self.bar.close()
                 self.bar = None
-
-
-def format_table(headers, rows) -> str:
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), sep, *map(line, cells[1:])])
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if value < 1e4 else f"{value:.4g}"
-    return "—" if value is None else str(value)
 
 
 def run_table(record: dict) -> str:
