@@ -23,7 +23,8 @@ from .data import calibration_windows, eval_tokens, source_name
 from .evaluate.perplexity import eval_windows, stream_perplexity
 from .export import atomic_folder, save_pretrained, sparsity_report, write_json
 from .report import plot_block_losses
-from .models import context_length, load_model
+from .masks import validate_width
+from .models import context_length, find_blocks, find_linears, load_model
 from .prune import get_pruner
 from .sequential import PruneSpec, RecoverSpec, walk
 
@@ -58,6 +59,14 @@ def _eval_sets(tokenizer, sources, seqlen, windows) -> dict[str, torch.Tensor]:
     return sets
 
 
+def check_widths(model, pattern, layers: str | None) -> None:
+    """N:M needs M to divide every pruned layer's input width: fail before any work is done."""
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        for name, linear in find_linears(block, layers).items():
+            validate_width(linear.in_features, pattern, name)
+
+
 def run(config: RunConfig, progress=None) -> dict:
     """Prune (and recover) ``config.model``, evaluate before and after, save to ``config.out``.
 
@@ -70,6 +79,7 @@ def run(config: RunConfig, progress=None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(config.seed)
     model, tokenizer = load_model(config.model, config.dtype, device)
+    check_widths(model, pattern, config.prune.layers)
     ctx = min(context_length(model), 2048)
     calib_seqlen, eval_seqlen = config.calib.seqlen or ctx, config.eval.seqlen or ctx
     calib = calibration_windows(tokenizer, config.calib.source, config.calib.nsamples, calib_seqlen, config.seed)

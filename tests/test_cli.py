@@ -1,0 +1,143 @@
+"""The `ebft` command end to end on a tiny local model: outputs, reload, config files, bad input."""
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from ebft.cli import main
+
+
+def _run_args(model_dir, text_file, out, *extra):
+    return ["run", "--model", str(model_dir), "--calib", str(text_file), "--nsamples", "8", "--seqlen", "32",
+            "--eval", str(text_file), "--eval-seqlen", "64", "--eval-windows", "4", "--out", str(out), *extra]
+
+
+def test_run_writes_model_record_and_plot(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(_run_args(tiny_model_dir, text_file, out, "--method", "sparsegpt", "--pattern", "2:4",
+                          "--epochs", "2", "--recover-batch-size", "4"))
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "dense" in printed and "recovered" in printed and "sparsity 50.00%" in printed
+    record = json.loads((out / "run.json").read_text())
+    for key in ("config", "versions", "seed", "blocks", "sparsity", "perplexity", "wall_seconds", "peak_memory_bytes"):
+        assert key in record
+    assert [b["index"] for b in record["blocks"]] == [0, 1]
+    assert all({"seconds", "loss_before", "loss_after", "epoch_losses"} <= set(b) for b in record["blocks"])
+    assert record["sparsity"]["overall"] == pytest.approx(0.5)
+    ppl = record["perplexity"]["corpus.txt"]
+    assert set(ppl) == {"dense", "pruned", "recovered"}
+    assert (out / "model.safetensors").exists() and (out / "block_losses.png").exists()
+    assert not list(tmp_path.glob(".run.tmp-*"))
+
+
+def test_saved_model_reloads_with_identical_logits_and_recorded_perplexity(tiny_model_dir, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ebft import RunConfig, run
+    from ebft.data import eval_tokens
+    from ebft.evaluate.perplexity import perplexity
+
+    cfg = RunConfig(model=str(tiny_model_dir), out=str(tmp_path / "m"))
+    cfg.prune.method, cfg.prune.sparsity, cfg.recover.method = "wanda", 0.5, "none"
+    cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = str(text_file), 8, 32
+    cfg.eval.sources, cfg.eval.seqlen = [str(text_file)], 64
+    record = run(cfg)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    # exact zeros where pruned, in the saved file
+    for name, frac in record["sparsity"]["layers"].items():
+        w = dict(model.named_modules())[name].weight
+        assert (w == 0).float().mean().item() == pytest.approx(frac)
+    ids = eval_tokens(tokenizer, str(text_file))
+    assert perplexity(model, ids, 64) == pytest.approx(record["perplexity"]["corpus.txt"]["pruned"], rel=1e-4)
+    # a second save/reload round trip gives bit-identical logits
+    model.save_pretrained(tmp_path / "again")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(model(ids[:, :64]).logits, again(ids[:, :64]).logits)
+
+
+def test_config_file_with_flag_override(tiny_model_dir, text_file, tmp_path):
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "model": str(tiny_model_dir), "out": str(tmp_path / "from-yaml"),
+        "prune": {"method": "magnitude", "sparsity": 0.3},
+        "recover": {"method": "none"},
+        "calib": {"source": str(text_file), "nsamples": 4, "seqlen": 32},
+        "eval": {"sources": [str(text_file)], "seqlen": 64, "windows": 2},
+    }))
+    assert main(["run", "--config", str(cfg_path), "--sparsity", "0.6"]) == 0
+    record = json.loads((tmp_path / "from-yaml" / "run.json").read_text())
+    assert record["config"]["prune"]["method"] == "magnitude"
+    assert record["config"]["prune"]["sparsity"] == 0.6
+    assert record["sparsity"]["overall"] == pytest.approx(0.6, abs=1e-3)
+
+
+def test_eval_command(tiny_model_dir, text_file, capsys):
+    assert main(["eval", "--model", str(tiny_model_dir), "--eval", str(text_file), "--eval-seqlen", "64"]) == 0
+    out = capsys.readouterr().out
+    value = float(out.strip().splitlines()[-1].split("|")[2])
+    assert math.isfinite(value) and value > 1
+
+
+def test_overwrite_is_required_and_works(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = _run_args(tiny_model_dir, text_file, out, "--recover", "none")
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()
+    assert main(args + ["--overwrite"]) == 0
+    assert (out / "run.json").exists() and not (out / "keep.txt").exists()
+
+
+BAD = [
+    (["--sparsity", "1.0"], "sparsity"),
+    (["--sparsity", "-0.1"], "sparsity"),
+    (["--pattern", "4:4"], "pattern"),
+    (["--pattern", "5:4"], "pattern"),
+    (["--pattern", "2:3"], "in_features"),  # 3 does not divide the width 64
+    (["--pattern", "2:4", "--sparsity", "0.7"], "sparsity"),
+    (["--pattern", "diagonal"], "pattern"),
+    (["--method", "oracle"], "method"),
+    (["--recover", "magic"], "recover"),
+    (["--epochs", "0"], "recover.epochs"),
+    (["--scope", "column"], "scope"),
+    (["--seqlen", "100000"], "too short"),
+    (["--holdout", "8"], "holdout"),
+    (["--dtype", "int8"], "dtype"),
+]
+
+
+@pytest.mark.parametrize("extra,needle", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir, text_file, tmp_path, capsys, extra, needle):
+    out = tmp_path / "out"
+    assert main(_run_args(tiny_model_dir, text_file, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("what", ["model", "calib-missing", "calib-empty", "eval-missing"])
+def test_bad_paths(tiny_model_dir, text_file, tmp_path, capsys, what):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    model, calib, ev = str(tiny_model_dir), str(text_file), str(text_file)
+    if what == "model":
+        model = str(tmp_path / "no-such-model")
+    elif what == "calib-missing":
+        calib = str(tmp_path / "nope.txt")
+    elif what == "calib-empty":
+        calib = str(empty)
+    else:
+        ev = str(tmp_path / "nope.jsonl")
+    out = tmp_path / "out"
+    args = ["run", "--model", model, "--calib", calib, "--eval", ev, "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("nope" in err or "no-such-model" in err or "empty" in err)
+    assert not out.exists()
