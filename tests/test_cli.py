@@ -141,3 +141,19 @@ def test_bad_paths(tiny_model_dir, text_file, tmp_path, capsys, what):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and ("nope" in err or "no-such-model" in err or "empty" in err)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    from ebft.config import RunConfig
+
+    RunConfig.from_yaml(path).validate(need_out=False)
+
+
+def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\nprune: {methd: wanda}\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "prune.methd" in err and len(err.strip().splitlines()) == 1
