@@ -7,7 +7,7 @@ from ebft.config import RecoverConfig
 from ebft.masks import parse_pattern
 from ebft.models import find_blocks, find_linears
 from ebft.prune import get_pruner
-from ebft.recover.ebft import ebft, optimizer_step, reconstruction_loss
+from ebft.recover.ebft import ebft, make_adamw, optimizer_step, reconstruction_loss
 from ebft.sequential import PruneSpec, RecoverSpec, capture, prune_block, walk
 
 
@@ -57,7 +57,7 @@ def test_masked_adamw_keeps_zeros_exactly_without_rezeroing():
     mask = torch.rand(6, 8) > 0.5
     with torch.no_grad():
         w.mul_(mask)
-    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.1)
+    opt = make_adamw([w], lr=0.1, weight_decay=0.1)
     for _ in range(20):
         (w.sum() ** 2 + (w * torch.randn(6, 8)).sum()).backward()
         optimizer_step([w], opt, None, 1.0, [(w, mask.float())])

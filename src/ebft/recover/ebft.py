@@ -78,6 +78,18 @@ def optimizer_step(params, optimizer, scaler, clip: float | None, masks: list[tu
     optimizer.zero_grad(set_to_none=True)
 
 
+def make_adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the reference's betas (0.9, 0.95); the fused kernel where torch has it.
+
+    Fused AdamW is ~5x faster per step than the per-tensor loop on CPU (the default there) and
+    keeps masked weights exactly at zero just the same (zero gradient, zero moments, zero update).
+    """
+    try:
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # older torch or an unsupported device/dtype
+        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """``auto``: fp32 on CPU; bf16 on GPUs that have it, else fp16."""
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
@@ -121,11 +133,47 @@ def ebft(block, inputs, targets, masks, linears, io, settings, index=0, progress
         p.requires_grad_(True)
     weight_masks = [(linears[name].weight, m.to(device, torch.float32)) for name, m in masks.items()]
 
-    record = {"loss_before": evaluate_loss(block, io, inputs, targets, train_idx, settings.batch_size, kind, amp)}
+    # what the optimizer can change: the kept weights (a masked weight's gradient is zeroed), biases, norms
+    kept = sum(p.numel() for p in params) - sum(int((~m).sum()) for m in masks.values())
+    record = {"trainable_params": kept,
+              "loss_before": evaluate_loss(block, io, inputs, targets, train_idx, settings.batch_size, kind, amp)}
     if holdout:
         record["holdout_loss_before"] = evaluate_loss(block, io, inputs, targets, hold_idx, settings.batch_size, kind, amp)
 
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay)
+    optimizer = make_adamw(params, settings.lr, settings.weight_decay)
+    epoch_losses, failed = train_epochs(block, io, inputs, targets, train_idx, params, optimizer, settings,
+                                        amp, index, progress, weight_masks)
+
+    for p in params:
+        p.requires_grad_(False)
+    for p in frozen:
+        p.requires_grad_(True)
+    after = float("nan") if failed else evaluate_loss(block, io, inputs, targets, train_idx, settings.batch_size, kind, amp)
+    restored = None
+    if failed or not math.isfinite(after):
+        restored = "non-finite loss"
+    elif after > record["loss_before"]:
+        restored = "loss increased"
+    if restored:
+        log.warning("block %d: %s; restoring the pruned weights", index, restored)
+        for p, s in zip(params, saved):
+            p.data.copy_(s)
+        after = record["loss_before"]
+    for p, dt in zip(params, dtypes):
+        p.data = p.data.to(dt)
+    record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored)
+    if holdout:
+        record["holdout_loss_after"] = evaluate_loss(block, io, inputs, targets, hold_idx, settings.batch_size, kind, amp)
+    del optimizer, saved
+    return record
+
+
+def train_epochs(block, io, inputs, targets, train_idx, params, optimizer, settings, amp, index, progress,
+                 weight_masks=()) -> tuple[list[float], bool]:
+    """``settings.epochs`` shuffled passes over ``train_idx`` minimising the block loss; the learning
+    rate decays linearly to 0. Returns (mean loss of each epoch, whether a loss was non-finite)."""
+    device = io.device
+    kind = settings.loss
     steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
     total_steps = max(settings.epochs * steps_per_epoch, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
@@ -154,26 +202,4 @@ def ebft(block, inputs, targets, masks, linears, io, settings, index=0, progress
         if nonfinite.item():
             failed = True
             break
-
-    for p in params:
-        p.requires_grad_(False)
-    for p in frozen:
-        p.requires_grad_(True)
-    after = float("nan") if failed else evaluate_loss(block, io, inputs, targets, train_idx, settings.batch_size, kind, amp)
-    restored = None
-    if failed or not math.isfinite(after):
-        restored = "non-finite loss"
-    elif after > record["loss_before"]:
-        restored = "loss increased"
-    if restored:
-        log.warning("block %d: %s; restoring the pruned weights", index, restored)
-        for p, s in zip(params, saved):
-            p.data.copy_(s)
-        after = record["loss_before"]
-    for p, dt in zip(params, dtypes):
-        p.data = p.data.to(dt)
-    record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored)
-    if holdout:
-        record["holdout_loss_after"] = evaluate_loss(block, io, inputs, targets, hold_idx, settings.batch_size, kind, amp)
-    del optimizer, scaler, saved
-    return record
+    return epoch_losses, failed
