@@ -46,7 +46,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class RecoverConfig:
     """Recovery after pruning each block. Defaults are the EBFT reference code's."""
 
-    method: str = "ebft"  # ebft | none
+    method: str = "ebft"  # ebft | ebft-mask | dsnot | none
     epochs: int = 10
     lr: float = 2e-4
     batch_size: int = 8
@@ -58,6 +58,21 @@ class RecoverConfig:
     holdout: int = 0  # calibration windows held out of training to measure generalisation
     precision: str = "auto"  # auto (fp32 on CPU, bf16/fp16 autocast on GPU) | fp32 | bf16 | fp16
     seed: int = 0
+    # dsnot (training-free prune-and-grow); defaults from the DSnoT paper
+    dsnot_cycles: int = 50  # swap cycles per layer at most
+    dsnot_threshold: float = 0.1  # stop a row when |expected error| (summed over a window) is below
+    dsnot_power: float = 1.0  # growing criterion divides by variance ** power
+    dsnot_skip_mlp: bool = False  # refine attention linears only (the reference code's default)
+    # ebft-mask (learned masks, weights frozen at their dense values); uses epochs/batch_size too
+    mask_lr: float = 5e-3  # AdamW lr on the mask scores (normalised to [0, 1] per row)
+    # lora (whole pruned model, after the walk); rank/alpha/dropout/targets: the Wanda paper's setup
+    lora_steps: int = 200  # optimizer steps; one pass over lora_steps * lora_batch_size windows
+    lora_lr: float = 2e-4  # AdamW, decayed linearly to 0
+    lora_targets: str = "qv"  # qv (q_proj, v_proj) | all (every block linear) | comma list of names
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_batch_size: int = 4  # windows of the calibration length per step
 
 
 @dataclass
@@ -65,6 +80,9 @@ class EvalConfig:
     sources: list[str] = field(default_factory=lambda: ["wikitext2"])
     seqlen: int | None = None  # None: min(model context, 2048)
     windows: int | None = None  # cap on windows per source, for quick runs
+    zeroshot: list[str] = field(default_factory=list)  # lm-eval task names; "paper": the paper's seven
+    task_data: str | None = None  # offline task files: a folder of <task>.jsonl, or task=path pairs
+    zeroshot_limit: int | None = None  # first N items of each zero-shot task, for quick runs
 
 
 @dataclass
@@ -126,6 +144,10 @@ class RunConfig:
         _positive("calib.seqlen", self.calib.seqlen, optional=True)
         _positive("eval.seqlen", self.eval.seqlen, optional=True)
         _positive("eval.windows", self.eval.windows, optional=True)
+        _positive("eval.zeroshot_limit", self.eval.zeroshot_limit, optional=True)
+        from .evaluate.zeroshot import plan_tasks
+
+        plan_tasks(self.eval.zeroshot, self.eval.task_data)  # names, files and their fields
         pruner = get_pruner(self.prune.method)
         get_recovery(self.recover.method)
         self._validate_recover()
@@ -168,6 +190,31 @@ def _validate_recover_impl(r: "RecoverConfig", nsamples: int) -> None:
         raise ConfigError("recover.holdout", r.holdout, f"must be an integer in [0, nsamples = {nsamples})")
     if not isinstance(r.train_norms, bool):
         raise ConfigError("recover.train_norms", r.train_norms, "must be true or false")
+    _positive("recover.dsnot_cycles", r.dsnot_cycles)
+    for name in ("dsnot_threshold", "dsnot_power"):
+        value = getattr(r, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"recover.{name}", value, "must be a number >= 0")
+    if not isinstance(r.dsnot_skip_mlp, bool):
+        raise ConfigError("recover.dsnot_skip_mlp", r.dsnot_skip_mlp, "must be true or false")
+    if isinstance(r.mask_lr, bool) or not isinstance(r.mask_lr, (int, float)) or not r.mask_lr > 0:
+        raise ConfigError("recover.mask_lr", r.mask_lr, "must be a number > 0")
+    _validate_lora(r)
+
+
+def _validate_lora(r: "RecoverConfig") -> None:
+    from .recover.lora import check_targets
+
+    for name in ("lora_steps", "lora_rank", "lora_batch_size"):
+        _positive(f"recover.{name}", getattr(r, name))
+    for name in ("lora_lr", "lora_alpha"):
+        value = getattr(r, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"recover.{name}", value, "must be a number > 0")
+    d = r.lora_dropout
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+        raise ConfigError("recover.lora_dropout", d, "must be a number in [0, 1)")
+    check_targets(r.lora_targets)
 
 
 def check_device(device: str) -> None:

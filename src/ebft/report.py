@@ -52,3 +52,80 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 1e4 else f"{value:.4g}"
     return "—" if value is None else str(value)
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+def _sweep_rows(results: dict) -> list[tuple[str, str]]:
+    """(pruner, recovery) pairs in grid order."""
+    return [(m, r) for m in results["grid"]["methods"] for r in results["grid"]["recover"]]
+
+
+def _sweep_cell(results: dict, method: str, recover: str, column: str) -> dict | None:
+    return next((c for c in results["cells"] if (c["method"], c["recover"], c["column"]) == (method, recover, column)), None)
+
+
+def sweep_markdown(results: dict) -> str:
+    """The paper's main-table shape: one perplexity table per eval text (rows pruner + recovery,
+    columns sparsity, a dense line on top), then the recovery cost of every cell."""
+    columns, rows = results["grid"]["columns"], _sweep_rows(results)
+    parts = [f"# Sweep: {results['model']}", ""]
+    for source, dense in (results["dense"] or {"eval": None}).items():
+        table = [["dense", *([dense] * len(columns))]]
+        for m, r in rows:
+            cells = [_sweep_cell(results, m, r, col) for col in columns]
+            table.append([f"{m} + {r}", *(c["perplexity"].get(source) if c else None for c in cells)])
+        missing = " (— : not run yet)" if any(v is None for row in table for v in row) else ""
+        parts += [f"Perplexity on {source}{missing}.", "", markdown_table([source, *columns], table), ""]
+    cost = []
+    for m, r in rows:
+        cells = [_sweep_cell(results, m, r, col) for col in columns]
+        done = [c["recovery"] for c in cells if c]
+        peak = max((c.get("peak_memory_bytes", 0) for c in done), default=None)
+        cost.append([f"{m} + {r}", *(f"{c['recovery']['seconds']:.1f}" if c else None for c in cells),
+                     max((c.get("trainable_params", 0) for c in done), default=None),
+                     f"{peak / 2**20:.0f}" if peak else None])
+    parts += ["Recovery cost: seconds per cell; trainable parameters, the row's largest (block-wise: summed over blocks, kept "
+              "weights only); peak memory in MiB (on CPU the process's peak RSS, process-wide).", "",
+              markdown_table(["recovery seconds", *columns, "trainable params", "peak MiB"], cost), ""]
+    return "\n".join(parts)
+
+
+def _column_sparsity(cell: dict) -> float:
+    if cell["sparsity"] is not None:
+        return cell["sparsity"]
+    n, m = (int(v) for v in cell["column"].split(":"))
+    return 1 - n / m
+
+
+def plot_sweep(results: dict, path: Path) -> Path:
+    """Perplexity against sparsity (log y), one line per pruner + recovery, dense as a horizontal line;
+    one panel per eval text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = list(results["dense"]) or sorted({s for c in results["cells"] for s in c["perplexity"]}) or ["eval"]
+    fig, axes = plt.subplots(1, len(sources), figsize=(7 * len(sources), 4.5), squeeze=False)
+    for ax, source in zip(axes[0], sources):
+        for m, r in _sweep_rows(results):
+            cells = sorted((c for c in results["cells"] if (c["method"], c["recover"]) == (m, r)
+                            and c["perplexity"].get(source) is not None), key=_column_sparsity)
+            if cells:
+                ax.plot([_column_sparsity(c) * 100 for c in cells], [c["perplexity"][source] for c in cells],
+                        "o-", label=f"{m} + {r}")
+        if results["dense"].get(source) is not None:
+            ax.axhline(results["dense"][source], color="black", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel(f"perplexity ({source})")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(results["model"])
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -244,6 +244,8 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
     device = torch.device(device)
     recover = recover or RecoverSpec()
     recovery = get_recovery(recover.method)
+    if recovery.scope != "block":
+        raise ValueError(f"recovery {recover.method!r} trains the whole model: the walk takes block-scope ones only")
     prefix, blocks = find_blocks(model)
     result = WalkResult()
     progress = progress or (lambda *a, **k: None)
@@ -291,11 +293,17 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
                 targets = streams["calib/dense"][1]
             elif not dense_block_targets:
                 targets = None
+            # a mask-tuning recovery may grow pruned weights back: it gets their dense values
+            extra = {"dense_weights": {n: l.weight.data.to(torch.float32, copy=True) for n, l in linears.items()},
+                     "pattern": prune.pattern} if recovery.changes_masks else {}
             masks = prune_block(block, linears, stats, prune, f"{prefix}.{index}")
             del stats
             push("pruned", block)
+            recover_start = time.perf_counter()
             record.update(recovery.fn(block, calib, targets, masks, linears, io, recover.settings,
-                                      index=index, progress=progress) or {})
+                                      index=index, progress=progress, **extra) or {})
+            record["recover_seconds"] = round(time.perf_counter() - recover_start, 3)
+            del extra
             for name, mask in masks.items():
                 full = f"{prefix}.{index}.{name}"
                 masklib.check_mask(mask, prune.pattern, full)
@@ -308,6 +316,8 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
             block.to("cpu")
         record["seconds"] = round(time.perf_counter() - start, 3)
         result.blocks.append(record)
+        log.info("block %d/%d done in %.1f s%s", index + 1, len(blocks), record["seconds"],
+                 f" (loss {record['loss_before']:.4g} -> {record['loss_after']:.4g})" if "loss_after" in record else "")
         progress("block_end", **record)
 
     result.streams = {k: x for k, (stage, x, _) in streams.items() if not k.startswith("calib/")}

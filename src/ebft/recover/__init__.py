@@ -5,11 +5,24 @@ changes the kept weights of one pruned block (already on its device) so that the
 ``inputs`` come closer to ``targets``. It never changes a mask (unless it is a mask-tuning method),
 never moves the block, never loops over blocks. The returned dict is merged into the block's record
 in ``run.json``. ``io.call(block, x)`` calls the block with the keyword arguments it expects.
+
+A mask-tuning method (``changes_masks=True``) may replace entries of ``masks`` in place
+(``masks[name] = new_mask``) and must leave each linear's weight zero wherever its new mask is
+False; the walk re-checks the updated masks. It also receives ``dense_weights`` (name -> the fp32
+weight before pruning, on the block's device: grown weights take their dense value) and ``pattern``
+(the :class:`ebft.masks.Pattern` every new mask must follow).
+
+A *model-scope* recovery (``scope="model"``, e.g. LoRA) is not block-wise: the walk only prunes,
+then :func:`ebft.api.run` calls ``fn(model, tokenizer, masks, settings, text, device, progress) -> dict``
+once on the whole pruned model (``masks``: full linear name -> mask; ``text``: a
+:class:`TrainingText` to draw training windows from). It must leave every masked weight exactly zero.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+import torch
 
 from ..errors import ConfigError
 
@@ -19,16 +32,33 @@ class Recovery:
     name: str
     fn: Callable
     needs_targets: bool
+    changes_masks: bool = False  # mask-tuning: may update ``masks``; gets ``dense_weights`` and ``pattern``
+    scope: str = "block"  # "block": called per block inside the walk | "model": once, after the walk
 
 
 RECOVERIES: dict[str, Recovery] = {}
 
 
-def register_recovery(name: str, needs_targets: bool = True):
+def register_recovery(name: str, needs_targets: bool = True, changes_masks: bool = False, scope: str = "block"):
     def wrap(fn):
-        RECOVERIES[name] = Recovery(name, fn, needs_targets)
+        RECOVERIES[name] = Recovery(name, fn, needs_targets, changes_masks, scope)
         return fn
     return wrap
+
+
+@dataclass(frozen=True)
+class TrainingText:
+    """Where a model-scope recovery draws its training windows: the calibration source's train split."""
+
+    source: str
+    seqlen: int
+    seed: int = 0
+
+    def windows(self, tokenizer, n: int) -> torch.Tensor:
+        """``[n, seqlen]`` random windows (same draw as the calibration windows: the first ones coincide)."""
+        from ..data import calibration_windows
+
+        return calibration_windows(tokenizer, self.source, n, self.seqlen, self.seed)
 
 
 def get_recovery(name: str) -> Recovery:
@@ -43,4 +73,5 @@ def no_recovery(block, inputs, targets, masks, linears, io, settings, index=0, p
     return {}
 
 
-from . import ebft  # noqa: E402,F401  (registers)
+from . import dsnot, ebft, mask_tuning  # noqa: E402,F401  (registers)
+from . import lora  # noqa: E402,F401  (registers)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import torch
 from torch import nn
@@ -141,8 +142,10 @@ def ebft(block, inputs, targets, masks, linears, io, settings, index=0, progress
         record["holdout_loss_before"] = evaluate_loss(block, io, inputs, targets, hold_idx, settings.batch_size, kind, amp)
 
     optimizer = make_adamw(params, settings.lr, settings.weight_decay)
+    start = time.perf_counter()
     epoch_losses, failed = train_epochs(block, io, inputs, targets, train_idx, params, optimizer, settings,
                                         amp, index, progress, weight_masks)
+    record["train_seconds"] = round(time.perf_counter() - start, 3)  # the epochs alone (ends on a host sync)
 
     for p in params:
         p.requires_grad_(False)

@@ -1,0 +1,31 @@
+"""The document loader the ``ebft_*`` task configs name as ``custom_dataset``.
+
+lm-eval calls it with the TaskManager's metadata and the task's ``dataset_kwargs``: the task's short
+name comes from its YAML (``ebft_task``) and the file from the run (``ebft_task_data``), so one set of
+shipped configs serves any local copy of the data. Plain Python, no ebft import: the folder also
+works with ``lm_eval --include_path``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a ``.jsonl`` file (one JSON object a line) or a ``.json`` file holding a list."""
+    text = Path(path).expanduser().read_text(encoding="utf-8")
+    if Path(path).suffix == ".json":
+        records = json.loads(text)
+        return records if isinstance(records, list) else [records]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def load_local(ebft_task: str, ebft_task_data: dict | None = None, **_unused):
+    """``DatasetDict({"test": ...})`` of the local file given for ``ebft_task``."""
+    import datasets
+
+    path = (ebft_task_data or {}).get(ebft_task)
+    if not path:
+        raise ValueError(f"ebft_{ebft_task}: no local file; pass metadata "
+                         f"{{'ebft_task_data': {{'{ebft_task}': 'path/{ebft_task}.jsonl'}}}}")
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(read_records(path))})

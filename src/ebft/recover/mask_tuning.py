@@ -1,0 +1,134 @@
+"""EBFT mask tuning — the EBFT paper's ablation: keep the weights at their dense values W and learn
+*which* of them to keep, with the same block objective as EBFT,
+
+    min_S  1/|D| Σ_{x∈D} ‖Bℓ(x; W ⊙ M(S)) − y‖²,   M(S) = top-k(S) under the exact pattern.
+
+Each linear gets real-valued scores S shaped like its weight. The forward pass uses the hard mask
+M = ``mask_from_scores(S, pattern)`` — per-row ratio, per-layer ratio or N:M, exact at every step —
+and the backward pass is straight-through: the gradient reaches S as if M were S
+(``M + S − S.detach()``), so ∂L/∂S = ∂L/∂(W ⊙ M) ⊙ W. AdamW on S (no weight decay), learning rate
+``mask_lr`` decayed linearly to 0, ``epochs`` passes in batches of ``batch_size``.
+
+Initial scores reproduce the pruner's mask exactly: S = |W|·‖X_j‖ normalised to [0, 1] per row
+(per layer for a per-layer scope), plus, for every kept weight, the smallest shift that puts it
+above every pruned weight of its comparison group (row, layer, or group of M), plus a small margin.
+For a Wanda mask that shift is just the margin, so weights near the pruner's cut-off can trade
+places within a few steps, while clear keeps and clear prunes stay put.
+
+Safety as EBFT: if the learned mask's loss is not finite or is above the starting block's, the
+starting masks and weights are kept.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..masks import Pattern, mask_from_scores
+from . import register_recovery
+from .dsnot import input_stats
+from .ebft import autocast_dtype, evaluate_loss, train_epochs
+
+log = logging.getLogger(__name__)
+
+MARGIN = 1e-3  # of the normalised score: how far the initial mask sits from a tie
+
+
+def _comparison_groups(t: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """View ``t`` as [groups, members]: the sets within which the pattern counts kept weights."""
+    if pattern.is_nm:
+        return t.reshape(-1, pattern.m)
+    return t if pattern.scope == "row" else t.reshape(1, -1)
+
+
+@torch.no_grad()
+def initial_scores(importance: torch.Tensor, keep: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Scores whose top-k under ``pattern`` is exactly ``keep``, ordered by ``importance`` otherwise."""
+    per_row = pattern.is_nm or pattern.scope == "row"
+    top = importance.amax(1, keepdim=True) if per_row else importance.max()
+    base = importance / top.clamp_min(torch.finfo(importance.dtype).tiny)
+    groups, kept = _comparison_groups(base, pattern), _comparison_groups(keep, pattern)
+    gap = (torch.where(kept, -torch.inf, groups).amax(1) - torch.where(kept, groups, torch.inf).amin(1))
+    shift = gap.nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(0) + MARGIN
+    return (groups + kept * shift[:, None]).reshape(importance.shape)
+
+
+class _MaskedDense(nn.Module):
+    """Parametrization of a linear's weight: W ⊙ M(S), straight-through to the scores S."""
+
+    def __init__(self, dense: torch.Tensor, scores: torch.Tensor, pattern: Pattern, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("dense", dense, persistent=False)
+        self.scores = nn.Parameter(scores)
+        self.pattern, self.out_dtype = pattern, dtype
+
+    def hard_mask(self) -> torch.Tensor:
+        return mask_from_scores(self.scores.detach(), self.pattern)
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        mask = self.hard_mask().to(self.scores.dtype) + self.scores - self.scores.detach()
+        return (self.dense * mask).to(self.out_dtype)
+
+
+@register_recovery("ebft-mask", changes_masks=True)
+def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, progress=None,
+              dense_weights=None, pattern=None) -> dict:
+    """Learn the masks of ``block`` with its weights frozen at their dense values; return its record."""
+    if dense_weights is None or pattern is None:
+        raise ValueError("ebft-mask changes masks: call it through the walk, which passes dense_weights and pattern")
+    progress = progress or (lambda *a, **k: None)
+    n = inputs.shape[0]
+    holdout = min(settings.holdout, n - 1) if settings.holdout else 0
+    train_idx, hold_idx = torch.arange(n - holdout), torch.arange(n - holdout, n)
+    amp = autocast_dtype(io.device, settings.precision)
+    loss = lambda idx: evaluate_loss(block, io, inputs, targets, idx, settings.batch_size, settings.loss, amp)  # noqa: E731
+
+    # loss of the block as the pruner left it; flips: weights that changed between kept and pruned
+    record = {"loss_before": loss(train_idx), "mask_flips": 0}
+    if holdout:
+        record["holdout_loss_before"] = loss(hold_idx)
+    stats = input_stats(block, linears, io, inputs, dense_weights, needs=("sq",))  # ‖X_j‖ as the pruner saw it
+    grads = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    tuned = {}
+    try:
+        for name, mask in masks.items():
+            dense = dense_weights[name]
+            importance = dense.abs() * stats[name].col_norm.to(dense.device)
+            scores = initial_scores(importance, mask.to(dense.device), pattern)
+            tuned[name] = _MaskedDense(dense, scores, pattern, linears[name].weight.dtype)
+            parametrize.register_parametrization(linears[name], "weight", tuned[name], unsafe=True)
+        params = [t.scores for t in tuned.values()]
+        optimizer = torch.optim.AdamW(params, lr=settings.mask_lr, betas=(0.9, 0.95), weight_decay=0.0)
+        epoch_losses, failed = train_epochs(block, io, inputs, targets, train_idx, params, optimizer,
+                                            settings, amp, index, progress)
+        after = float("nan") if failed else loss(train_idx)
+        new_masks = {name: t.hard_mask() for name, t in tuned.items()}
+    finally:
+        for name in tuned:
+            parametrize.remove_parametrizations(linears[name], "weight", leave_parametrized=False)
+        for p, g in grads.items():
+            p.requires_grad_(g)
+
+    restored = None
+    if failed or not math.isfinite(after):
+        restored = "non-finite loss"
+    elif after > record["loss_before"]:
+        restored = "loss increased"
+    if restored:
+        log.warning("block %d: %s; keeping the pruner's masks", index, restored)
+        after = record["loss_before"]
+    else:
+        for name, keep in new_masks.items():
+            weight = linears[name].weight
+            record["mask_flips"] += int((keep != masks[name].to(keep.device)).sum())
+            weight.data = (dense_weights[name] * keep).to(weight.dtype)
+            masks[name] = keep.to(masks[name].device)
+    record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored)
+    if holdout:
+        record["holdout_loss_after"] = loss(hold_idx)
+    return record

@@ -1,0 +1,248 @@
+"""``ebft sweep``: the grid pruner × recovery × sparsity on one model; resumable; a table and a plot.
+
+>>> from ebft import RunConfig, SweepConfig, sweep
+>>> base = RunConfig(model="builtin:smollm2")
+>>> base.calib.nsamples, base.eval.sources = 32, ["offline"]
+>>> results = sweep(SweepConfig(base, ["wanda"], [0.5, 0.7], ["none", "ebft"], out="runs/sweep"))
+
+The model is loaded once and its original weights are kept as a CPU copy of the state dict, restored
+before every cell. The calibration and evaluation windows are built once and the dense perplexity is
+computed once (cached in ``cells/`` too). Each finished cell is written atomically to
+``<out>/cells/<method>-<recover>-<sparsity>-<key>.json`` where ``key`` hashes the cell's full
+settings: a rerun skips the cells whose file exists (an interruption loses at most the cell in
+progress), and a changed setting (lr, nsamples, eval text ...) gives new keys, so nothing stale is
+reused. ``results.md``, ``results.json`` and ``results.png`` are rewritten after every cell.
+Models are not saved unless ``save_models`` is set (then under ``<out>/models/<cell>/``).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig, resolve_device
+from .errors import ConfigError
+from .export import atomic_folder, save_pretrained, sparsity_report, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepConfig:
+    """The grid and the settings all cells share (``base``: model, pattern, calibration, eval, recovery
+    hyperparameters; its prune.method, prune.sparsity, recover.method and out are ignored)."""
+
+    base: RunConfig = field(default_factory=RunConfig)
+    methods: list[str] = field(default_factory=lambda: ["wanda"])
+    sparsities: list[float | None] = field(default_factory=lambda: [0.5])  # [None]: implied by an N:M pattern
+    recoveries: list[str] = field(default_factory=lambda: ["none", "ebft"])
+    out: str | None = None
+    save_models: bool = False
+
+    def cells(self) -> list[RunConfig]:
+        """One RunConfig per cell, in table order: pruner, recovery, then sparsity."""
+        cells = []
+        for method in self.methods:
+            for recover in self.recoveries:
+                for sparsity in self.sparsities:
+                    cell = copy.deepcopy(self.base)
+                    cell.prune.method, cell.prune.sparsity, cell.recover.method = method, sparsity, recover
+                    cell.out, cell.overwrite = None, False
+                    cells.append(cell)
+        return cells
+
+    def validate(self) -> list[tuple[RunConfig, object]]:
+        """Check the lists and every cell before any model is loaded; return ``[(cell, pattern)]``."""
+        from .prune import PRUNERS
+        from .recover import RECOVERIES
+
+        _check_list("methods", self.methods, PRUNERS)
+        _check_list("recover", self.recoveries, RECOVERIES)
+        nm = ":" in str(self.base.prune.pattern)
+        if not self.sparsities and nm:
+            self.sparsities = [None]
+        if not self.sparsities:
+            raise ConfigError("sparsities", self.sparsities, "give a comma-separated list of numbers in [0, 1)")
+        for s in self.sparsities:
+            if not (s is None and nm) and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1):
+                raise ConfigError("sparsities", s, "allowed: numbers in [0, 1), e.g. 0.5,0.6,0.7")
+        if not self.out:
+            raise ConfigError("out", self.out, "required: the folder for cells/ and results.*")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ConfigError("out", self.out, "exists and is not a folder")
+        return [(cell, cell.validate(need_out=False)) for cell in self.cells()]
+
+
+def parse_list(text: str, field: str, number: bool = False) -> list:
+    """``"a,b"`` -> ``["a", "b"]`` (numbers with ``number=True``), empty items dropped, duplicates kept once.
+
+    An empty list is returned as such: :meth:`SweepConfig.validate` says what it may hold."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if number:
+        try:
+            items = [float(t) for t in items]
+        except ValueError:
+            raise ConfigError(field, text, "allowed: comma-separated numbers, e.g. 0.5,0.6,0.7") from None
+    return list(dict.fromkeys(items))
+
+
+def _check_list(name: str, values: list[str], registry: dict) -> None:
+    allowed = f"allowed: a comma-separated list of {', '.join(sorted(registry))}"
+    if not values:
+        raise ConfigError(name, values, allowed)
+    for v in values:
+        if v not in registry:
+            raise ConfigError(name, v, allowed)
+
+
+# ----------------------------------------------------------------------------- cells
+
+def cell_key(cell: RunConfig) -> str:
+    """A hash of everything that can change a cell's numbers (all settings but out/overwrite)."""
+    settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def column_label(cell: RunConfig) -> str:
+    """The sparsity column a cell belongs to: ``50%`` or, for N:M, the pattern (``2:4``)."""
+    if ":" in str(cell.prune.pattern):
+        return str(cell.prune.pattern)
+    return f"{cell.prune.sparsity * 100:g}%"
+
+
+def cell_name(cell: RunConfig) -> str:
+    label = column_label(cell).replace(":", "of").replace("%", "")
+    return f"{cell.prune.method}-{cell.recover.method}-{label}-{cell_key(cell)}"
+
+
+def _read_cell(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _run_cell(model, tokenizer, cell: RunConfig, pattern, calib, evals, seqlen: int, device: str, progress) -> dict:
+    from .api import prune_and_recover, seed_everything, versions
+    from .prune import get_pruner
+    from .recover import TrainingText
+    from .sequential import PruneSpec
+
+    start = time.perf_counter()
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seed_everything(cell.seed)
+    spec = PruneSpec(get_pruner(cell.prune.method), pattern, cell.prune.layers)
+    text = TrainingText(cell.calib.source, seqlen, cell.seed)
+    result, ppl, cost = prune_and_recover(model, tokenizer, cell, spec, calib, evals, text, device, progress,
+                                          stages=("final",))
+    final = "pruned" if cell.recover.method == "none" else "recovered"
+    return {
+        "method": cell.prune.method, "recover": cell.recover.method, "sparsity": cell.prune.sparsity,
+        "column": column_label(cell), "pattern": str(pattern), "key": cell_key(cell),
+        "perplexity": {name: stages[final] for name, stages in ppl.items()},
+        "recovery": cost,
+        "sparsity_measured": sparsity_report(model, result.masks)["overall"],
+        "seconds": round(time.perf_counter() - start, 2),
+        "blocks": result.blocks,
+        "config": cell.to_dict(),
+        "versions": versions(),
+    }
+
+
+def _dense_path(base: RunConfig, folder: Path) -> Path:
+    """Where the dense perplexity is cached: keyed by the model and the evaluation settings."""
+    settings = [base.model, base.dtype, base.device, base.eval.sources, base.eval.seqlen, base.eval.windows]
+    return folder / f"dense-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]}.json"
+
+
+def _dense_perplexity(model, evals, base: RunConfig, device: str) -> dict[str, float]:
+    """Perplexity of the unpruned model on each eval text (an eval-only walk)."""
+    from .api import stage_perplexities
+    from .sequential import walk
+
+    result = walk(model, None, None, eval_ids=evals, device=device, batch_size=base.batch_size)
+    return {name: v["dense"] for name, v in stage_perplexities(model, result.streams, evals, device, "final").items()}
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def sweep(config: SweepConfig, progress=None) -> dict:
+    """Run every cell of the grid not already in ``<out>/cells``; write results.md/.json/.png.
+
+    ``progress(event, **info)`` gets ``cell_start`` / ``cell_end`` / ``cell_skip`` with ``index``,
+    ``total`` and ``name``, and the walk's own events in between. Returns the results dict.
+    """
+    from .api import check_widths, prepare_data
+    from .models import load_model
+
+    cells = config.validate()
+    progress = progress or (lambda *a, **k: None)
+    base, out = config.base, Path(config.out)
+    folder = out / "cells"
+    device = resolve_device(base.device)
+    todo = [(c, p) for c, p in cells if _read_cell(folder / f"{cell_name(c)}.json") is None]
+    dense = (_read_cell(_dense_path(base, folder)) or {}).get("perplexity")
+    log.info("sweep: %d cells, %d already finished", len(cells), len(cells) - len(todo))
+    if base.eval.zeroshot:
+        log.warning("sweep: zero-shot tasks are not run per cell; use ebft eval on a saved model")
+
+    if todo or dense is None:
+        model, tokenizer = load_model(base.model, base.dtype, device)
+        for cell, pattern in cells:
+            check_widths(model, pattern, cell.prune.layers)
+        original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        calib, evals, calib_seqlen, _ = prepare_data(model, tokenizer, base)
+        folder.mkdir(parents=True, exist_ok=True)
+        if dense is None:
+            dense = _dense_perplexity(model, evals, base, device)
+            write_json(_dense_path(base, folder), {"model": base.model, "perplexity": dense})
+
+    finished = []
+    for index, (cell, pattern) in enumerate(cells):
+        name = cell_name(cell)
+        path = folder / f"{name}.json"
+        record = _read_cell(path)
+        if record is not None:
+            finished.append(record)
+            progress("cell_skip", index=index, total=len(cells), name=name)
+            continue
+        progress("cell_start", index=index, total=len(cells), name=name)
+        model.load_state_dict(original)
+        record = _run_cell(model, tokenizer, cell, pattern, calib, evals, calib_seqlen, device, progress)
+        if config.save_models:
+            with atomic_folder(out / "models" / name, overwrite=True) as tmp:
+                save_pretrained(model, tokenizer, tmp)
+        write_json(path, record)
+        finished.append(record)
+        progress("cell_end", index=index, total=len(cells), name=name, seconds=record["seconds"],
+                 perplexity=record["perplexity"])
+        write_results(out, config, dense, finished)
+    return write_results(out, config, dense, finished)
+
+
+def write_results(out: Path, config: SweepConfig, dense: dict | None, cells: list[dict]) -> dict:
+    """``results.json``, ``results.md`` (one table per eval text, then the recovery cost) and ``results.png``."""
+    from .report import plot_sweep, sweep_markdown
+
+    columns = list(dict.fromkeys(column_label(c) for c in config.cells()))
+    results = {
+        "model": config.base.model,
+        "pattern": config.base.prune.pattern,
+        "grid": {"methods": config.methods, "recover": config.recoveries, "columns": columns},
+        "dense": dense or {},
+        "cells": [{k: c[k] for k in ("method", "recover", "sparsity", "column", "perplexity", "recovery",
+                                     "sparsity_measured", "seconds", "key")} for c in cells],
+    }
+    write_json(out / "results.json", results)
+    tmp = out / "results.md.tmp"
+    tmp.write_text(sweep_markdown(results))
+    tmp.replace(out / "results.md")
+    plot_sweep(results, out / "results.png")
+    return results

@@ -1,0 +1,112 @@
+"""LoRA recovery: trains, merges, re-applies the masks exactly; a model-scope recovery in api.run."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_model
+from ebft.config import RecoverConfig, RunConfig
+from ebft.data import calibration_windows
+from ebft.errors import ConfigError
+from ebft.masks import check_weight, parse_pattern
+from ebft.prune import get_pruner
+from ebft.recover import TrainingText, get_recovery
+from ebft.recover.lora import check_targets, lm_loss, resolve_targets
+from ebft.sequential import PruneSpec, walk
+
+SEQLEN = 32
+
+
+def _pruned(tokenizer, text_file, sparsity=0.5):
+    model = make_tiny_model("llama", vocab_size=len(tokenizer))
+    calib = calibration_windows(tokenizer, str(text_file), 4, SEQLEN, 0)
+    spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", sparsity, None, "row"))
+    return model, walk(model, calib, spec).masks
+
+
+def _lora(model, tokenizer, masks, text_file, **settings):
+    settings = RecoverConfig(**{"lora_steps": 20, "lora_lr": 1e-2, "lora_batch_size": 4, **settings})
+    return get_recovery("lora").fn(model, tokenizer, masks, settings, TrainingText(str(text_file), SEQLEN, 0), "cpu")
+
+
+def test_lora_merge_keeps_masked_weights_zero_changes_kept_ones_and_lowers_the_loss(tokenizer, text_file):
+    model, masks = _pruned(tokenizer, text_file)
+    modules = dict(model.named_modules())
+    before = {name: modules[name].weight.detach().clone() for name in masks}
+    text = calibration_windows(tokenizer, str(text_file), 8, SEQLEN, seed=7)  # other windows of the text
+    loss_before = lm_loss(model, text, torch.device("cpu"), 4, None)
+
+    record = _lora(model, tokenizer, masks, text_file, lora_targets="all")
+
+    for name, mask in masks.items():
+        weight = modules[name].weight.data
+        check_weight(weight, mask, name)  # every pruned weight exactly 0.0
+        assert (weight[~mask] == 0).all()
+        assert not torch.equal(weight[mask], before[name][mask]), f"{name}: kept weights unchanged"
+    assert lm_loss(model, text, torch.device("cpu"), 4, None) < loss_before - 0.1
+    assert record["loss_after"] < record["loss_before"]
+    assert record["loss_adapter"] < record["loss_before"]
+    assert len(record["step_losses"]) == 2 and record["train_windows"] == 80
+
+
+def test_lora_qv_trains_q_and_v_only_and_leaves_a_plain_model(tokenizer, text_file):
+    model, masks = _pruned(tokenizer, text_file)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    record = _lora(model, tokenizer, masks, text_file, lora_steps=3)
+
+    rank = 8
+    expected = sum(rank * (m.in_features + m.out_features) for n, m in model.named_modules()
+                   if n.endswith(("q_proj", "v_proj")))
+    assert record["trainable_params"] == expected
+    for name, p in model.named_parameters():
+        changed = not torch.equal(p, before[name])
+        assert changed == name.endswith(("q_proj.weight", "v_proj.weight")), name
+        assert p.requires_grad  # restored as it was
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("_proj"))
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert not model.training
+
+
+def test_lora_targets_are_checked():
+    check_targets("qv")
+    check_targets("q_proj, o_proj,mlp.down_proj")
+    with pytest.raises(ConfigError, match="recover.lora_targets"):
+        check_targets("q proj")
+    model = make_tiny_model("llama")
+    assert resolve_targets(model, "qv") == ["q_proj", "v_proj"]
+    assert "mlp.down_proj" in resolve_targets(model, "all")
+    with pytest.raises(ConfigError, match="no linear named qkv_proj.*q_proj"):
+        resolve_targets(model, "qkv_proj,v_proj")
+    cfg = RunConfig(model="x", out="y")
+    cfg.recover.lora_dropout = 1.0
+    with pytest.raises(ConfigError, match="recover.lora_dropout"):
+        cfg._validate_recover()
+
+
+def test_run_with_lora_records_cost_and_saves_an_exactly_sparse_model(tiny_model_dir, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ebft.api import run
+
+    cfg = RunConfig(model=str(tiny_model_dir), out=str(tmp_path / "out"))
+    cfg.prune.method, cfg.prune.sparsity = "wanda", 0.5
+    cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = str(text_file), 4, SEQLEN
+    cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = [str(text_file)], SEQLEN, 4
+    cfg.recover.method, cfg.recover.lora_steps, cfg.recover.lora_lr = "lora", 10, 1e-2
+    record = run(cfg)
+
+    ppl = record["perplexity"][text_file.name]
+    assert set(ppl) == {"dense", "pruned", "recovered"}
+    assert ppl["recovered"] < ppl["pruned"]
+    cost = record["recovery"]
+    assert cost["method"] == "lora" and cost["scope"] == "model"
+    assert cost["seconds"] > 0 and cost["peak_memory_bytes"] > 0 and cost["trainable_params"] > 0
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["recovery"]["trainable_params"] == cost["trainable_params"]
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for block in saved.model.layers:
+        for lin in (block.self_attn.q_proj, block.self_attn.v_proj, block.mlp.down_proj):
+            zeros_per_row = (lin.weight == 0).sum(1)
+            assert (zeros_per_row == lin.in_features // 2).all()  # wanda's per-row 50 %, exactly
