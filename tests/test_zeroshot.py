@@ -26,15 +26,6 @@ PROMPTS = {  # lm-eval's own prompt for each task, rebuilt from the local query
 ACC_NORM = ("piqa", "arc_easy", "arc_challenge", "openbookqa")  # lm-eval reports it for these only
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~100x faster than two busy ones contending on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     """The 20 shortest items of each shared task file (they fit the tiny model's 256 positions)."""
@@ -239,7 +230,7 @@ def test_eval_command_prints_zeroshot_table(tiny_model_dir, task_dir, capsys):
 
 
 @pytest.mark.integration
-def test_smollm2_piqa_well_above_chance():
+def test_smollm2_piqa_well_above_chance(all_cores):
     from ebft.models import load_model
 
     if not (ZEROSHOT / "piqa.jsonl").exists():
