@@ -171,7 +171,7 @@ def main():
         "estimate_32_blocks_10_epochs_minutes": results["ebft"]["seconds_per_epoch"] * 10 * 32 / 60,
     }
     print(f"{shape} block on {summary['device']}: {n} windows x {seqlen} tokens, {args.epochs} epochs")
-    print(f"| loop | s/epoch | TFLOP/s | peak memory | final loss |\n|---|---:|---:|---:|---:|")
+    print("| loop | s/epoch | TFLOP/s | peak memory | final loss |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {r['seconds_per_epoch']:.2f} | {r['tflops']:.2f} | "
               f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['final_loss']:.4g} |")

@@ -13,7 +13,6 @@ import platform
 import random
 import resource
 import time
-from pathlib import Path
 
 import torch
 

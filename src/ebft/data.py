@@ -16,7 +16,6 @@ document) and the separator the standard protocols join them with. Everything is
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import random

@@ -79,6 +79,15 @@ def optimizer_step(params, optimizer, scaler, clip: float | None, masks: list[tu
     optimizer.zero_grad(set_to_none=True)
 
 
+def rejection(failed: bool, after: float, before: float) -> str | None:
+    """Why a block's recovery must be undone (a non-finite or a worse final loss), or None."""
+    if failed or not math.isfinite(after):
+        return "non-finite loss"
+    if after > before:
+        return "loss increased"
+    return None
+
+
 def make_adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the reference's betas (0.9, 0.95); the fused kernel where torch has it.
 
@@ -152,11 +161,7 @@ def ebft(block, inputs, targets, masks, linears, io, settings, index=0, progress
     for p in frozen:
         p.requires_grad_(True)
     after = float("nan") if failed else evaluate_loss(block, io, inputs, targets, train_idx, settings.batch_size, kind, amp)
-    restored = None
-    if failed or not math.isfinite(after):
-        restored = "non-finite loss"
-    elif after > record["loss_before"]:
-        restored = "loss increased"
+    restored = rejection(failed, after, record["loss_before"])
     if restored:
         log.warning("block %d: %s; restoring the pruned weights", index, restored)
         for p, s in zip(params, saved):

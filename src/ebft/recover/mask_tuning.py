@@ -21,7 +21,6 @@ starting masks and weights are kept.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import nn
@@ -30,7 +29,7 @@ from torch.nn.utils import parametrize
 from ..masks import Pattern, mask_from_scores
 from . import register_recovery
 from .dsnot import input_stats
-from .ebft import autocast_dtype, evaluate_loss, train_epochs
+from .ebft import autocast_dtype, evaluate_loss, rejection, train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +113,7 @@ def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, pro
         for p, g in grads.items():
             p.requires_grad_(g)
 
-    restored = None
-    if failed or not math.isfinite(after):
-        restored = "non-finite loss"
-    elif after > record["loss_before"]:
-        restored = "loss increased"
+    restored = rejection(failed, after, record["loss_before"])
     if restored:
         log.warning("block %d: %s; keeping the pruner's masks", index, restored)
         after = record["loss_before"]
