@@ -44,7 +44,7 @@ def config_for(setting: str, variant: str, args) -> RunConfig:
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = "offline", args.nsamples, args.seqlen
     cfg.eval.sources = [str(WIKI) if WIKI.exists() else "offline"]
     cfg.eval.seqlen, cfg.eval.windows = args.eval_seqlen, args.eval_windows
-    cfg.recover.epochs = args.epochs
+    cfg.recover.epochs, cfg.recover.batch_size = args.epochs, args.batch_size
     for key, value in VARIANTS[variant].items():
         setattr(cfg.recover, key, value)
     return cfg
@@ -53,14 +53,15 @@ def config_for(setting: str, variant: str, args) -> RunConfig:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2")
-    ap.add_argument("--settings", default="wanda:0.5,wanda:0.7,wanda:2:4,sparsegpt:0.5,sparsegpt:0.7,sparsegpt:2:4")
+    ap.add_argument("--settings", default="wanda:0.7,sparsegpt:0.7,wanda:2:4,sparsegpt:2:4,wanda:0.5,sparsegpt:0.5")
     ap.add_argument("--variants", default="base")
-    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--eval-seqlen", type=int, default=2048)
-    ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=2, help="EBFT windows per step (2: 40 steps per block)")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality-lean")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
