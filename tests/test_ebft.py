@@ -162,3 +162,22 @@ def test_train_norms_changes_norm_weights():
     norm = block.input_layernorm.weight.detach().clone()
     ebft(block, x, y, masks, linears, io, settings(train_norms=False))
     assert torch.equal(block.input_layernorm.weight, norm)
+
+
+def test_weight_decay_lr_and_precision_each_change_the_result():
+    from ebft.recover.ebft import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), "auto") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), "fp16") == torch.float16
+
+    def trained(**kw):
+        block, x, y, masks, linears, io = pruned_block()
+        record = ebft(block, x, y, masks, linears, io, settings(**kw))
+        return record, torch.cat([l.weight.flatten() for l in linears.values()])
+
+    base_rec, base = trained()
+    for kw in ({"weight_decay": 0.0}, {"lr": 3e-3}, {"precision": "bf16"}, {"grad_clip": 1e-3}):
+        rec, w = trained(**kw)
+        assert not torch.equal(w, base), kw
+    assert trained(precision="bf16")[0]["loss_before"] != base_rec["loss_before"]  # bf16 autocast really ran
