@@ -259,9 +259,10 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
         for i, stage in enumerate(stages):
             streams[f"{name}/{stage}"] = (stage, x if i == 0 else x.clone(), eval_io)
     calib = io = None
+    dense_model_targets = prune is not None and recovery.needs_targets and recover.target == "dense-model"
     if prune is not None:
         calib, io = capture(model, calib_ids, device, batch_size)
-        if recover.target == "dense-model":
+        if dense_model_targets:  # the dense model's own activations, carried beside the sparse chain
             streams["calib/dense"] = ("dense", calib.clone(), io)
     needs = set(prune.pruner.needs) if prune else set()
 
@@ -289,7 +290,7 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
                 for h in hooks:
                     h.remove()
             push("dense", block)
-            if recover.target == "dense-model":
+            if dense_model_targets:
                 targets = streams["calib/dense"][1]
             elif not dense_block_targets:
                 targets = None
