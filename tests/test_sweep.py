@@ -1,7 +1,9 @@
 """`ebft sweep`: a 2 × 2 grid on a tiny model writes its results, resumes, survives an interruption."""
+import dataclasses
 import json
 
 import pytest
+import torch
 
 import ebft.models
 import ebft.sweeps
@@ -65,10 +67,58 @@ def test_sweep_writes_results_and_rerun_skips_finished_cells(tiny_model_dir, tex
     assert again["cells"] == results["cells"]
     monkeypatch.undo()
 
-    # one changed setting is a different cell: rerun, not mistaken for the finished one
+    # another method's options do not concern these cells: nothing reruns, the model is not loaded
+    monkeypatch.setattr(ebft.models, "load_model", lambda *a, **k: pytest.fail("model loaded for nothing"))
+    events = _Events()
+    sweep(_config(tiny_model_dir, text_file, out, recover__lora_steps=7, recover__dsnot_cycles=3), progress=events)
+    assert events.count("cell_skip") == 4
+    monkeypatch.undo()
+
+    # one changed EBFT setting is a different EBFT cell: rerun, not mistaken for the finished one;
+    # the unrecovered cells do not depend on it and are kept
     events = _Events()
     sweep(_config(tiny_model_dir, text_file, out, recover__lr=1e-3), progress=events)
+    assert events.count("cell_end") == 2 and events.count("cell_skip") == 2
+    events = _Events()
+    sweep(_config(tiny_model_dir, text_file, out, calib__nsamples=3), progress=events)
     assert events.count("cell_end") == 4
+
+
+class _Recorder:
+    """Stands in for a RecoverConfig and notes every field read."""
+
+    def __init__(self, config):
+        self.__dict__.update(_config=config, read=set())
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self._config, name)
+
+
+@pytest.mark.parametrize("method", ["none", "ebft", "ebft-mask", "dsnot", "lora"])
+def test_each_recovery_declares_every_option_it_reads(method, tokenizer, text_file):
+    """The sweep keys cells on the declared options: an undeclared one would let a stale cell be reused."""
+    from ebft.config import RecoverConfig
+    from ebft.masks import parse_pattern
+    from ebft.prune import get_pruner
+    from ebft.recover import TrainingText, get_recovery
+    from ebft.sequential import PruneSpec, RecoverSpec, walk
+    from conftest import make_tiny_model
+
+    recovery = get_recovery(method)
+    settings = _Recorder(RecoverConfig(method=method, epochs=1, batch_size=2, lora_steps=2, lora_batch_size=2,
+                                       dsnot_cycles=2))
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, 320, (4, SEQLEN), generator=torch.Generator().manual_seed(0))
+    spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", 0.5, None, "row"))
+    if recovery.scope == "model":
+        result = walk(model, ids, spec, RecoverSpec("none"))
+        recovery.fn(model, tokenizer, result.masks, settings, TrainingText(str(text_file), SEQLEN), "cpu")
+    else:
+        walk(model, ids, spec, RecoverSpec(method, settings))
+    assert settings.read <= set(recovery.options), f"{method} reads undeclared {settings.read - set(recovery.options)}"
+    assert set(recovery.options) <= set(dataclasses.asdict(RecoverConfig()))
+    assert ("target" in recovery.options) == recovery.needs_targets
 
 
 def test_sweep_cells_match_single_runs(tiny_model_dir, text_file, tmp_path):

@@ -8,10 +8,10 @@
 The model is loaded once and its original weights are kept as a CPU copy of the state dict, restored
 before every cell. The calibration and evaluation windows are built once and the dense perplexity is
 computed once (cached in ``cells/`` too). Each finished cell is written atomically to
-``<out>/cells/<method>-<recover>-<sparsity>-<key>.json`` where ``key`` hashes the cell's full
-settings: a rerun skips the cells whose file exists (an interruption loses at most the cell in
-progress), and a changed setting (lr, nsamples, eval text ...) gives new keys, so nothing stale is
-reused. ``results.md``, ``results.json`` and ``results.png`` are rewritten after every cell.
+``<out>/cells/<method>-<recover>-<sparsity>-<key>.json`` where ``key`` hashes the settings that can
+change the cell (see :func:`cell_key`): a rerun skips the cells whose file exists (an interruption
+loses at most the cell in progress), and a changed setting (lr, nsamples, eval text ...) gives new
+keys to the cells it concerns, so nothing stale is reused. ``results.md``, ``results.json`` and ``results.png`` are rewritten after every cell.
 Models are not saved unless ``save_models`` is set (then under ``<out>/models/<cell>/``).
 """
 from __future__ import annotations
@@ -104,8 +104,13 @@ def _check_list(name: str, values: list[str], registry: dict) -> None:
 # ----------------------------------------------------------------------------- cells
 
 def cell_key(cell: RunConfig) -> str:
-    """A hash of everything that can change a cell's numbers (all settings but out/overwrite)."""
+    """A hash of everything that can change a cell's numbers: all settings but out/overwrite, and of the
+    recovery settings only the options its method declares (tuning LoRA never re-runs an EBFT cell)."""
+    from .recover import get_recovery
+
     settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
+    recover = settings["recover"]
+    settings["recover"] = {k: recover[k] for k in ("method", *get_recovery(recover["method"]).options)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

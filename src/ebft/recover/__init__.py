@@ -16,6 +16,11 @@ A *model-scope* recovery (``scope="model"``, e.g. LoRA) is not block-wise: the w
 then :func:`ebft.api.run` calls ``fn(model, tokenizer, masks, settings, text, device, progress) -> dict``
 once on the whole pruned model (``masks``: full linear name -> mask; ``text``: a
 :class:`TrainingText` to draw training windows from). It must leave every masked weight exactly zero.
+
+Each recovery declares ``options``: the :class:`ebft.config.RecoverConfig` fields it reads (directly
+or through shared helpers). ``ebft sweep`` keys a cell on those only, so tuning one method's options
+never re-runs another method's finished cells; ``tests/test_sweep.py`` checks the declarations by
+recording every field each recovery actually reads.
 """
 from __future__ import annotations
 
@@ -34,14 +39,16 @@ class Recovery:
     needs_targets: bool
     changes_masks: bool = False  # mask-tuning: may update ``masks``; gets ``dense_weights`` and ``pattern``
     scope: str = "block"  # "block": called per block inside the walk | "model": once, after the walk
+    options: tuple[str, ...] = ()  # the RecoverConfig fields it reads (besides ``method``)
 
 
 RECOVERIES: dict[str, Recovery] = {}
 
 
-def register_recovery(name: str, needs_targets: bool = True, changes_masks: bool = False, scope: str = "block"):
+def register_recovery(name: str, needs_targets: bool = True, changes_masks: bool = False, scope: str = "block",
+                      options: tuple[str, ...] = ()):
     def wrap(fn):
-        RECOVERIES[name] = Recovery(name, fn, needs_targets, changes_masks, scope)
+        RECOVERIES[name] = Recovery(name, fn, needs_targets, changes_masks, scope, tuple(options))
         return fn
     return wrap
 

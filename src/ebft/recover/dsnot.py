@@ -155,7 +155,8 @@ def dsnot_layer(dense: torch.Tensor, sparse: torch.Tensor, keep: torch.Tensor, s
                   "error_after": error.abs().mean().item()}
 
 
-@register_recovery("dsnot", needs_targets=False, changes_masks=True)
+@register_recovery("dsnot", needs_targets=False, changes_masks=True,
+                   options=("dsnot_cycles", "dsnot_threshold", "dsnot_power", "dsnot_skip_mlp"))
 @torch.no_grad()
 def dsnot(block, inputs, targets, masks, linears, io, settings, index=0, progress=None,
           dense_weights=None, pattern=None) -> dict:

@@ -120,7 +120,10 @@ def evaluate_loss(block, io, inputs, targets, index, batch_size, kind, amp) -> f
     return total.item() / max(len(index), 1)
 
 
-@register_recovery("ebft")
+TRAINING_OPTIONS = ("epochs", "batch_size", "grad_clip", "loss", "holdout", "precision", "seed", "target")
+
+
+@register_recovery("ebft", options=TRAINING_OPTIONS + ("lr", "weight_decay", "train_norms"))
 def ebft(block, inputs, targets, masks, linears, io, settings, index=0, progress=None) -> dict:
     """Train the kept weights of ``block`` to reproduce ``targets``; return the block's record."""
     progress = progress or (lambda *a, **k: None)

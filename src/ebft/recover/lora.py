@@ -108,7 +108,9 @@ def _train(peft_model, train: torch.Tensor, settings, device, amp, progress) -> 
     return curve
 
 
-@register_recovery("lora", needs_targets=False, scope="model")
+@register_recovery("lora", needs_targets=False, scope="model",
+                   options=("lora_steps", "lora_lr", "lora_targets", "lora_rank", "lora_alpha", "lora_dropout",
+                            "lora_batch_size", "precision", "seed"))
 def lora(model, tokenizer, masks, settings, text: TrainingText, device, progress=None) -> dict:
     """Train LoRA adapters on the pruned ``model``, merge them in, re-apply ``masks``; return the record."""
     from peft import LoraConfig, get_peft_model

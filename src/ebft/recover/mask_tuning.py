@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from ..masks import Pattern, mask_from_scores
 from . import register_recovery
 from .dsnot import input_stats
-from .ebft import autocast_dtype, evaluate_loss, rejection, train_epochs
+from .ebft import TRAINING_OPTIONS, autocast_dtype, evaluate_loss, rejection, train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class _MaskedDense(nn.Module):
         return (self.dense * mask).to(self.out_dtype)
 
 
-@register_recovery("ebft-mask", changes_masks=True)
+@register_recovery("ebft-mask", changes_masks=True, options=TRAINING_OPTIONS + ("mask_lr",))
 def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, progress=None,
               dense_weights=None, pattern=None) -> dict:
     """Learn the masks of ``block`` with its weights frozen at their dense values; return its record."""
