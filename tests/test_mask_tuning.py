@@ -68,7 +68,7 @@ def test_mask_tuning_keeps_the_pattern_every_step_and_lowers_the_loss(arch, prun
         for name, lin in find_linears(block).items():
             full = f"{prefix}.{i}.{name}"
             assert not parametrize.is_parametrized(lin)
-            # weights frozen at their dense values: W ⊙ M
+            # Wanda and magnitude keep dense values, so the frozen weights are W ⊙ M
             assert torch.equal(lin.weight.data, dense[f"{full}.weight"] * result.masks[full]), full
 
 
@@ -86,3 +86,36 @@ def test_mask_tuning_keeps_the_pruners_masks_when_training_fails(monkeypatch):
     for full, mask in result.masks.items():
         assert torch.equal(mask, expected.masks[full]), full
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_mask_tuning_starts_from_sparsegpts_updated_weights():
+    """SparseGPT's kept weights carry its OBS update: mask tuning keeps them and grows dense values;
+    with a zero learning rate nothing moves and the loss is exactly the pruned block's."""
+    pat = parse_pattern("unstructured", 0.5, "layer", "layer")
+    spec = PruneSpec(get_pruner("sparsegpt"), pat)
+    plain = make_tiny_model("llama")
+    dense = {k: v.clone() for k, v in plain.state_dict().items()}
+    pruned = walk(plain, _ids(), spec)
+
+    frozen = make_tiny_model("llama")
+    still = walk(frozen, _ids(), spec, RecoverSpec("ebft-mask", RecoverConfig(method="ebft-mask", epochs=2,
+                                                                               batch_size=4, mask_lr=0.0)))
+    for record in still.blocks:
+        assert record["restored"] is None and record["mask_flips"] == 0
+        assert record["loss_after"] == pytest.approx(record["loss_before"], rel=1e-6)
+    for k, v in plain.state_dict().items():
+        assert torch.equal(frozen.state_dict()[k], v), k
+
+    model = make_tiny_model("llama")
+    tuned = walk(model, _ids(), spec, RecoverSpec("ebft-mask", RecoverConfig(method="ebft-mask", epochs=3,
+                                                                              batch_size=4, mask_lr=5e-3)))
+    prefix, blocks = find_blocks(model)
+    record = tuned.blocks[0]
+    assert record["restored"] is None and record["mask_flips"] > 0 and record["loss_after"] < record["loss_before"]
+    for name, lin in find_linears(blocks[0]).items():  # block 0 saw the same inputs in both walks
+        full = f"{prefix}.0.{name}"
+        old, new = pruned.masks[full], tuned.masks[full]
+        weight = lin.weight.data
+        assert torch.equal(weight[old & new], plain.state_dict()[f"{full}.weight"][old & new]), full
+        assert torch.equal(weight[new & ~old], dense[f"{full}.weight"][new & ~old]), full
+        assert not weight[~new].any(), full

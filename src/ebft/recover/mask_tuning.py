@@ -1,7 +1,13 @@
-"""EBFT mask tuning — the EBFT paper's ablation: keep the weights at their dense values W and learn
-*which* of them to keep, with the same block objective as EBFT,
+"""EBFT mask tuning — the EBFT paper's ablation: freeze the weights and learn *which* of them to
+keep, with the same block objective as EBFT,
 
-    min_S  1/|D| Σ_{x∈D} ‖Bℓ(x; W ⊙ M(S)) − y‖²,   M(S) = top-k(S) under the exact pattern.
+    min_S  1/|D| Σ_{x∈D} ‖Bℓ(x; W° ⊙ M(S)) − y‖²,   M(S) = top-k(S) under the exact pattern,
+
+where W° holds the pruner's values for the weights it kept and the dense values W elsewhere: a
+weight the mask grows comes back at its dense value, and a weight the pruner kept keeps the value
+the pruner gave it (for Wanda and magnitude that is W itself; SparseGPT's kept weights carry its
+OBS update, which mask tuning therefore starts from instead of discarding). At the start
+W° ⊙ M = the pruned weight exactly, so the first loss is the pruned block's.
 
 Each linear gets real-valued scores S shaped like its weight. The forward pass uses the hard mask
 M = ``mask_from_scores(S, pattern)`` — per-row ratio, per-layer ratio or N:M, exact at every step —
@@ -56,11 +62,11 @@ def initial_scores(importance: torch.Tensor, keep: torch.Tensor, pattern: Patter
 
 
 class _MaskedDense(nn.Module):
-    """Parametrization of a linear's weight: W ⊙ M(S), straight-through to the scores S."""
+    """Parametrization of a linear's weight: W° ⊙ M(S), straight-through to the scores S."""
 
-    def __init__(self, dense: torch.Tensor, scores: torch.Tensor, pattern: Pattern, dtype: torch.dtype):
+    def __init__(self, frozen: torch.Tensor, scores: torch.Tensor, pattern: Pattern, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("dense", dense, persistent=False)
+        self.register_buffer("frozen", frozen, persistent=False)
         self.scores = nn.Parameter(scores)
         self.pattern, self.out_dtype = pattern, dtype
 
@@ -69,13 +75,14 @@ class _MaskedDense(nn.Module):
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
         mask = self.hard_mask().to(self.scores.dtype) + self.scores - self.scores.detach()
-        return (self.dense * mask).to(self.out_dtype)
+        return (self.frozen * mask).to(self.out_dtype)
 
 
 @register_recovery("ebft-mask", changes_masks=True, options=TRAINING_OPTIONS + ("mask_lr",))
 def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, progress=None,
               dense_weights=None, pattern=None) -> dict:
-    """Learn the masks of ``block`` with its weights frozen at their dense values; return its record."""
+    """Learn the masks of ``block`` with its weights frozen (pruner's values where kept, dense values
+    elsewhere); return its record."""
     if dense_weights is None or pattern is None:
         raise ValueError("ebft-mask changes masks: call it through the walk, which passes dense_weights and pattern")
     progress = progress or (lambda *a, **k: None)
@@ -93,13 +100,14 @@ def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, pro
     grads = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
-    tuned = {}
+    tuned, frozen = {}, {}
     try:
         for name, mask in masks.items():
-            dense = dense_weights[name]
-            importance = dense.abs() * stats[name].col_norm.to(dense.device)
-            scores = initial_scores(importance, mask.to(dense.device), pattern)
-            tuned[name] = _MaskedDense(dense, scores, pattern, linears[name].weight.dtype)
+            keep = mask.to(dense_weights[name].device)
+            frozen[name] = torch.where(keep, linears[name].weight.detach().float(), dense_weights[name])
+            importance = frozen[name].abs() * stats[name].col_norm.to(keep.device)
+            scores = initial_scores(importance, keep, pattern)
+            tuned[name] = _MaskedDense(frozen[name], scores, pattern, linears[name].weight.dtype)
             parametrize.register_parametrization(linears[name], "weight", tuned[name], unsafe=True)
         params = [t.scores for t in tuned.values()]
         optimizer = torch.optim.AdamW(params, lr=settings.mask_lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -121,7 +129,7 @@ def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, pro
         for name, keep in new_masks.items():
             weight = linears[name].weight
             record["mask_flips"] += int((keep != masks[name].to(keep.device)).sum())
-            weight.data = (dense_weights[name] * keep).to(weight.dtype)
+            weight.data = (frozen[name] * keep).to(weight.dtype)
             masks[name] = keep.to(masks[name].device)
     record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored)
     if holdout:
