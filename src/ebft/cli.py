@@ -88,7 +88,7 @@ RUN_FLAGS = {
     "--dsnot-skip-mlp": ("recover.dsnot_skip_mlp", dict(action="store_true", default=None,
                          help="DSnoT refines the attention linears only (the reference code's default)")),
     "--mask-lr": ("recover.mask_lr", dict(type=float, help="ebft-mask AdamW learning rate on the mask scores, "
-                  "decayed linearly to 0 (default 5e-3)")),
+                  "decayed linearly to 0 (default 1e-3)")),
     "--lora-steps": ("recover.lora_steps", dict(type=int, help="LoRA optimizer steps, one pass over steps × "
                      "batch windows of the calibration text's train split (default 200)")),
     "--lora-lr": ("recover.lora_lr", dict(type=float, help="LoRA AdamW learning rate, decayed linearly to 0 (default 2e-4)")),
