@@ -63,7 +63,7 @@ class RecoverConfig:
     dsnot_threshold: float = 0.1  # stop a row when |expected error| (summed over a window) is below
     dsnot_power: float = 1.0  # growing criterion divides by variance ** power
     dsnot_skip_mlp: bool = False  # refine attention linears only (the reference code's default)
-    # ebft-mask (learned masks, weights frozen at their dense values); uses epochs/batch_size too
+    # ebft-mask (learned masks, weights frozen: pruned values where kept, dense where grown); uses epochs/batch_size too
     mask_lr: float = 1e-3  # AdamW lr on the mask scores (normalised to [0, 1] per row); 5e-3 overfit (README)
     # lora (whole pruned model, after the walk); rank/alpha/dropout/targets: the Wanda paper's setup
     lora_steps: int = 200  # optimizer steps; one pass over lora_steps * lora_batch_size windows

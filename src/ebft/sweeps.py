@@ -11,8 +11,8 @@ computed once (cached in ``cells/`` too). Each finished cell is written atomical
 ``<out>/cells/<method>-<recover>-<sparsity>-<key>.json`` where ``key`` hashes the settings that can
 change the cell (see :func:`cell_key`): a rerun skips the cells whose file exists (an interruption
 loses at most the cell in progress), and a changed setting (lr, nsamples, eval text ...) gives new
-keys to the cells it concerns, so nothing stale is reused. ``results.md``, ``results.json`` and ``results.png`` are rewritten after every cell.
-Models are not saved unless ``save_models`` is set (then under ``<out>/models/<cell>/``).
+keys to the cells it concerns, so nothing stale is reused. ``results.md``, ``results.json`` and
+``results.png`` are rewritten after every cell. Models are not saved unless ``save_models`` is set (then under ``<out>/models/<cell>/``).
 """
 from __future__ import annotations
 
