@@ -280,8 +280,7 @@ def main(argv=None) -> int:
             from .api import run
 
             config = config_from_args(args)
-            config.validate()
-            record = run(config, progress=_Progress())
+            record = run(config, progress=_Progress())  # validates before anything is loaded
             print(run_table(record))
             print(f"saved to {config.out}")
         elif args.command == "sweep":
@@ -289,8 +288,7 @@ def main(argv=None) -> int:
             from .sweeps import sweep
 
             config = sweep_config_from_args(args)
-            config.validate()
-            results = sweep(config, progress=_SweepProgress())
+            results = sweep(config, progress=_SweepProgress())  # validates every cell first
             print(sweep_markdown(results))
             print(f"wrote {config.out}/results.md, results.json, results.png")
         elif args.command == "eval":
