@@ -71,6 +71,11 @@ def check_widths(model, pattern, layers: str | None) -> None:
             validate_width(linear.in_features, pattern, name)
 
 
+def final_stage(method: str) -> str:
+    """What the model after the walk is called in records: "pruned" without a recovery, else "recovered"."""
+    return "pruned" if method == "none" else "recovered"
+
+
 def prepare_data(model, tokenizer, config: RunConfig):
     """``(calibration windows, {source: eval windows}, calib seqlen, eval seqlen)``; seqlens default
     to min(model context, 2048)."""
@@ -94,8 +99,7 @@ def prune_and_recover(model, tokenizer, config: RunConfig, spec: PruneSpec, cali
                                          progress, stages)
     recover = RecoverSpec(config.recover.method, config.recover, config.recover.target)
     result = walk(model, calib, spec, recover, evals, stages, device, config.batch_size, progress)
-    final = "pruned" if config.recover.method == "none" else "recovered"
-    ppl = stage_perplexities(model, result.streams, evals, device, final)
+    ppl = stage_perplexities(model, result.streams, evals, device, final_stage(config.recover.method))
     return result, ppl, block_recovery_cost(config.recover.method, result.blocks, device)
 
 
@@ -157,7 +161,7 @@ def run(config: RunConfig, progress=None) -> dict:
     zs_args = (suite, config.eval.zeroshot_limit, device, config.batch_size)
     zs_dense = _zeroshot(model, tokenizer, *zs_args)  # before the walk: it prunes the model in place
     result, ppl, cost = prune_and_recover(model, tokenizer, config, spec, calib, evals, text, device, progress)
-    final = "pruned" if config.recover.method == "none" else "recovered"
+    final = final_stage(config.recover.method)
     zs = _zeroshot_record(suite, {"dense": zs_dense, final: _zeroshot(model, tokenizer, *zs_args)})
 
     record = {

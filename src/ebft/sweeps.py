@@ -134,7 +134,7 @@ def _read_cell(path: Path) -> dict | None:
 
 
 def _run_cell(model, tokenizer, cell: RunConfig, pattern, calib, evals, seqlen: int, device: str, progress) -> dict:
-    from .api import prune_and_recover, seed_everything, versions
+    from .api import final_stage, prune_and_recover, seed_everything, versions
     from .prune import get_pruner
     from .recover import TrainingText
     from .sequential import PruneSpec
@@ -147,7 +147,7 @@ def _run_cell(model, tokenizer, cell: RunConfig, pattern, calib, evals, seqlen: 
     text = TrainingText(cell.calib.source, seqlen, cell.seed)
     result, ppl, cost = prune_and_recover(model, tokenizer, cell, spec, calib, evals, text, device, progress,
                                           stages=("final",))
-    final = "pruned" if cell.recover.method == "none" else "recovered"
+    final = final_stage(cell.recover.method)
     return {
         "method": cell.prune.method, "recover": cell.recover.method, "sparsity": cell.prune.sparsity,
         "column": column_label(cell), "pattern": str(pattern), "key": cell_key(cell),
