@@ -20,7 +20,8 @@ EXAMPLES_SWEEP = """examples:
              --calib offline --nsamples 32 --seqlen 256 --eval offline --eval-windows 8 --out runs/sweep
   ebft sweep --model meta-llama/Llama-2-7b-hf --methods magnitude,wanda,sparsegpt --pattern 2:4 \\
              --recover none,ebft --calib c4 --eval wikitext2 --out runs/l2-24
-A rerun with the same --out skips the finished cells (out/cells/*.json); a changed setting reruns them.
+A rerun with the same --out skips the finished cells (out/cells/*.json); a changed setting reruns only the
+cells it concerns (e.g. --lora-steps reruns the lora cells, not the ebft ones).
 """
 EXAMPLES_EVAL = """examples:
   ebft eval --model runs/l2-wanda50 --eval wikitext2
