@@ -106,6 +106,7 @@ def test_each_recovery_declares_every_option_it_reads(method, tokenizer, text_fi
     from conftest import make_tiny_model
 
     recovery = get_recovery(method)
+    assert recovery.options is not None, f"{method} should declare its options"
     settings = _Recorder(RecoverConfig(method=method, epochs=1, batch_size=2, lora_steps=2, lora_batch_size=2,
                                        dsnot_cycles=2))
     model = make_tiny_model("llama")
@@ -183,3 +184,16 @@ def test_sweep_config_validates_before_anything(tmp_path):
     cfg.base.prune.pattern = "2:4"
     assert [c.prune.sparsity for c, _ in cfg.validate()] == [None, None]  # N:M: implied, one column
     assert not (tmp_path / "o").exists()
+
+
+def test_a_recovery_without_declared_options_is_keyed_on_every_recovery_setting(monkeypatch):
+    from ebft.recover import RECOVERIES, register_recovery
+    from ebft.sweeps import cell_key
+
+    monkeypatch.setitem(RECOVERIES, "custom", None)
+    register_recovery("custom")(lambda *a, **k: {})
+    cell = RunConfig(model="m")
+    cell.recover.method = "custom"
+    key = cell_key(cell)
+    cell.recover.lora_steps += 1  # a setting a third-party recovery might read
+    assert cell_key(cell) != key

@@ -109,8 +109,9 @@ def cell_key(cell: RunConfig) -> str:
     from .recover import get_recovery
 
     settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
-    recover = settings["recover"]
-    settings["recover"] = {k: recover[k] for k in ("method", *get_recovery(recover["method"]).options)}
+    options = get_recovery(cell.recover.method).options
+    if options is not None:  # an undeclared recovery is keyed on all recovery settings
+        settings["recover"] = {k: settings["recover"][k] for k in ("method", *options)}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

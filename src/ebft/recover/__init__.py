@@ -18,7 +18,7 @@ once on the whole pruned model (``masks``: full linear name -> mask; ``text``: a
 :class:`TrainingText` to draw training windows from). It must leave every masked weight exactly zero.
 
 Each recovery declares ``options``: the :class:`ebft.config.RecoverConfig` fields it reads (directly
-or through shared helpers). ``ebft sweep`` keys a cell on those only, so tuning one method's options
+or through shared helpers; undeclared = any of them). ``ebft sweep`` keys a cell on those only, so tuning one method's options
 never re-runs another method's finished cells; ``tests/test_sweep.py`` checks the declarations by
 recording every field each recovery actually reads.
 """
@@ -39,16 +39,17 @@ class Recovery:
     needs_targets: bool
     changes_masks: bool = False  # mask-tuning: may update ``masks``; gets ``dense_weights`` and ``pattern``
     scope: str = "block"  # "block": called per block inside the walk | "model": once, after the walk
-    options: tuple[str, ...] = ()  # the RecoverConfig fields it reads (besides ``method``)
+    options: tuple[str, ...] | None = None  # the RecoverConfig fields it reads; None: maybe any of them
 
 
 RECOVERIES: dict[str, Recovery] = {}
 
 
 def register_recovery(name: str, needs_targets: bool = True, changes_masks: bool = False, scope: str = "block",
-                      options: tuple[str, ...] = ()):
+                      options: tuple[str, ...] | None = None):
     def wrap(fn):
-        RECOVERIES[name] = Recovery(name, fn, needs_targets, changes_masks, scope, tuple(options))
+        RECOVERIES[name] = Recovery(name, fn, needs_targets, changes_masks, scope,
+                                    None if options is None else tuple(options))
         return fn
     return wrap
 
@@ -74,7 +75,7 @@ def get_recovery(name: str) -> Recovery:
     return RECOVERIES[name]
 
 
-@register_recovery("none", needs_targets=False)
+@register_recovery("none", needs_targets=False, options=())
 def no_recovery(block, inputs, targets, masks, linears, io, settings, index=0, progress=None) -> dict:
     """Keep the pruned weights as they are."""
     return {}
