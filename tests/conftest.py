@@ -68,6 +68,36 @@ def make_tiny_model(arch: str = "llama", vocab_size: int = 320, layers: int = 2,
     elif arch == "mistral":
         cfg = tf.MistralConfig(intermediate_size=128, num_key_value_heads=2, sliding_window=None, **common)
         model = tf.MistralForCausalLM(cfg)
+    elif arch == "mistral-sliding":  # a sliding window shorter than the test windows
+        cfg = tf.MistralConfig(intermediate_size=128, num_key_value_heads=2, sliding_window=8, **common)
+        model = tf.MistralForCausalLM(cfg)
+    elif arch == "qwen2-mixed":  # sliding and full attention layers alternate (layer_types)
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        cfg = tf.Qwen2Config(intermediate_size=128, num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                             layer_types=types, **common)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif arch == "qwen3-mixed":
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        cfg = tf.Qwen3Config(intermediate_size=128, num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                             sliding_window=8, layer_types=types, **common)
+        model = tf.Qwen3ForCausalLM(cfg)
+    elif arch == "gemma2":  # sliding/global layers, soft-capping, query_pre_attn_scalar
+        cfg = tf.Gemma2Config(intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              query_pre_attn_scalar=16, **common)
+        model = tf.Gemma2ForCausalLM(cfg)
+    elif arch == "gemma3":  # sliding/global layers with local and global rotary bases
+        types = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
+        cfg = tf.Gemma3TextConfig(intermediate_size=128, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                  query_pre_attn_scalar=16, layer_types=types, **common)
+        model = tf.Gemma3ForCausalLM(cfg)
+    elif arch == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = tf.Phi3Config(intermediate_size=128, num_key_value_heads=2, pad_token_id=0, **common)
+        model = tf.Phi3ForCausalLM(cfg)
+    elif arch in ("gpt2", "gpt2-eager"):  # Conv1D layers; eager attention passes its mask positionally
+        cfg = tf.GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=layers, n_head=4, n_positions=256)
+        if arch == "gpt2-eager":
+            cfg._attn_implementation = "eager"
+        model = tf.GPT2LMHeadModel(cfg)
     elif arch == "opt":  # other layout: model.decoder.layers, learned positions, fc1/fc2
         cfg = tf.OPTConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=layers,
                            num_attention_heads=4, ffn_dim=128, max_position_embeddings=256,
@@ -83,7 +113,18 @@ def make_tiny_model(arch: str = "llama", vocab_size: int = 320, layers: int = 2,
     return model.eval()
 
 
+def recover_spec(method: str, seed: int = 0, **settings):
+    """A RecoverSpec for the walk with ``method``'s own settings dataclass."""
+    from ebft.recover import get_recovery
+    from ebft.walk import RecoverSpec
+
+    return RecoverSpec(method, get_recovery(method).settings(**settings), seed)
+
+
 ARCHS = ("llama", "qwen2", "mistral", "opt")
+# Families whose blocks differ (sliding/full attention, local/global rotary) or are called differently.
+FAMILIES = ("llama", "mistral-sliding", "qwen2-mixed", "qwen3-mixed", "gemma2", "gemma3", "phi3", "opt", "gpt2",
+            "gpt2-eager")
 
 
 @pytest.fixture

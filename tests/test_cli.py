@@ -38,7 +38,7 @@ def test_saved_model_reloads_with_identical_logits_and_recorded_perplexity(tiny_
 
     from ebft import RunConfig, run
     from ebft.data import eval_tokens
-    from ebft.evaluate.perplexity import perplexity
+    from ebft.evaluation.perplexity import perplexity
 
     cfg = RunConfig(model=str(tiny_model_dir), out=str(tmp_path / "m"))
     cfg.prune.method, cfg.prune.sparsity, cfg.recover.method = "wanda", 0.5, "none"
@@ -107,7 +107,15 @@ BAD = [
     (["--recover", "magic"], "recover"),
     (["--epochs", "0"], "recover.epochs"),
     (["--scope", "column"], "scope"),
-    (["--seqlen", "100000"], "too short"),
+    (["--seqlen", "0"], "calib.seqlen"),
+    (["--lr", "nan"], "recover.lr"),
+    (["--grad-clip", "inf"], "recover.grad_clip"),
+    (["--weight-decay", "-1"], "recover.weight_decay"),
+    (["--seed", "-1"], "seed"),
+    (["--seed", str(2**70)], "seed"),
+    (["--eval-windows", "0"], "eval.windows"),
+    (["--allocation", "owl", "--pattern", "2:4"], "prune.allocation"),
+    (["--layers", "no_such_linear"], "prune.layers"),
     (["--holdout", "8"], "holdout"),
     (["--dtype", "int8"], "dtype"),
 ]
@@ -120,6 +128,14 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny_model_dir, text_file, tm
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_seqlen_above_the_context_is_clamped_with_a_warning_in_the_record(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "long"
+    assert main(_run_args(tiny_model_dir, text_file, out, "--seqlen", "100000", "--recover", "none")) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["resolved"]["calib_seqlen"] == 256  # the tiny model's context
+    assert any("calib.seqlen 100000" in note for note in record["resolved"]["notes"])
 
 
 @pytest.mark.parametrize("what", ["model", "calib-missing", "calib-empty", "eval-missing"])

@@ -1,7 +1,7 @@
 """Every run record carries the recovery's cost: seconds, peak memory, trainable parameters."""
 import pytest
 
-from ebft.api import run
+from ebft.pipeline import run
 from ebft.config import RunConfig
 
 

@@ -90,6 +90,25 @@ def test_bad_split(text_file):
         data.load_documents(str(text_file), "validation")
 
 
+def test_wikitext_calibration_windows_spread_over_the_whole_split(tokenizer):
+    """At 512 tokens only 2 of WikiText-2 test's rows are long enough: windows must come from the whole
+    split joined (as SparseGPT/Wanda draw them), not from those two paragraphs."""
+    raw = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+    if not raw.exists():
+        pytest.skip(f"needs {raw}")
+    windows = data.calibration_windows(tokenizer, str(raw), nsamples=32, seqlen=512, seed=0)
+    rows = data._wikitext_rows(raw.read_text())
+    stream = encode(tokenizer, " ".join(rows))
+    where = {tuple(stream[i:i + 16]): i for i in range(len(stream) - 15)}
+    starts = []
+    for window in windows.tolist():
+        at = where[tuple(window[:16])]
+        assert stream[at:at + 512] == window
+        starts.append(at / len(stream))
+    # 32 uniform draws: spread over the whole stream, from many places
+    assert min(starts) < 0.15 and max(starts) > 0.85 and len({round(s, 2) for s in starts}) > 20
+
+
 # ----------------------------------------------------------------------------- local files
 
 RAW = " \n = Title = \n \n Some text , with @-@ marks . \n \n = = Section = = \n \n Last line . \n"
@@ -142,7 +161,9 @@ def test_missing_and_empty_files(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(EbftError) as info:
         data.load_documents(str(missing))
-    assert str(info.value) == f"calibration/eval file not found: {missing}"
+    assert str(info.value) == f"calib: file not found: {missing}"  # the flag the user typed
+    with pytest.raises(EbftError, match="^eval: file not found"):
+        data.eval_tokens(None, str(missing))
     with pytest.raises(EbftError, match="named sources: c4, wikitext2"):
         data.load_documents("wikitext")  # a typo of a named source
     for name, content in [("empty.txt", ""), ("blank.raw", " \n \n"), ("none.jsonl", "\n"), ("e.json", "[]")]:

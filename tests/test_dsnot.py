@@ -2,15 +2,15 @@
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, recover_spec
 from ebft.cli import build_parser, config_from_args
-from ebft.config import RecoverConfig, RunConfig
+from ebft.config import RunConfig
 from ebft.errors import ConfigError
 from ebft.masks import check_mask, parse_pattern
 from ebft.models import find_blocks, find_linears
 from ebft.prune import get_pruner
 from ebft.recover.dsnot import dsnot_layer, is_mlp
-from ebft.sequential import PruneSpec, RecoverSpec, walk
+from ebft.walk import PruneSpec, walk
 from ebft.stats import LayerStats
 
 
@@ -60,7 +60,7 @@ def _walk(arch, method, pattern="unstructured", sparsity=0.5, **settings):
     model = make_tiny_model(arch)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     spec = PruneSpec(get_pruner("wanda"), parse_pattern(pattern, sparsity, None, "row"))
-    result = walk(model, _ids(), spec, RecoverSpec(method, RecoverConfig(method=method, **settings)), batch_size=4)
+    result = walk(model, _ids(), spec, recover_spec(method, **settings), batch_size=4)
     return model, dense, result
 
 
@@ -104,4 +104,4 @@ def test_dsnot_settings_validate_and_map_from_flags():
                          ("dsnot_skip_mlp", "yes"), ("mask_lr", 0.0)]:
         config = RunConfig.from_dict({"recover": {field: value}})
         with pytest.raises(ConfigError, match=f"recover.{field}"):
-            config._validate_recover()
+            config.check_types()

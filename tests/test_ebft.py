@@ -3,12 +3,13 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from ebft.config import RecoverConfig
 from ebft.masks import parse_pattern
 from ebft.models import find_blocks, find_linears
 from ebft.prune import get_pruner
-from ebft.recover.ebft import ebft, make_adamw, optimizer_step, reconstruction_loss
-from ebft.sequential import PruneSpec, RecoverSpec, capture, prune_block, walk
+from ebft.recover import BlockContext
+from ebft.recover.ebft import EbftSettings, ebft
+from ebft.recover.training import make_adamw, optimizer_step, reconstruction_loss
+from ebft.walk import PruneSpec, RecoverSpec, capture, dense_pass, prune_block, walk
 
 
 def _ids(n=8, s=32, seed=0):
@@ -17,32 +18,29 @@ def _ids(n=8, s=32, seed=0):
 
 def settings(**kw):
     base = dict(epochs=3, lr=1e-3, batch_size=4, weight_decay=0.1)
-    return RecoverConfig(method="ebft", **{**base, **kw})
+    return EbftSettings(**{**base, **kw})
 
 
-def pruned_block(pattern="unstructured", sparsity=0.5, arch="llama"):
-    """Block 0 of a tiny model, Wanda-pruned, with its inputs, dense targets and masks."""
+def pruned_block(pattern="unstructured", sparsity=0.5, arch="llama", seed=0):
+    """The context of block 0 of a tiny model, Wanda-pruned: inputs, dense targets, masks."""
     model = make_tiny_model(arch)
     _, blocks = find_blocks(model)
     block = blocks[0]
-    x, io = capture(model, _ids(), torch.device("cpu"), batch_size=4)
+    x, calls = capture(model, _ids(), torch.device("cpu"), batch_size=4)
     linears = find_linears(block)
-    from ebft.stats import LayerStats
-    stats = {n: LayerStats(l.in_features, frozenset({"sq"})) for n, l in linears.items()}
-    hooks = [l.register_forward_hook(lambda m, a, o, s=stats[n]: s.update(a[0])) for n, l in linears.items()]
-    targets = io.forward(block, x)
-    for h in hooks:
-        h.remove()
+    stats, targets = dense_pass(block, calls[0], x, linears, {"sq"})
     spec = PruneSpec(get_pruner("wanda"), parse_pattern(pattern, sparsity, None, "row"))
-    masks = prune_block(block, linears, stats, spec, "b0")
-    return block, x, targets, masks, linears, io
+    masks = prune_block(linears, stats, spec, spec.pattern, "b0")
+    return BlockContext(index=0, block=block, linears=linears, inputs=x, targets=targets, masks=masks, stats=stats,
+                        pattern=spec.pattern, io=calls[0], seed=seed)
 
 
 @pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None), ("unstructured", 0.7)])
 def test_ebft_lowers_loss_and_keeps_masks_bit_for_bit(pattern, sparsity):
-    block, x, y, masks, linears, io = pruned_block(pattern, sparsity)
+    ctx = pruned_block(pattern, sparsity)
+    linears, masks = ctx.linears, ctx.masks
     before = {n: l.weight.detach().clone() for n, l in linears.items()}
-    record = ebft(block, x, y, masks, linears, io, settings())
+    record = ebft(ctx, settings())
     assert record["loss_after"] < 0.9 * record["loss_before"]
     assert record["restored"] is None
     for name, lin in linears.items():
@@ -78,9 +76,10 @@ def test_every_block_loss_goes_down_in_the_walk():
 
 
 def test_sparsity_zero_loss_stays_zero_weights_barely_move():
-    block, x, y, masks, linears, io = pruned_block("unstructured", 0.0)
+    ctx = pruned_block("unstructured", 0.0)
+    linears = ctx.linears
     before = {n: l.weight.detach().clone() for n, l in linears.items()}
-    record = ebft(block, x, y, masks, linears, io, settings(weight_decay=0.0))
+    record = ebft(ctx, settings(weight_decay=0.0))
     assert record["loss_before"] < 1e-10
     assert record["loss_after"] < 1e-8
     for name, lin in linears.items():
@@ -88,9 +87,10 @@ def test_sparsity_zero_loss_stays_zero_weights_barely_move():
 
 
 def test_nan_guard_restores_post_pruning_weights():
-    block, x, y, masks, linears, io = pruned_block()
+    ctx = pruned_block()
+    linears = ctx.linears
     before = {n: l.weight.detach().clone() for n, l in linears.items()}
-    record = ebft(block, x, y, masks, linears, io, settings(lr=1e12, grad_clip=None, weight_decay=0.0))
+    record = ebft(ctx, settings(lr=1e12, grad_clip=None, weight_decay=0.0))
     assert record["restored"] in ("non-finite loss", "loss increased")
     for name, lin in linears.items():
         assert torch.equal(lin.weight, before[name]), name
@@ -100,13 +100,30 @@ def test_nan_guard_restores_post_pruning_weights():
 def test_same_seed_same_result():
     weights = []
     for _ in range(2):
-        block, x, y, masks, linears, io = pruned_block()
-        ebft(block, x, y, masks, linears, io, settings(seed=7))
-        weights.append(torch.cat([l.weight.flatten() for l in linears.values()]))
+        ctx = pruned_block(seed=7)
+        ebft(ctx, settings())
+        weights.append(torch.cat([l.weight.flatten() for l in ctx.linears.values()]))
     assert torch.equal(weights[0], weights[1])
-    block, x, y, masks, linears, io = pruned_block()
-    ebft(block, x, y, masks, linears, io, settings(seed=8))
-    assert not torch.equal(weights[0], torch.cat([l.weight.flatten() for l in linears.values()]))
+    ctx = pruned_block(seed=8)
+    ebft(ctx, settings())
+    assert not torch.equal(weights[0], torch.cat([l.weight.flatten() for l in ctx.linears.values()]))
+
+
+@pytest.mark.parametrize("recover", ["ebft", "ebft-mask"])
+def test_the_run_seed_reaches_the_recovery(recover):
+    """--seed sets every random draw: with the same calibration windows, the walk's seed alone changes
+    EBFT's (and mask tuning's) shuffling, and the same seed gives identical weights."""
+    from ebft.recover import get_recovery
+
+    def trained(seed):
+        model = make_tiny_model("llama")
+        spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", 0.5, None, "row"))
+        kw = dict(epochs=2, batch_size=2) | ({"lr": 1e-3} if recover == "ebft" else {"mask_lr": 5e-3})
+        walk(model, _ids(), spec, RecoverSpec(recover, get_recovery(recover).settings(**kw), seed=seed), batch_size=4)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(trained(3), trained(3))
+    assert not torch.equal(trained(3), trained(4))
 
 
 def test_fp16_scaler_unscales_before_clipping():
@@ -126,7 +143,7 @@ def test_dense_model_target_and_token_norm_loss_run_and_differ():
         model = make_tiny_model("llama")
         spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", 0.5, None, "row"))
         cfg = settings(target=target, loss=loss)
-        result = walk(model, _ids(), spec, RecoverSpec("ebft", cfg, target), batch_size=4)
+        result = walk(model, _ids(), spec, RecoverSpec("ebft", cfg), batch_size=4)
         losses[(target, loss)] = [b["loss_before"] for b in result.blocks]
         assert all(b["loss_after"] < b["loss_before"] for b in result.blocks)
     # block 0 sees the same inputs either way; block 1's targets differ with the target choice
@@ -147,34 +164,33 @@ def test_token_norm_loss_weighs_tokens_alike():
 
 
 def test_holdout_is_not_trained_on_and_reported():
-    block, x, y, masks, linears, io = pruned_block()
-    record = ebft(block, x, y, masks, linears, io, settings(holdout=2))
+    record = ebft(pruned_block(), settings(holdout=2))
     assert "holdout_loss_before" in record and "holdout_loss_after" in record
     assert record["holdout_loss_after"] < record["holdout_loss_before"]
 
 
 def test_train_norms_changes_norm_weights():
-    block, x, y, masks, linears, io = pruned_block()
-    norm = block.input_layernorm.weight.detach().clone()
-    ebft(block, x, y, masks, linears, io, settings(train_norms=True))
-    assert not torch.equal(block.input_layernorm.weight, norm)
-    block, x, y, masks, linears, io = pruned_block()
-    norm = block.input_layernorm.weight.detach().clone()
-    ebft(block, x, y, masks, linears, io, settings(train_norms=False))
-    assert torch.equal(block.input_layernorm.weight, norm)
+    ctx = pruned_block()
+    norm = ctx.block.input_layernorm.weight.detach().clone()
+    ebft(ctx, settings(train_norms=True))
+    assert not torch.equal(ctx.block.input_layernorm.weight, norm)
+    ctx = pruned_block()
+    norm = ctx.block.input_layernorm.weight.detach().clone()
+    ebft(ctx, settings(train_norms=False))
+    assert torch.equal(ctx.block.input_layernorm.weight, norm)
 
 
 def test_weight_decay_lr_and_precision_each_change_the_result():
-    from ebft.recover.ebft import autocast_dtype
+    from ebft.recover.training import autocast_dtype
 
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
     assert autocast_dtype(torch.device("cpu"), "fp16") == torch.float16
 
     def trained(**kw):
-        block, x, y, masks, linears, io = pruned_block()
-        record = ebft(block, x, y, masks, linears, io, settings(**kw))
-        return record, torch.cat([l.weight.flatten() for l in linears.values()])
+        ctx = pruned_block()
+        record = ebft(ctx, settings(**kw))
+        return record, torch.cat([l.weight.flatten() for l in ctx.linears.values()])
 
     base_rec, base = trained()
     for kw in ({"weight_decay": 0.0}, {"lr": 3e-3}, {"precision": "bf16"}, {"grad_clip": 1e-3}):

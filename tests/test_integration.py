@@ -24,12 +24,12 @@ def _eval_source():
 
 
 def _prune_ppl(smollm2, method, sparsity, recover="none", **recover_kw):
-    from ebft.config import RecoverConfig
     from ebft.data import calibration_windows, eval_tokens
-    from ebft.evaluate.perplexity import eval_windows, stream_perplexity
+    from ebft.evaluation.perplexity import eval_windows, stream_perplexity
     from ebft.masks import parse_pattern
     from ebft.prune import get_pruner
-    from ebft.sequential import PruneSpec, RecoverSpec, walk
+    from ebft.recover import get_recovery
+    from ebft.walk import PruneSpec, RecoverSpec, walk
 
     model, tokenizer, dense = smollm2
     model.load_state_dict(dense)
@@ -37,7 +37,7 @@ def _prune_ppl(smollm2, method, sparsity, recover="none", **recover_kw):
     windows = eval_windows(eval_tokens(tokenizer, _eval_source()), 512, 6)
     pruner = get_pruner(method)
     spec = PruneSpec(pruner, parse_pattern("unstructured", sparsity, None, pruner.default_scope))
-    settings = RecoverConfig(method=recover, **recover_kw)
+    settings = get_recovery(recover).settings(**recover_kw)
     result = walk(model, calib, spec, RecoverSpec(recover, settings), {"wiki": windows},
                   ("dense", "pruned", "final"))
     return {k.split("/")[1]: stream_perplexity(model, v, windows) for k, v in result.streams.items()}

@@ -1,4 +1,4 @@
-"""LoRA recovery: trains, merges, re-applies the masks exactly; a model-scope recovery in api.run."""
+"""LoRA recovery: trains, merges, re-applies the masks exactly; a model-scope recovery in the pipeline."""
 import json
 
 import pytest
@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_model
-from ebft.config import RecoverConfig, RunConfig
+from ebft.config import RunConfig
 from ebft.data import calibration_windows
 from ebft.errors import ConfigError
 from ebft.masks import check_weight, parse_pattern
 from ebft.prune import get_pruner
-from ebft.recover import TrainingText, get_recovery
-from ebft.recover.lora import check_targets, lm_loss, resolve_targets
-from ebft.sequential import PruneSpec, walk
+from ebft.recover import ModelContext, TrainingText, get_recovery
+from ebft.recover.lora import LoraSettings, check_targets, lm_loss, resolve_targets
+from ebft.walk import PruneSpec, walk
 
 SEQLEN = 32
 
@@ -26,8 +26,9 @@ def _pruned(tokenizer, text_file, sparsity=0.5):
 
 
 def _lora(model, tokenizer, masks, text_file, **settings):
-    settings = RecoverConfig(**{"lora_steps": 20, "lora_lr": 1e-2, "lora_batch_size": 4, **settings})
-    return get_recovery("lora").fn(model, tokenizer, masks, settings, TrainingText(str(text_file), SEQLEN, 0), "cpu")
+    settings = LoraSettings(**{"lora_steps": 20, "lora_lr": 1e-2, "lora_batch_size": 4, **settings})
+    ctx = ModelContext(model, tokenizer, masks, TrainingText(str(text_file), SEQLEN, 0), torch.device("cpu"))
+    return get_recovery("lora").fn(ctx, settings)
 
 
 def test_lora_merge_keeps_masked_weights_zero_changes_kept_ones_and_lowers_the_loss(tokenizer, text_file):
@@ -82,13 +83,13 @@ def test_lora_targets_are_checked():
     cfg = RunConfig(model="x", out="y")
     cfg.recover.lora_dropout = 1.0
     with pytest.raises(ConfigError, match="recover.lora_dropout"):
-        cfg._validate_recover()
+        cfg.check_types()
 
 
 def test_run_with_lora_records_cost_and_saves_an_exactly_sparse_model(tiny_model_dir, text_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ebft.api import run
+    from ebft.pipeline import run
 
     cfg = RunConfig(model=str(tiny_model_dir), out=str(tmp_path / "out"))
     cfg.prune.method, cfg.prune.sparsity = "wanda", 0.5

@@ -84,47 +84,44 @@ def test_sweep_writes_results_and_rerun_skips_finished_cells(tiny_model_dir, tex
     assert events.count("cell_end") == 4
 
 
-class _Recorder:
-    """Stands in for a RecoverConfig and notes every field read."""
-
-    def __init__(self, config):
-        self.__dict__.update(_config=config, read=set())
-
-    def __getattr__(self, name):
-        self.read.add(name)
-        return getattr(self._config, name)
+def _another_valid_value(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value * 0.5 + 0.01
+    if isinstance(value, str):
+        return value + "x"
+    return 0.5  # None: an optional number
 
 
 @pytest.mark.parametrize("method", ["none", "ebft", "ebft-mask", "dsnot", "lora"])
-def test_each_recovery_declares_every_option_it_reads(method, tokenizer, text_file):
-    """The sweep keys cells on the declared options: an undeclared one would let a stale cell be reused."""
-    from ebft.config import RecoverConfig
-    from ebft.masks import parse_pattern
-    from ebft.prune import get_pruner
-    from ebft.recover import TrainingText, get_recovery
-    from ebft.sequential import PruneSpec, RecoverSpec, walk
-    from conftest import make_tiny_model
+def test_a_cell_is_keyed_on_exactly_its_recoverys_own_settings(method):
+    """A recovery gets only its own settings dataclass, and its sweep cells are keyed on exactly those:
+    changing another method's option never reruns the cell, changing one of its own always does."""
+    from ebft.recover import get_recovery
+    from ebft.settings import fields_of
+    from ebft.sweeps import cell_key
 
-    recovery = get_recovery(method)
-    assert recovery.options is not None, f"{method} should declare its options"
-    settings = _Recorder(RecoverConfig(method=method, epochs=1, batch_size=2, lora_steps=2, lora_batch_size=2,
-                                       dsnot_cycles=2))
-    model = make_tiny_model("llama")
-    ids = torch.randint(0, 320, (4, SEQLEN), generator=torch.Generator().manual_seed(0))
-    spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", 0.5, None, "row"))
-    if recovery.scope == "model":
-        result = walk(model, ids, spec, RecoverSpec("none"))
-        recovery.fn(model, tokenizer, result.masks, settings, TrainingText(str(text_file), SEQLEN), "cpu")
-    else:
-        walk(model, ids, spec, RecoverSpec(method, settings))
-    assert settings.read <= set(recovery.options), f"{method} reads undeclared {settings.read - set(recovery.options)}"
-    assert set(recovery.options) <= set(dataclasses.asdict(RecoverConfig()))
-    assert ("target" in recovery.options) == recovery.needs_targets
+    cell = RunConfig(model="m")
+    cell.recover.method = method
+    own = {f.name for f in dataclasses.fields(get_recovery(method).settings)}
+    assert type(cell.recovery_settings()) is get_recovery(method).settings
+    assert set(dataclasses.asdict(cell.recovery_settings())) == own
+    key = cell_key(cell)
+    for f in fields_of(cell.recover):
+        if f.name == "method":
+            continue
+        changed = RunConfig(model="m")
+        changed.recover.method = method
+        setattr(changed.recover, f.name, _another_valid_value(getattr(changed.recover, f.name)))
+        assert (cell_key(changed) != key) == (f.name in own), f.name
 
 
 def test_sweep_cells_match_single_runs(tiny_model_dir, text_file, tmp_path):
     """Restoring the weights between cells: the last cell equals a fresh `ebft run` of its settings."""
-    from ebft.api import run
+    from ebft.pipeline import run
 
     config = _config(tiny_model_dir, text_file, tmp_path / "sweep")
     config.save_models = True
@@ -184,16 +181,3 @@ def test_sweep_config_validates_before_anything(tmp_path):
     cfg.base.prune.pattern = "2:4"
     assert [c.prune.sparsity for c, _ in cfg.validate()] == [None, None]  # N:M: implied, one column
     assert not (tmp_path / "o").exists()
-
-
-def test_a_recovery_without_declared_options_is_keyed_on_every_recovery_setting(monkeypatch):
-    from ebft.recover import RECOVERIES, register_recovery
-    from ebft.sweeps import cell_key
-
-    monkeypatch.setitem(RECOVERIES, "custom", None)
-    register_recovery("custom")(lambda *a, **k: {})
-    cell = RunConfig(model="m")
-    cell.recover.method = "custom"
-    key = cell_key(cell)
-    cell.recover.lora_steps += 1  # a setting a third-party recovery might read
-    assert cell_key(cell) != key

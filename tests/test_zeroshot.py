@@ -12,7 +12,7 @@ import torch
 
 from conftest import SHARED_DATA, make_tiny_model
 from ebft.errors import ConfigError, EbftError
-from ebft.evaluate import zeroshot as zs
+from ebft.evaluation import zeroshot as zs
 
 ZEROSHOT = SHARED_DATA / "zeroshot"
 N_ITEMS = 20

@@ -1,18 +1,22 @@
-"""ebft: prune Hugging Face LLMs and recover them with block-wise fine-tuning."""
+"""ebft: prune Hugging Face LLMs and recover them with block-wise fine-tuning.
+
+The public API, importable as written in the README::
+
+    from ebft import RunConfig, run, evaluate, SweepConfig, sweep
+"""
 __version__ = "0.1.0"
 
 __all__ = ["RunConfig", "CalibConfig", "PruneConfig", "RecoverConfig", "EvalConfig", "run", "evaluate",
            "sweep", "SweepConfig"]
 
+_HOMES = {"run": "pipeline", "evaluate": "pipeline", "sweep": "sweeps", "SweepConfig": "sweeps",
+          "RunConfig": "config", "CalibConfig": "config", "PruneConfig": "config", "RecoverConfig": "config",
+          "EvalConfig": "config"}
+
 
 def __getattr__(name):  # lazy: `import ebft.masks` must not pull in transformers
-    if name in ("run", "evaluate"):
-        from . import api
-        return getattr(api, name)
-    if name in ("sweep", "SweepConfig"):  # in ebft.sweeps: a submodule named sweep would shadow the function
-        from . import sweeps
-        return getattr(sweeps, name)
-    if name in __all__:
-        from . import config
-        return getattr(config, name)
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(name)

@@ -31,79 +31,18 @@ EXAMPLES_EVAL = """examples:
 """
 
 
-def _task_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _run_flags(parser, skip=frozenset()) -> dict[str, str]:
+    """The flags of every RunConfig setting, generated from the declarations (see :mod:`ebft.settings`)."""
+    from .config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig, RunConfig
+    from .settings import add_flags
 
-
-TASKS_HELP = ("comma list of lm-eval task names; alone: the paper's seven (piqa, storycloze_2016, arc_easy, "
-              "arc_challenge, hellaswag, winogrande, boolq)")
-TASK_DATA_HELP = ("run zero-shot tasks offline from local files: a folder of <task>.jsonl (e.g. "
-                  "../shared/data/zeroshot) or task=path pairs, comma-separated; offline tasks: piqa, arc_easy, "
-                  "arc_challenge, boolq, openbookqa, winogrande, lambada_openai")
-
-# flag -> (config path, argparse kwargs). The CLI mirrors RunConfig one to one.
-RUN_FLAGS = {
-    "--model": ("model", dict(help="hub id, local HF folder, .gguf file, or builtin:smollm2 (offline demo)")),
-    "--out": ("out", dict(help="output folder for the pruned model and run.json")),
-    "--method": ("prune.method", dict(help="pruner: magnitude | wanda | sparsegpt (default wanda)")),
-    "--sparsity": ("prune.sparsity", dict(type=float, help="fraction of weights set to zero, in [0, 1) "
-                                          "(default 0.5; implied by an N:M pattern)")),
-    "--pattern": ("prune.pattern", dict(help="unstructured (default) or N:M, keeping N of every M weights, e.g. 2:4")),
-    "--scope": ("prune.scope", dict(choices=["row", "layer"], help="unstructured ratio per output row or per "
-                                    "layer (default: the method's paper: wanda row, magnitude/sparsegpt layer)")),
-    "--layers": ("prune.layers", dict(help="regex on linear names inside a block (default: all linears)")),
-    "--calib": ("calib.source", dict(help="calibration text: c4 | wikitext2 | ptb | offline | offline-c4 | a "
-                                     ".txt/.raw/.jsonl/.json file (default offline)")),
-    "--nsamples": ("calib.nsamples", dict(type=int, help="calibration windows (default 128)")),
-    "--seqlen": ("calib.seqlen", dict(type=int, help="tokens per calibration window (default min(context, 2048))")),
-    "--seed": ("seed", dict(type=int, help="seed for calibration sampling and training (default 0)")),
-    "--eval": ("eval.sources", dict(nargs="+", help="perplexity texts, named or files (default wikitext2)")),
-    "--eval-seqlen": ("eval.seqlen", dict(type=int, help="tokens per eval window (default min(context, 2048))")),
-    "--eval-windows": ("eval.windows", dict(type=int, help="cap on eval windows per text, for quick runs")),
-    "--zeroshot": ("eval.zeroshot", dict(nargs="?", const=["paper"], type=_task_list, metavar="TASKS",
-                   help="zero-shot accuracy (lm-eval) of the dense and the final model: " + TASKS_HELP)),
-    "--task-data": ("eval.task_data", dict(help=TASK_DATA_HELP)),
-    "--zeroshot-limit": ("eval.zeroshot_limit", dict(type=int, help="first N items of each zero-shot task")),
-    "--recover": ("recover.method", dict(help="recovery after pruning each block: ebft (default: train the "
-                  "kept weights) | ebft-mask (learn the masks, weights frozen) | dsnot (training-free "
-                  "prune-and-grow of the masks) | lora (after pruning, LoRA on the whole model, merged and re-masked) | none")),
-    "--epochs": ("recover.epochs", dict(type=int, help="EBFT epochs over the calibration windows per block (default 10)")),
-    "--lr": ("recover.lr", dict(type=float, help="EBFT AdamW learning rate, decayed linearly to 0 (default 2e-4)")),
-    "--recover-batch-size": ("recover.batch_size", dict(type=int, help="EBFT windows per step (default 8)")),
-    "--weight-decay": ("recover.weight_decay", dict(type=float, help="EBFT AdamW weight decay (default 0.1, as the reference)")),
-    "--grad-clip": ("recover.grad_clip", dict(type=float, help="EBFT gradient-norm clip (default 1.0)")),
-    "--target": ("recover.target", dict(choices=["dense-block", "dense-model"], help="EBFT target: the dense block "
-                 "on the sparse chain's inputs (default, as the reference) or the dense model's own activations")),
-    "--train-norms": ("recover.train_norms", dict(action="store_true", default=None,
-                      help="EBFT also trains the block's norm weights (default: linear weights and biases only)")),
-    "--loss": ("recover.loss", dict(choices=["mse", "token-norm"], help="EBFT loss: mse (default) or per-token "
-               "normalised MSE (weighs tokens with massive activations like the others)")),
-    "--holdout": ("recover.holdout", dict(type=int, help="calibration windows held out of EBFT training to "
-                  "report held-out reconstruction loss (default 0)")),
-    "--precision": ("recover.precision", dict(choices=["auto", "fp32", "bf16", "fp16"], help="EBFT training "
-                    "precision (auto: fp32 on CPU, bf16 autocast on GPUs that have it, else fp16 + GradScaler)")),
-    "--dsnot-cycles": ("recover.dsnot_cycles", dict(type=int, help="DSnoT swap cycles per layer at most (default 50)")),
-    "--dsnot-threshold": ("recover.dsnot_threshold", dict(type=float, help="DSnoT stops a row when its expected "
-                          "error, summed over a window's tokens as the reference does, is below this (default 0.1)")),
-    "--dsnot-power": ("recover.dsnot_power", dict(type=float, help="DSnoT grows by |W·mean| / variance**power (default 1)")),
-    "--dsnot-skip-mlp": ("recover.dsnot_skip_mlp", dict(action="store_true", default=None,
-                         help="DSnoT refines the attention linears only (the reference code's default)")),
-    "--mask-lr": ("recover.mask_lr", dict(type=float, help="ebft-mask AdamW learning rate on the mask scores, "
-                  "decayed linearly to 0 (default 1e-3)")),
-    "--lora-steps": ("recover.lora_steps", dict(type=int, help="LoRA optimizer steps, one pass over steps × "
-                     "batch windows of the calibration text's train split (default 200)")),
-    "--lora-lr": ("recover.lora_lr", dict(type=float, help="LoRA AdamW learning rate, decayed linearly to 0 (default 2e-4)")),
-    "--lora-targets": ("recover.lora_targets", dict(help="LoRA adapters on: qv (q_proj, v_proj; default, as "
-                       "Wanda) | all (every block linear) | a comma list of linear names")),
-    "--lora-rank": ("recover.lora_rank", dict(type=int, help="LoRA rank (default 8)")),
-    "--lora-alpha": ("recover.lora_alpha", dict(type=float, help="LoRA alpha; the update is scaled by alpha/rank (default 16)")),
-    "--lora-dropout": ("recover.lora_dropout", dict(type=float, help="LoRA dropout (default 0.05)")),
-    "--lora-batch-size": ("recover.lora_batch_size", dict(type=int, help="LoRA windows per step (default 4)")),
-    "--dtype": ("dtype", dict(help="auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16/fp16 on GPU)")),
-    "--device": ("device", dict(help="auto | cpu | cuda | cuda:N (default auto)")),
-    "--batch-size": ("batch_size", dict(type=int, help="windows per forward pass (default 1)")),
-    "--overwrite": ("overwrite", dict(action="store_true", default=None, help="replace an existing --out folder")),
-}
+    dests = {}
+    groups = [("model and output", RunConfig, ""), ("pruning", PruneConfig, "prune"),
+              ("calibration", CalibConfig, "calib"), ("evaluation", EvalConfig, "eval"),
+              ("recovery", RecoverConfig, "recover")]
+    for title, cls, path in groups:
+        dests.update(add_flags(parser.add_argument_group(title), cls, path, skip))
+    return dests
 
 
 class _Parser(argparse.ArgumentParser):
@@ -111,53 +50,66 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ebft: error: {message} (see --help)\n")
 
 
+def _verbose(parser, default) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress details")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .config import EvalConfig, RunConfig
+    from .settings import add_flags
+
     parser = _Parser(prog="ebft", description="Prune a Hugging Face LLM and recover it block by block.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    _verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="prune (and recover) a model, evaluate, save",
                          epilog=EXAMPLES_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _verbose(run, argparse.SUPPRESS)
     run.add_argument("--config", help="YAML file with the same settings; flags override it")
-    for flag, (_, kwargs) in RUN_FLAGS.items():
-        run.add_argument(flag, **{"default": None, **kwargs})
+    run.set_defaults(dests=_run_flags(run))
     sw = sub.add_parser("sweep", help="the grid pruner × recovery × sparsity on one model (resumable): "
                         "results.md, results.json, results.png", epilog=EXAMPLES_SWEEP,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _verbose(sw, argparse.SUPPRESS)
     sw.add_argument("--config", help="YAML file with the shared settings (as for run); flags override it")
-    sw.add_argument("--methods", default="wanda", help="comma list of pruners: magnitude, wanda, sparsegpt (default wanda)")
-    sw.add_argument("--sparsities", help="comma list of sparsities in [0, 1) (default 0.5; with an N:M "
+    sw.add_argument("--methods", default="wanda", help="comma list of pruners: magnitude, wanda, sparsegpt (default: wanda)")
+    sw.add_argument("--sparsities", help="comma list of sparsities in [0, 1) (default: 0.5; with an N:M "
                     "--pattern: implied)")
     sw.add_argument("--recover", default="none,ebft", help="comma list of recoveries: none, ebft, ebft-mask, "
-                    "dsnot, lora (default none,ebft)")
-    sw.add_argument("--out", help="folder for cells/*.json and results.md/.json/.png; rerun it to resume")
+                    "dsnot, lora (default: none,ebft)")
+    sw.add_argument("--out", help="folder for cells/*.json and results.md/.json/.png; rerun it to resume (required)")
     sw.add_argument("--save-models", action="store_true", help="also save each cell's model under out/models/")
-    for flag, (_, kwargs) in RUN_FLAGS.items():
-        if flag not in SWEEP_GRID_FLAGS:
-            sw.add_argument(flag, **{"default": None, **kwargs})
+    sw.set_defaults(dests=_run_flags(sw, skip=SWEEP_GRID_FLAGS))
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model", epilog=EXAMPLES_EVAL,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_argument("--model", required=True, help="hub id, local folder, .gguf file, or builtin:smollm2")
-    ev.add_argument("--eval", nargs="+", help="texts, named or files (default wikitext2, none with --tasks)")
+    _verbose(ev, argparse.SUPPRESS)
+    dests = add_flags(ev, RunConfig, "", skip={"--out", "--overwrite", "--seed"})
+    dests.update(add_flags(ev, EvalConfig, "eval", skip={"--zeroshot", "--task-data", "--zeroshot-limit"}))
     ev.add_argument("--tasks", nargs="?", const=["paper"], type=_task_list, metavar="TASKS",
                     help="zero-shot accuracy (lm-eval, 0-shot, acc and acc_norm): " + TASKS_HELP)
     ev.add_argument("--task-data", help=TASK_DATA_HELP)
-    ev.add_argument("--limit", type=int, help="first N items of each zero-shot task, for quick runs")
-    ev.add_argument("--eval-seqlen", type=int, help="tokens per window (default min(context, 2048))")
-    ev.add_argument("--eval-windows", type=int, help="cap on windows per text")
-    ev.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
-    ev.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--limit", type=int, help="first N items of each zero-shot task, for quick runs (default: all)")
+    ev.set_defaults(dests=dests)
     return parser
 
 
-def config_from_args(args, skip=frozenset()):
+def _task_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+TASKS_HELP = ("comma list of lm-eval task names; alone: the paper's seven (piqa, storycloze_2016, arc_easy, "
+              "arc_challenge, hellaswag, winogrande, boolq)")
+TASK_DATA_HELP = ("run zero-shot tasks offline from local files: a folder of <task>.jsonl or task=path pairs, "
+                  "comma-separated; offline tasks: piqa, arc_easy, arc_challenge, boolq, openbookqa, winogrande, "
+                  "lambada_openai (default: the hub)")
+
+
+def config_from_args(args):
+    """A RunConfig from ``--config`` (if given) with every typed flag on top."""
     from .config import RunConfig
 
-    config = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-    for flag, (path, _) in RUN_FLAGS.items():
-        if flag in skip:
-            continue
-        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    config = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    for dest, path in args.dests.items():
+        value = getattr(args, dest, None)
         if value is None:
             continue
         target = config
@@ -255,7 +207,7 @@ SWEEP_GRID_FLAGS = frozenset({"--method", "--sparsity", "--recover", "--out", "-
 def sweep_config_from_args(args):
     from .sweeps import SweepConfig, parse_list
 
-    base = config_from_args(args, skip=SWEEP_GRID_FLAGS)
+    base = config_from_args(args)
     nm = ":" in str(base.prune.pattern)
     return SweepConfig(base=base, methods=parse_list(args.methods, "methods"),
                        sparsities=parse_list(args.sparsities, "sparsities", number=True) if args.sparsities is not None
@@ -278,7 +230,7 @@ def main(argv=None) -> int:
         hf_logging.disable_progress_bar()
     try:
         if args.command == "run":
-            from .api import run
+            from .pipeline import run
 
             config = config_from_args(args)
             record = run(config, progress=_Progress())  # validates before anything is loaded
@@ -293,13 +245,17 @@ def main(argv=None) -> int:
             print(sweep_markdown(results))
             print(f"wrote {config.out}/results.md, results.json, results.png")
         elif args.command == "eval":
-            from .api import evaluate
+            from .pipeline import evaluate
 
-            sources = args.eval or ([] if args.tasks else ["wikitext2"])
-            result = evaluate(args.model, sources, args.eval_seqlen, args.eval_windows, args.device, args.dtype,
-                              args.batch_size, args.tasks, args.task_data, args.limit)
+            config = config_from_args(args)
+            sources = args.eval__sources or ([] if args.tasks else config.eval.sources)
+            result = evaluate(config.model, sources, config.eval.seqlen, config.eval.windows, config.device,
+                              config.dtype, config.batch_size, args.tasks, args.task_data, args.limit)
             zeroshot, average = result.pop("zeroshot", None), result.pop("zeroshot_average", None)
-            tables = [format_table(["text", "perplexity"], list(result.items()))] if result else []
+            protocol = result.pop("eval_protocol", {})
+            rows = [[name, ppl, protocol[name]["seqlen"], protocol[name]["windows"], protocol[name]["tokens"]]
+                    for name, ppl in result.items()]
+            tables = [format_table(["text", "perplexity", "seqlen", "windows", "tokens"], rows)] if rows else []
             if zeroshot:
                 tables.append(zeroshot_table({t: {"": m} for t, m in zeroshot.items()}, {"": average}))
             print("\n\n".join(tables))

@@ -75,8 +75,9 @@ NAMED_SOURCES = (*HUB_SOURCES, *OFFLINE_SOURCES)
 @dataclass(frozen=True)
 class _Text:
     rows: Sequence[str]  # may hold blank rows (WikiText keeps them: they shape the joined text)
-    joiner: str
+    joiner: str  # how the perplexity protocol joins the rows
     whole: str | None = None  # a plain text file: evaluation scores its content exactly as written
+    calib_joiner: str | None = None  # calibration from the whole split joined with this (None: documents)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -88,62 +89,86 @@ def source_name(source: str) -> str:
 
 def load_documents(source: str, split: str = "train") -> list[str]:
     """The non-blank rows (documents, paragraphs, sentences) of ``source``'s ``split``."""
-    flag = "--calib" if split == "train" else "--eval"
-    return [row for row in _load(source, split, flag).rows if row.strip()]
+    field = "calib" if split == "train" else "eval"
+    return [row for row in _load(source, split, field).rows if row.strip()]
 
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``[nsamples, seqlen]`` token ids: random windows of the train split, as SparseGPT/Wanda take them.
+    """``[nsamples, seqlen]`` token ids: random windows of the train split, as the reference repos take them.
 
-    With ``random.Random(seed)``: pick a random document; if it has more than ``seqlen`` tokens, take
-    a random window inside it, else drop it from the draw (so the loop ends: at most
-    ``nsamples + len(documents)`` draws, each document tokenized at most once). If no document is
-    long enough, the documents are joined (``"\\n\\n"``; ``" "`` for PTB) and tokenized once, and
-    the windows are drawn from that stream. Documents are tokenized with
-    ``add_special_tokens=False``. Same source, tokenizer and seed -> same windows.
+    Two ways, by source, both deterministic in ``seed`` (``random.Random(seed)``):
+
+    - *joined* (wikitext2, WikiText ``.raw`` files, ptb — SparseGPT/Wanda join the whole split with
+      ``" "`` and tokenise it once): random windows anywhere in that one stream;
+    - *documents* (c4, offline corpora, ``.jsonl``/``.json``, ``.txt`` paragraphs): pick a random
+      document; if it has more than ``seqlen`` tokens, take a random window inside it, else drop it
+      from the draw (so the loop ends: at most ``nsamples + len(documents)`` draws, each document
+      tokenized at most once). If no document is long enough, the documents are joined and the
+      windows drawn from that stream.
+
+    Tokenized with ``add_special_tokens=False``. Same source, tokenizer and seed -> same windows.
     """
     _positive("nsamples", nsamples)
     _positive("seqlen", seqlen)
-    text = _load(source, "train", "--calib")
+    text = _load(source, "train", "calib")
     rng = random.Random(seed)
-    windows = _document_windows(tokenizer, text.rows, nsamples, seqlen, rng)
-    how = "inside documents"
+    windows = None
+    if text.calib_joiner is None:
+        windows = _document_windows(tokenizer, text.rows, nsamples, seqlen, rng)
+        how = "inside documents"
     if windows is None:
-        stream = _encode(tokenizer, text.joiner.join(row for row in text.rows if row.strip()))
+        joiner = text.joiner if text.calib_joiner is None else text.calib_joiner
+        rows = text.rows if text.calib_joiner is not None else [row for row in text.rows if row.strip()]
+        stream = _encode(tokenizer, joiner.join(rows))
         if len(stream) < seqlen + 1:
             raise EbftError(
                 f"text too short: {source_name(source)} has {len(stream)} tokens; need at least "
                 f"seqlen+1 = {seqlen + 1} for --seqlen {seqlen} (use a longer text or a smaller --seqlen)")
         starts = [rng.randint(0, len(stream) - seqlen - 1) for _ in range(nsamples)]
         windows = [stream[s:s + seqlen] for s in starts]
-        how = f"from the joined text ({len(stream)} tokens; no document has more than {seqlen})"
+        how = (f"anywhere in the joined split ({len(stream)} tokens)" if text.calib_joiner is not None else
+               f"from the joined text ({len(stream)} tokens; no document has more than {seqlen})")
     log.info("calibration: %d windows of %d tokens from %s, %s", nsamples, seqlen, source_name(source), how)
     return torch.tensor(windows, dtype=torch.long)
 
 
-def eval_tokens(tokenizer, source: str, bos: bool = False) -> torch.Tensor:
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token in front of a text by default (LLaMA's does; GPT-2's,
+    SmolLM2's do not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    try:
+        return list(tokenizer("a")["input_ids"][:1]) == [bos]
+    except Exception:  # a tokenizer that cannot encode without options: no BOS
+        return False
+
+
+def eval_tokens(tokenizer, source: str, bos: bool | None = None) -> torch.Tensor:
     """``[1, T]`` token ids of ``source``'s test split, joined as the perplexity protocols do.
 
     wikitext2 (hub or ``.raw`` file): rows joined with ``"\\n\\n"``. ptb: sentences joined with
-    ``" "``. c4: the first 1100 validation documents joined with ``" "`` (the reference then scores
-    at most 256 windows). offline / offline-c4: the held-out documents joined with ``"\\n\\n"``.
+    ``" "``. c4: the first 1100 validation documents joined with ``" "`` (then scored on at most 256
+    windows). offline / offline-c4: the held-out documents joined with ``"\\n\\n"``.
     ``.txt``: the file as written; ``.jsonl`` / ``.json``: the texts joined with ``"\\n\\n"``.
 
-    Tokenized once with ``add_special_tokens=False``. The reference repos tokenize with the
-    default, which prepends BOS for LLaMA tokenizers: ``bos=True`` does the same (when the tokenizer
-    has a BOS token).
+    The whole text is tokenized once. The reference repos tokenize it with the tokenizer's defaults,
+    which puts one BOS at the start for LLaMA tokenizers: ``bos=None`` does the same (one BOS in front
+    when :func:`adds_bos`); ``True``/``False`` force it.
     """
-    text = _load(source, "test", "--eval")
+    text = _load(source, "test", "eval")
     if text.whole is not None:
         joined = text.whole
     else:
         rows = text.rows if source not in HUB_SOURCES else text.rows[: HUB_SOURCES[source].eval_rows]
         joined = text.joiner.join(rows)
     ids = _encode(tokenizer, joined)
+    if bos is None:
+        bos = adds_bos(tokenizer)
     if bos and getattr(tokenizer, "bos_token_id", None) is not None:
         ids = [tokenizer.bos_token_id, *ids]
     if not ids:
-        raise EbftError(f"eval text is empty: {source_name(source)} has no tokens")
+        raise EbftError(f"eval: the text {source_name(source)} has no tokens")
     return torch.tensor([ids], dtype=torch.long)
 
 
@@ -183,15 +208,20 @@ def _positive(field: str, value) -> None:
 
 # ----------------------------------------------------------------------------- sources
 
-def _load(source: str, split: str, flag: str) -> _Text:
+_JOINED_CALIBRATION = {"wikitext2": " ", "ptb": " "}  # the references join these train splits with " "
+
+
+def _load(source: str, split: str, field: str) -> _Text:
+    """The rows of ``source``'s ``split``; errors name ``field`` (calib or eval: the flag the user typed)."""
     if split not in SPLITS:
         raise ConfigError("split", split, f"allowed: {', '.join(SPLITS)}")
     if source in HUB_SOURCES:
         spec = HUB_SOURCES[source]
-        return _Text(_hub_rows(source, spec, split, flag), spec.joiner)
+        return _Text(_hub_rows(source, spec, split, f"--{field}"), spec.joiner,
+                     calib_joiner=_JOINED_CALIBRATION.get(source))
     if source in OFFLINE_SOURCES:
         return _Text(_offline_rows(source, split), "\n\n")
-    return _read_file(source)
+    return _read_file(source, field)
 
 
 # --- hub
@@ -280,31 +310,31 @@ def _offline_rows(source: str, split: str) -> list[str]:
 
 # --- local files
 
-def _read_file(source: str) -> _Text:
+def _read_file(source: str, field: str = "calib") -> _Text:
     path = Path(source).expanduser()
     if not path.exists():
         hint = "" if any(c in source for c in "/\\.") else f" (named sources: {', '.join(NAMED_SOURCES)})"
-        raise EbftError(f"calibration/eval file not found: {source}{hint}")
+        raise EbftError(f"{field}: file not found: {source}{hint}")
     if not path.is_file():
-        raise EbftError(f"calibration/eval file is not a file: {source}")
+        raise EbftError(f"{field}: not a file: {source}")
     try:
         content = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise EbftError(f"could not read calibration/eval file {source} ({hub.reason(error)})") from None
+        raise EbftError(f"{field}: could not read {source} ({hub.reason(error)})") from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         text = _Text(_jsonl_texts(content, source), "\n\n")
     elif suffix == ".json":
         text = _Text(_json_texts(content, source), "\n\n")
-    elif suffix == ".raw":
-        text = _Text(_wikitext_rows(content), "\n\n")
+    elif suffix == ".raw":  # WikiText: calibration from the whole split joined, as for the hub's wikitext2
+        text = _Text(_wikitext_rows(content), "\n\n", calib_joiner=" ")
     elif re.fullmatch(r"ptb\..*\.txt", path.name.lower()):
         # Mikolov's PTB files: one sentence per line; the hub rows are the stripped lines.
-        text = _Text(_lines(content), " ")
+        text = _Text(_lines(content), " ", calib_joiner=" ")
     else:
         text = _Text(_paragraphs(content), "\n\n", whole=content)
     if not any(row.strip() for row in text.rows):
-        raise EbftError(f"calibration/eval file has no text: {source}")
+        raise EbftError(f"{field}: the file has no text: {source}")
     return text
 
 

@@ -53,6 +53,16 @@ class LayerStats:
         if self.xxt is not None:
             self.xxt.addmm_(x.T, x)
 
+    def keep_only(self, needs) -> None:
+        """Drop the sums no longer needed (the Hessian is in² floats: freed after pruning unless asked for)."""
+        needs = set(needs)
+        if "hessian" not in needs:
+            self.xxt = None
+        if "mean" not in needs:
+            self.x_sum = None
+            if "sq" not in needs:
+                self.sq_sum = None
+
     # Derived quantities, named as the papers name them.
     @property
     def col_norm(self) -> torch.Tensor:

@@ -17,6 +17,7 @@ keys to the cells it concerns, so nothing stale is reused. ``results.md``, ``res
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -105,13 +106,16 @@ def _check_list(name: str, values: list[str], registry: dict) -> None:
 
 def cell_key(cell: RunConfig) -> str:
     """A hash of everything that can change a cell's numbers: all settings but out/overwrite, and of the
-    recovery settings only the options its method declares (tuning LoRA never re-runs an EBFT cell)."""
-    from .recover import get_recovery
+    pruning and recovery sections only what the cell's own pruner and recovery declare (tuning LoRA never
+    reruns an EBFT cell, SparseGPT's dampening never a Wanda one)."""
+    from .plan import AllocationSettings
+    from .settings import fields_of
 
     settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
-    options = get_recovery(cell.recover.method).options
-    if options is not None:  # an undeclared recovery is keyed on all recovery settings
-        settings["recover"] = {k: settings["recover"][k] for k in ("method", *options)}
+    own_prune = {f.name for f in fields_of(cell.pruner_settings())} | {f.name for f in fields_of(AllocationSettings)}
+    settings["prune"] = {k: v for k, v in settings["prune"].items()
+                         if k in ("method", "sparsity", "pattern", "scope", "layers") or k in own_prune}
+    settings["recover"] = {"method": cell.recover.method, **dataclasses.asdict(cell.recovery_settings())}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -134,29 +138,24 @@ def _read_cell(path: Path) -> dict | None:
         return None
 
 
-def _run_cell(model, tokenizer, cell: RunConfig, pattern, calib, evals, seqlen: int, device: str, progress) -> dict:
-    from .api import final_stage, prune_and_recover, seed_everything, versions
-    from .prune import get_pruner
-    from .recover import TrainingText
-    from .sequential import PruneSpec
+def _run_cell(model, tokenizer, cell: RunConfig, pattern, data, device: str, progress) -> dict:
+    from .pipeline import final_stage, prune_and_recover, seed_everything, versions
 
     start = time.perf_counter()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cell.seed)
-    spec = PruneSpec(get_pruner(cell.prune.method), pattern, cell.prune.layers)
-    text = TrainingText(cell.calib.source, seqlen, cell.seed)
-    result, ppl, cost = prune_and_recover(model, tokenizer, cell, spec, calib, evals, text, device, progress,
-                                          stages=("final",))
+    outcome = prune_and_recover(model, tokenizer, cell, pattern, data, device, progress, stages=("final",))
     final = final_stage(cell.recover.method)
     return {
         "method": cell.prune.method, "recover": cell.recover.method, "sparsity": cell.prune.sparsity,
         "column": column_label(cell), "pattern": str(pattern), "key": cell_key(cell),
-        "perplexity": {name: stages[final] for name, stages in ppl.items()},
-        "recovery": cost,
-        "sparsity_measured": sparsity_report(model, result.masks)["overall"],
+        "perplexity": {name: stages[final] for name, stages in outcome.perplexity.items()},
+        "recovery": outcome.cost,
+        "sparsity_measured": sparsity_report(model, outcome.result.masks)["overall"],
         "seconds": round(time.perf_counter() - start, 2),
-        "blocks": result.blocks,
+        "plan": outcome.plan,
+        "blocks": outcome.result.blocks,
         "config": cell.to_dict(),
         "versions": versions(),
     }
@@ -170,11 +169,11 @@ def _dense_path(base: RunConfig, folder: Path) -> Path:
 
 def _dense_perplexity(model, evals, base: RunConfig, device: str) -> dict[str, float]:
     """Perplexity of the unpruned model on each eval text (an eval-only walk)."""
-    from .api import stage_perplexities
-    from .sequential import walk
+    from .pipeline import stage_perplexities
+    from .walk import walk
 
     result = walk(model, None, None, eval_ids=evals, device=device, batch_size=base.batch_size)
-    return {name: v["dense"] for name, v in stage_perplexities(model, result.streams, evals, device, "final").items()}
+    return {name: v["dense"] for name, v in stage_perplexities(model, result, evals, device, "final").items()}
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -185,8 +184,8 @@ def sweep(config: SweepConfig, progress=None) -> dict:
     ``progress(event, **info)`` gets ``cell_start`` / ``cell_end`` / ``cell_skip`` with ``index``,
     ``total`` and ``name``, and the walk's own events in between. Returns the results dict.
     """
-    from .api import check_widths, prepare_data
     from .models import load_model
+    from .pipeline import check_model_fits, prepare_data
 
     cells = config.validate()
     progress = progress or (lambda *a, **k: None)
@@ -202,12 +201,12 @@ def sweep(config: SweepConfig, progress=None) -> dict:
     if todo or dense is None:
         model, tokenizer = load_model(base.model, base.dtype, device)
         for cell, pattern in cells:
-            check_widths(model, pattern, cell.prune.layers)
+            check_model_fits(model, pattern, cell.prune.layers)
         original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        calib, evals, calib_seqlen, _ = prepare_data(model, tokenizer, base)
+        data = prepare_data(model, tokenizer, base)
         folder.mkdir(parents=True, exist_ok=True)
         if dense is None:
-            dense = _dense_perplexity(model, evals, base, device)
+            dense = _dense_perplexity(model, data.evals, base, device)
             write_json(_dense_path(base, folder), {"model": base.model, "perplexity": dense})
 
     finished = []
@@ -221,7 +220,7 @@ def sweep(config: SweepConfig, progress=None) -> dict:
             continue
         progress("cell_start", index=index, total=len(cells), name=name)
         model.load_state_dict(original)
-        record = _run_cell(model, tokenizer, cell, pattern, calib, evals, calib_seqlen, device, progress)
+        record = _run_cell(model, tokenizer, cell, pattern, data, device, progress)
         if config.save_models:
             with atomic_folder(out / "models" / name, overwrite=True) as tmp:
                 save_pretrained(model, tokenizer, tmp)

@@ -1,11 +1,13 @@
 """Pruners, registered by name.
 
-A pruner is a pure function ``fn(weight, stats, pattern, **options) -> PruneResult``:
+A pruner is a pure function ``fn(weight, stats, pattern, settings) -> PruneResult``:
 
 - ``weight``: the layer's ``[out, in]`` fp32 weight; never modified in place;
 - ``stats``: the :class:`ebft.stats.LayerStats` of the layer's inputs (those named in ``needs``),
   or None for a pruner that needs none;
-- ``pattern``: the :class:`ebft.masks.Pattern` the mask must follow exactly.
+- ``pattern``: the :class:`ebft.masks.Pattern` the mask must follow exactly;
+- ``settings``: an instance of the pruner's own settings dataclass (declared with
+  :func:`ebft.settings.option`; its fields become flags and YAML keys under ``prune:``).
 
 It returns the keep mask and, when it changes the kept weights (SparseGPT), the new weight with
 exact zeros where pruned. Devices, dtypes and the walk over blocks belong to the orchestrator.
@@ -28,22 +30,30 @@ class PruneResult:
     weight: torch.Tensor | None = None  # the updated weight, or None when the weight is unchanged
 
 
+@dataclass
+class NoSettings:
+    """A pruner without options."""
+
+
 @dataclass(frozen=True)
 class Pruner:
     name: str
     fn: Callable[..., PruneResult]
     needs: frozenset[str] = frozenset()  # which LayerStats the walk must collect
     default_scope: str = "row"  # unstructured scope when the config names none
+    settings: type = NoSettings  # the pruner's settings dataclass
 
-    def __call__(self, weight: torch.Tensor, stats: LayerStats | None, pattern: Pattern,
-                 **options) -> PruneResult:
-        return self.fn(weight, stats, pattern, **options)
+    def default_settings(self):
+        return self.settings()
+
+    def __call__(self, weight: torch.Tensor, stats: LayerStats | None, pattern: Pattern, settings=None) -> PruneResult:
+        return self.fn(weight, stats, pattern, self.settings() if settings is None else settings)
 
 
 PRUNERS: dict[str, Pruner] = {}
 
 
-def register_pruner(name: str, needs=(), default_scope: str = "row"):
+def register_pruner(name: str, needs=(), default_scope: str = "row", settings: type = NoSettings):
     """Decorator: add ``fn`` to :data:`PRUNERS` under ``name``."""
     needs = frozenset(needs)
     if not needs <= set(STAT_KINDS):
@@ -54,7 +64,7 @@ def register_pruner(name: str, needs=(), default_scope: str = "row"):
     def register(fn):
         if name in PRUNERS:
             raise ValueError(f"pruner {name!r} is registered twice")
-        PRUNERS[name] = Pruner(name, fn, needs, default_scope)
+        PRUNERS[name] = Pruner(name, fn, needs, default_scope, settings)
         return fn
 
     return register

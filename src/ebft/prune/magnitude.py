@@ -14,6 +14,6 @@ from ebft.prune import PruneResult, register_pruner
 
 @register_pruner("magnitude", needs=(), default_scope="layer")
 @torch.no_grad()
-def magnitude(weight: torch.Tensor, stats, pattern: Pattern) -> PruneResult:
+def magnitude(weight: torch.Tensor, stats, pattern: Pattern, settings=None) -> PruneResult:
     """Score S_ij = |W_ij|; needs no calibration data."""
     return PruneResult(mask_from_scores(weight.abs(), pattern))

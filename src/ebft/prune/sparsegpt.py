@@ -30,18 +30,31 @@ paper, and multiplied by 10 on each retry if the Cholesky factorisation still fa
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from ebft.masks import Pattern, keep_dropping_lowest, mask_from_scores, n_pruned, validate_width
 from ebft.prune import PruneResult, register_pruner, require_stats
+from ebft.settings import option
 from ebft.stats import LayerStats
 
 log = logging.getLogger(__name__)
 DAMP_RETRIES = 4
 
 
-@register_pruner("sparsegpt", needs=("hessian",), default_scope="layer")
+@dataclass
+class SparseGPTSettings:
+    sparsegpt_blocksize: int = option(128, "SparseGPT columns per lazy-update block (the paper's B)", low=1)
+    sparsegpt_damp: float = option(0.01, "SparseGPT dampening: this fraction of mean(diag H) is added to H's "
+                                   "diagonal (the paper's 1 %)", low=0, low_open=True)
+
+
+@register_pruner("sparsegpt", needs=("hessian",), default_scope="layer", settings=SparseGPTSettings)
+def _registered(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, settings: SparseGPTSettings) -> PruneResult:
+    return sparsegpt(weight, stats, pattern, settings.sparsegpt_blocksize, settings.sparsegpt_damp)
+
+
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, stats: LayerStats, pattern: Pattern,
               blocksize: int = 128, percdamp: float = 0.01) -> PruneResult:

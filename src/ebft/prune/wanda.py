@@ -16,7 +16,7 @@ from ebft.stats import LayerStats
 
 @register_pruner("wanda", needs=("sq",), default_scope="row")
 @torch.no_grad()
-def wanda(weight: torch.Tensor, stats: LayerStats, pattern: Pattern) -> PruneResult:
+def wanda(weight: torch.Tensor, stats: LayerStats, pattern: Pattern, settings=None) -> PruneResult:
     """Keep mask from S = |W| · ‖X_j‖₂ (broadcast over output rows)."""
     col_norm = require_stats(stats, "sq_sum", "wanda").col_norm.to(weight.device)
     return PruneResult(mask_from_scores(weight.abs() * col_norm, pattern))

@@ -1,26 +1,26 @@
-"""Recoveries, registered by name.
+"""Recoveries, registered by name, and the one contract they share.
 
-A recovery is ``fn(block, inputs, targets, masks, linears, io, settings, index, progress) -> dict`` that
-changes the kept weights of one pruned block (already on its device) so that the block's outputs on
-``inputs`` come closer to ``targets``. It never changes a mask (unless it is a mask-tuning method),
-never moves the block, never loops over blocks. The returned dict is merged into the block's record
-in ``run.json``. ``io.call(block, x)`` calls the block with the keyword arguments it expects.
+A *block-scope* recovery is ``fn(ctx: BlockContext, settings) -> dict``: it changes the kept weights
+of one pruned block (already on its device) so that the block's outputs on ``ctx.inputs`` come
+closer to ``ctx.targets``. It never changes a mask (unless it is a mask-tuning method), never moves
+the block, never loops over blocks. The returned dict is merged into the block's record in
+``run.json``. ``ctx.forward(x)`` calls the block with the arguments it really receives.
 
-A mask-tuning method (``changes_masks=True``) may replace entries of ``masks`` in place
-(``masks[name] = new_mask``) and must leave each linear's weight zero wherever its new mask is
-False; the walk re-checks the updated masks. It also receives ``dense_weights`` (name -> the fp32
-weight before pruning, on the block's device: grown weights take their dense value) and ``pattern``
-(the :class:`ebft.masks.Pattern` every new mask must follow).
+A mask-tuning method (``changes_masks=True``) may replace entries of ``ctx.masks`` in place
+(``ctx.masks[name] = new_mask``) and must leave each linear's weight zero wherever its new mask is
+False; the walk re-checks the updated masks. It gets ``ctx.dense_weights`` (name -> the fp32 weight
+before pruning: grown weights take their dense value) and ``ctx.pattern`` (every new mask must follow it).
 
-A *model-scope* recovery (``scope="model"``, e.g. LoRA) is not block-wise: the walk only prunes,
-then :func:`ebft.api.run` calls ``fn(model, tokenizer, masks, settings, text, device, progress) -> dict``
-once on the whole pruned model (``masks``: full linear name -> mask; ``text``: a
-:class:`TrainingText` to draw training windows from). It must leave every masked weight exactly zero.
+A *model-scope* recovery (``scope="model"``, e.g. LoRA) is not block-wise: the walk only prunes, then
+the pipeline calls ``fn(ctx: ModelContext, settings) -> dict`` once on the whole pruned model. It must
+leave every masked weight exactly zero.
 
-Each recovery declares ``options``: the :class:`ebft.config.RecoverConfig` fields it reads (directly
-or through shared helpers; undeclared = any of them). ``ebft sweep`` keys a cell on those only, so tuning one method's options
-never re-runs another method's finished cells; ``tests/test_sweep.py`` checks the declarations by
-recording every field each recovery actually reads.
+``settings`` is an instance of the recovery's own settings dataclass (fields declared with
+:func:`ebft.settings.option`): its fields are the flags, the YAML keys under ``recover:`` and what an
+``ebft sweep`` cell of this method is keyed on — a recovery sees only its own settings, so tuning one
+method never reruns another's cells. Statistics the recovery reads (``needs``) are collected by the
+walk in its one dense pass over the block, together with the pruner's, and handed over in ``ctx.stats``.
+The run's seed is ``ctx.seed``: every random draw of a recovery derives from it.
 """
 from __future__ import annotations
 
@@ -28,28 +28,91 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
+from ..stats import STAT_KINDS
+
+
+@dataclass
+class BlockContext:
+    """Everything a block-scope recovery may read (and, for masks and weights, change)."""
+
+    index: int  # the block's position in the model
+    block: nn.Module  # on the device
+    linears: dict[str, nn.Linear]  # the pruned linears, by name inside the block
+    inputs: torch.Tensor  # [N, S, H] the calibration chain's inputs to this block
+    targets: torch.Tensor | None  # [N, S, H] what the block should output (None if not ``needs_targets``)
+    masks: dict[str, torch.Tensor]  # name -> bool keep mask
+    stats: dict  # name -> LayerStats of the linear's inputs (dense block, chain inputs), as ``needs`` asks
+    pattern: object  # ebft.masks.Pattern of this block
+    io: object  # ebft.walk.BlockIO: how the block is called, device, batch size
+    seed: int = 0
+    dense_weights: dict[str, torch.Tensor] | None = None  # for ``changes_masks`` recoveries
+    progress: Callable[..., None] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.io.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.io.call(self.block, x)
+
+    def report(self, event: str, **info) -> None:
+        if self.progress is not None:
+            self.progress(event, **info)
+
+
+@dataclass
+class ModelContext:
+    """What a model-scope recovery gets: the whole pruned model and where to draw training text."""
+
+    model: nn.Module
+    tokenizer: object
+    masks: dict[str, torch.Tensor]  # full linear name -> keep mask
+    text: "TrainingText"
+    device: torch.device
+    seed: int = 0
+    progress: Callable[..., None] | None = None
+
+    def report(self, event: str, **info) -> None:
+        if self.progress is not None:
+            self.progress(event, **info)
+
+
+@dataclass
+class NoSettings:
+    """A recovery without options."""
 
 
 @dataclass(frozen=True)
 class Recovery:
     name: str
     fn: Callable
-    needs_targets: bool
-    changes_masks: bool = False  # mask-tuning: may update ``masks``; gets ``dense_weights`` and ``pattern``
+    settings: type = NoSettings  # the recovery's settings dataclass
+    needs_targets: bool = True
+    changes_masks: bool = False  # mask tuning: may update ``ctx.masks``; gets ``ctx.dense_weights``
     scope: str = "block"  # "block": called per block inside the walk | "model": once, after the walk
-    options: tuple[str, ...] | None = None  # the RecoverConfig fields it reads; None: maybe any of them
+    needs: frozenset[str] = frozenset()  # LayerStats kinds the walk must collect for it
+    structured: bool = True  # False: refuses structured (shape-changing) pruning
+
+    def default_settings(self):
+        return self.settings()
 
 
 RECOVERIES: dict[str, Recovery] = {}
 
 
-def register_recovery(name: str, needs_targets: bool = True, changes_masks: bool = False, scope: str = "block",
-                      options: tuple[str, ...] | None = None):
+def register_recovery(name: str, settings: type = NoSettings, needs_targets: bool = True,
+                      changes_masks: bool = False, scope: str = "block", needs=(), structured: bool = True):
+    if scope not in ("block", "model"):
+        raise ValueError(f"recovery {name!r}: scope must be 'block' or 'model'")
+    if not set(needs) <= set(STAT_KINDS):
+        raise ValueError(f"recovery {name!r}: unknown statistics {sorted(set(needs) - set(STAT_KINDS))}")
+
     def wrap(fn):
-        RECOVERIES[name] = Recovery(name, fn, needs_targets, changes_masks, scope,
-                                    None if options is None else tuple(options))
+        RECOVERIES[name] = Recovery(name, fn, settings, needs_targets, changes_masks, scope, frozenset(needs),
+                                    structured)
         return fn
     return wrap
 
@@ -75,11 +138,11 @@ def get_recovery(name: str) -> Recovery:
     return RECOVERIES[name]
 
 
-@register_recovery("none", needs_targets=False, options=())
-def no_recovery(block, inputs, targets, masks, linears, io, settings, index=0, progress=None) -> dict:
+@register_recovery("none", needs_targets=False)
+def no_recovery(ctx: BlockContext, settings) -> dict:
     """Keep the pruned weights as they are."""
     return {}
 
 
-from . import dsnot, ebft, mask_tuning  # noqa: E402,F401  (registers)
+from . import ebft, mask_tuning, dsnot  # noqa: E402,F401  (registers; this order in YAML and --help)
 from . import lora  # noqa: E402,F401  (registers)

@@ -25,7 +25,7 @@ N:M patterns: the pruned weight k is the lowest-Wanda untouched kept weight *in 
 still have such a k.
 
 Statistics: the dense block's linears on the sparse chain's inputs, as the reference code computes
-them (one pass with hooks, before any linear of the block is pruned). The threshold is on the
+them — the walk's own pass over the dense block, shared with the pruner (``needs``). The threshold is on the
 reference's scale: its "mean" is the per-window *sum* of each feature, so ``dsnot_threshold`` (0.1)
 is compared with ``seqlen · |e_i|`` — the reference's behaviour at the same window length.
 
@@ -40,45 +40,33 @@ Differences from the reference code (zyxxmu/DSnoT), on purpose:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..masks import Pattern
+from ..settings import option
 from ..stats import LayerStats
-from . import register_recovery
+from . import BlockContext, register_recovery
 
 _MLP = re.compile(r"(^|\.)(mlp|ffn|feed_forward|fc\d*)(\.|$)")
 _VAR_FLOOR = 1e-10  # a constant input feature has zero variance: the most reliable one to grow
 
 
+@dataclass
+class DsnotSettings:
+    """The DSnoT paper's defaults."""
+
+    dsnot_cycles: int = option(50, "DSnoT swap cycles per layer at most", low=1)
+    dsnot_threshold: float = option(0.1, "DSnoT stops a row when its expected error, summed over a window's "
+                                    "tokens as the reference does, is below this", low=0)
+    dsnot_power: float = option(1.0, "DSnoT grows by |W·mean| / variance**power", low=0)
+    dsnot_skip_mlp: bool = option(False, "DSnoT refines the attention linears only (the reference code's default)")
+
+
 def is_mlp(name: str) -> bool:
     """``mlp.up_proj`` (Llama, Qwen, Gemma, Phi-3), ``fc1``/``fc2`` (OPT), ``ffn.*``, ``feed_forward.*``."""
     return _MLP.search(name) is not None
-
-
-@torch.no_grad()
-def input_stats(block: nn.Module, linears: dict[str, nn.Linear], io, inputs: torch.Tensor,
-                weights: dict[str, torch.Tensor] | None = None, needs=("mean",)) -> dict[str, LayerStats]:
-    """Statistics of each linear's inputs while ``block`` runs on ``inputs``.
-
-    With ``weights`` (name -> tensor), the linears hold those weights during the pass (e.g. the dense
-    ones, as the pruners saw them) and get their own back afterwards.
-    """
-    stats = {n: LayerStats(l.in_features, frozenset(needs), io.device) for n, l in linears.items()}
-    hooks = [l.register_forward_hook(lambda m, a, o, s=stats[n]: s.update(a[0])) for n, l in linears.items()]
-    own = {n: l.weight.data for n, l in linears.items()} if weights else {}
-    try:
-        for n, w in own.items():
-            linears[n].weight.data = weights[n].to(w.device, w.dtype)
-        for i in range(0, inputs.shape[0], io.batch_size):
-            io.call(block, inputs[i:i + io.batch_size].to(io.device, non_blocking=True))
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, w in own.items():
-            linears[n].weight.data = w
-    return stats
 
 
 @torch.no_grad()
@@ -155,27 +143,25 @@ def dsnot_layer(dense: torch.Tensor, sparse: torch.Tensor, keep: torch.Tensor, s
                   "error_after": error.abs().mean().item()}
 
 
-@register_recovery("dsnot", needs_targets=False, changes_masks=True,
-                   options=("dsnot_cycles", "dsnot_threshold", "dsnot_power", "dsnot_skip_mlp"))
+@register_recovery("dsnot", settings=DsnotSettings, needs_targets=False, changes_masks=True, needs=("mean", "sq"),
+                   structured=False)
 @torch.no_grad()
-def dsnot(block, inputs, targets, masks, linears, io, settings, index=0, progress=None,
-          dense_weights=None, pattern=None) -> dict:
+def dsnot(ctx: BlockContext, settings: DsnotSettings) -> dict:
     """Refine every linear's mask with DSnoT (skipping MLPs with ``dsnot_skip_mlp``); record swaps."""
-    if dense_weights is None or pattern is None:
-        raise ValueError("dsnot changes masks: call it through the walk, which passes dense_weights and pattern")
-    names = [n for n in masks if not (settings.dsnot_skip_mlp and is_mlp(n))]
-    stats = input_stats(block, {n: linears[n] for n in names}, io, inputs, dense_weights)
-    threshold = settings.dsnot_threshold / inputs.shape[1]  # the reference's per-window sum, per token
+    if ctx.dense_weights is None:
+        raise ValueError("dsnot changes masks: call it through the walk, which passes dense_weights")
+    names = [n for n in ctx.masks if not (settings.dsnot_skip_mlp and is_mlp(n))]
+    threshold = settings.dsnot_threshold / ctx.inputs.shape[1]  # the reference's per-window sum, per token
     record = {"dsnot_swaps": 0, "dsnot_error_before": 0.0, "dsnot_error_after": 0.0, "dsnot_layers": {}}
     for name in names:
-        linear = linears[name]
+        linear, dense = ctx.linears[name], ctx.dense_weights[name]
         sparse = linear.weight.data.float()
-        old = masks[name].to(sparse.device)
-        keep, layer = dsnot_layer(dense_weights[name], sparse, old, stats[name], pattern,
+        old = ctx.masks[name].to(sparse.device)
+        keep, layer = dsnot_layer(dense, sparse, old, ctx.stats[name], ctx.pattern,
                                   settings.dsnot_cycles, threshold, settings.dsnot_power)
-        weight = torch.where(keep & ~old, dense_weights[name], sparse) * keep
+        weight = torch.where(keep & ~old, dense, sparse) * keep
         linear.weight.data = weight.to(linear.weight.dtype)
-        masks[name] = keep.to(masks[name].device)
+        ctx.masks[name] = keep.to(ctx.masks[name].device)
         record["dsnot_swaps"] += layer["swaps"]
         record["dsnot_error_before"] += layer["error_before"]
         record["dsnot_error_after"] += layer["error_after"]

@@ -22,14 +22,16 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from .. import masks as masklib
 from ..errors import ConfigError
 from ..models import find_blocks, find_linears
-from . import TrainingText, register_recovery
-from .ebft import autocast_dtype, optimizer_step
+from ..settings import option
+from . import ModelContext, register_recovery
+from .training import autocast_dtype, optimizer_step, precision_option
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,31 @@ HELDOUT_WINDOWS = 4  # windows drawn beyond the training ones, to measure the LM
 LOG_EVERY = 10  # steps per entry of the recorded loss curve (and per host sync)
 
 
-def check_targets(targets: str) -> None:
+@dataclass
+class LoraSettings:
+    """The Wanda paper's LoRA setup: rank 8, alpha 16, dropout 0.05 on q_proj and v_proj."""
+
+    lora_steps: int = option(200, "LoRA optimizer steps, one pass over steps × batch windows of the calibration "
+                             "text's train split", low=1)
+    lora_lr: float = option(2e-4, "LoRA AdamW learning rate, decayed linearly to 0", low=0, low_open=True)
+    lora_targets: str = option("qv", "LoRA adapters on: qv (q_proj, v_proj, as Wanda) | all (every block "
+                               "linear) | a comma list of linear names")
+    lora_rank: int = option(8, "LoRA rank", low=1)
+    lora_alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha/rank", low=0, low_open=True)
+    lora_dropout: float = option(0.05, "LoRA dropout", low=0, high=1, high_open=True)
+    lora_batch_size: int = option(4, "LoRA windows per step", low=1)
+    precision: str = precision_option()
+
+    def check_more(self, prefix: str) -> None:
+        check_targets(self.lora_targets, f"{prefix}lora_targets")
+
+
+def check_targets(targets: str, name: str = "recover.lora_targets") -> None:
     """``qv``, ``all``, or a comma list of linear names (suffixes such as ``o_proj``, ``mlp.down_proj``)."""
     if targets in TARGET_PRESETS:
         return
     if not isinstance(targets, str) or not re.fullmatch(r"\s*[\w.]+\s*(,\s*[\w.]+\s*)*", targets):
-        raise ConfigError("recover.lora_targets", targets,
+        raise ConfigError(name, targets,
                           "allowed: qv (q_proj, v_proj), all (every block linear), or a comma list of linear names")
 
 
@@ -81,7 +102,7 @@ def _reapply_masks(model, masks: dict[str, torch.Tensor]) -> None:
         masklib.check_weight(weight.data, mask.to(weight.device), name)
 
 
-def _train(peft_model, train: torch.Tensor, settings, device, amp, progress) -> list[float]:
+def _train(peft_model, train: torch.Tensor, settings: LoraSettings, device, amp, ctx: ModelContext) -> list[float]:
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lora_lr, betas=(0.9, 0.999), weight_decay=0.0)
     steps, batch = settings.lora_steps, settings.lora_batch_size
@@ -89,7 +110,7 @@ def _train(peft_model, train: torch.Tensor, settings, device, amp, progress) -> 
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     curve, running = [], torch.zeros((), device=device)
     peft_model.train()
-    progress("lora_start", steps=steps)
+    ctx.report("lora_start", steps=steps)
     for step in range(steps):
         x = train[step * batch:(step + 1) * batch].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -102,31 +123,28 @@ def _train(peft_model, train: torch.Tensor, settings, device, amp, progress) -> 
             chunk = (step % LOG_EVERY) + 1
             curve.append(running.item() / chunk)  # one host sync per LOG_EVERY steps
             running.zero_()
-            progress("lora_step", step=step + 1, steps=steps, loss=curve[-1])
+            ctx.report("lora_step", step=step + 1, steps=steps, loss=curve[-1])
     peft_model.eval()
     del optimizer, scaler
     return curve
 
 
-@register_recovery("lora", needs_targets=False, scope="model",
-                   options=("lora_steps", "lora_lr", "lora_targets", "lora_rank", "lora_alpha", "lora_dropout",
-                            "lora_batch_size", "precision", "seed"))
-def lora(model, tokenizer, masks, settings, text: TrainingText, device, progress=None) -> dict:
-    """Train LoRA adapters on the pruned ``model``, merge them in, re-apply ``masks``; return the record."""
+@register_recovery("lora", settings=LoraSettings, needs_targets=False, scope="model")
+def lora(ctx: ModelContext, settings: LoraSettings) -> dict:
+    """Train LoRA adapters on the pruned model, merge them in, re-apply the masks; return the record."""
     from peft import LoraConfig, get_peft_model
 
-    progress = progress or (lambda *a, **k: None)
-    device = torch.device(device)
+    model, masks, device = ctx.model, ctx.masks, torch.device(ctx.device)
     amp = autocast_dtype(device, settings.precision)
     n_train = settings.lora_steps * settings.lora_batch_size
     targets = resolve_targets(model, settings.lora_targets)
-    windows = text.windows(tokenizer, n_train + HELDOUT_WINDOWS)
+    windows = ctx.text.windows(ctx.tokenizer, n_train + HELDOUT_WINDOWS)
     train, heldout = windows[:n_train], windows[n_train:]
     config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     home = next(model.parameters()).device
-    torch.manual_seed(settings.seed)  # adapter init and dropout
+    torch.manual_seed(ctx.seed)  # adapter init and dropout: the run's seed
     model.to(device)
     try:
         with warnings.catch_warnings():  # peft calls a deprecated transformers property
@@ -137,7 +155,7 @@ def lora(model, tokenizer, masks, settings, text: TrainingText, device, progress
                  ", ".join(targets), settings.lora_steps, settings.lora_batch_size)
         record = {"trainable_params": trainable, "lora_targets": targets,
                   "loss_before": lm_loss(peft_model, heldout, device, settings.lora_batch_size, amp)}
-        curve = _train(peft_model, train, settings, device, amp, progress)
+        curve = _train(peft_model, train, settings, device, amp, ctx)
         record["loss_adapter"] = lm_loss(peft_model, heldout, device, settings.lora_batch_size, amp)
         peft_model.merge_and_unload()  # the adapters go into ``model``'s own linears
         _reapply_masks(model, masks)

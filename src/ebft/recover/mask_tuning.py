@@ -12,8 +12,11 @@ W° ⊙ M = the pruned weight exactly, so the first loss is the pruned block's.
 Each linear gets real-valued scores S shaped like its weight. The forward pass uses the hard mask
 M = ``mask_from_scores(S, pattern)`` — per-row ratio, per-layer ratio or N:M, exact at every step —
 and the backward pass is straight-through: the gradient reaches S as if M were S
-(``M + S − S.detach()``), so ∂L/∂S = ∂L/∂(W ⊙ M) ⊙ W. AdamW on S (no weight decay), learning rate
+(``M + (S − S.detach())``: exactly M in the forward, so an untrained
+step reproduces the pruned block bit for bit), so ∂L/∂S = ∂L/∂(W ⊙ M) ⊙ W. AdamW on S (no weight decay), learning rate
 ``mask_lr`` decayed linearly to 0, ``epochs`` passes in batches of ``batch_size``.
+
+‖X_j‖ is the walk's statistic of the dense block on the chain's inputs, as the pruner saw it.
 
 Initial scores reproduce the pruner's mask exactly: S = |W|·‖X_j‖ normalised to [0, 1] per row
 (per layer for a per-layer scope), plus, for every kept weight, the smallest shift that puts it
@@ -27,19 +30,26 @@ starting masks and weights are kept.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..masks import Pattern, mask_from_scores
-from . import register_recovery
-from .dsnot import input_stats
-from .ebft import TRAINING_OPTIONS, autocast_dtype, evaluate_loss, rejection, train_epochs
+from ..settings import option
+from . import BlockContext, register_recovery
+from .training import BlockTrainingSettings, autocast_dtype, evaluate_loss, rejection, split_holdout, train_epochs
 
 log = logging.getLogger(__name__)
 
 MARGIN = 1e-3  # of the normalised score: how far the initial mask sits from a tie
+
+
+@dataclass
+class MaskTuningSettings(BlockTrainingSettings):
+    mask_lr: float = option(1e-3, "ebft-mask AdamW learning rate on the mask scores, decayed linearly to 0 "
+                            "(5e-3 overfitted 16 calibration windows)", low=0, low_open=True)
 
 
 def _comparison_groups(t: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -74,45 +84,41 @@ class _MaskedDense(nn.Module):
         return mask_from_scores(self.scores.detach(), self.pattern)
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
-        mask = self.hard_mask().to(self.scores.dtype) + self.scores - self.scores.detach()
+        mask = self.hard_mask().to(self.scores.dtype) + (self.scores - self.scores.detach())  # exactly M
         return (self.frozen * mask).to(self.out_dtype)
 
 
-@register_recovery("ebft-mask", changes_masks=True, options=TRAINING_OPTIONS + ("mask_lr",))
-def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, progress=None,
-              dense_weights=None, pattern=None) -> dict:
-    """Learn the masks of ``block`` with its weights frozen (pruner's values where kept, dense values
+@register_recovery("ebft-mask", settings=MaskTuningSettings, changes_masks=True, needs=("sq",))
+def ebft_mask(ctx: BlockContext, settings: MaskTuningSettings) -> dict:
+    """Learn the masks of ``ctx.block`` with its weights frozen (pruner's values where kept, dense values
     elsewhere); return its record."""
-    if dense_weights is None or pattern is None:
-        raise ValueError("ebft-mask changes masks: call it through the walk, which passes dense_weights and pattern")
-    progress = progress or (lambda *a, **k: None)
-    n = inputs.shape[0]
-    holdout = min(settings.holdout, n - 1) if settings.holdout else 0
-    train_idx, hold_idx = torch.arange(n - holdout), torch.arange(n - holdout, n)
-    amp = autocast_dtype(io.device, settings.precision)
-    loss = lambda idx: evaluate_loss(block, io, inputs, targets, idx, settings.batch_size, settings.loss, amp)  # noqa: E731
+    if ctx.dense_weights is None:
+        raise ValueError("ebft-mask changes masks: call it through the walk, which passes dense_weights")
+    block, linears, masks, pattern = ctx.block, ctx.linears, ctx.masks, ctx.pattern
+    train_idx, hold_idx = split_holdout(ctx.inputs.shape[0], settings.holdout)
+    amp = autocast_dtype(ctx.device, settings.precision)
+    loss = lambda idx: evaluate_loss(ctx, idx, settings, amp)  # noqa: E731
 
     # loss of the block as the pruner left it; flips: weights that changed between kept and pruned
     record = {"loss_before": loss(train_idx), "mask_flips": 0}
-    if holdout:
+    if len(hold_idx):
         record["holdout_loss_before"] = loss(hold_idx)
-    stats = input_stats(block, linears, io, inputs, dense_weights, needs=("sq",))  # ‖X_j‖ as the pruner saw it
     grads = {p: p.requires_grad for p in block.parameters()}
     for p in block.parameters():
         p.requires_grad_(False)
     tuned, frozen = {}, {}
     try:
         for name, mask in masks.items():
-            keep = mask.to(dense_weights[name].device)
-            frozen[name] = torch.where(keep, linears[name].weight.detach().float(), dense_weights[name])
-            importance = frozen[name].abs() * stats[name].col_norm.to(keep.device)
+            dense = ctx.dense_weights[name]
+            keep = mask.to(dense.device)
+            frozen[name] = torch.where(keep, linears[name].weight.detach().float(), dense)
+            importance = frozen[name].abs() * ctx.stats[name].col_norm.to(keep.device)
             scores = initial_scores(importance, keep, pattern)
             tuned[name] = _MaskedDense(frozen[name], scores, pattern, linears[name].weight.dtype)
             parametrize.register_parametrization(linears[name], "weight", tuned[name], unsafe=True)
         params = [t.scores for t in tuned.values()]
         optimizer = torch.optim.AdamW(params, lr=settings.mask_lr, betas=(0.9, 0.95), weight_decay=0.0)
-        epoch_losses, failed = train_epochs(block, io, inputs, targets, train_idx, params, optimizer,
-                                            settings, amp, index, progress)
+        epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp)
         after = float("nan") if failed else loss(train_idx)
         new_masks = {name: t.hard_mask() for name, t in tuned.items()}
     finally:
@@ -123,7 +129,7 @@ def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, pro
 
     restored = rejection(failed, after, record["loss_before"])
     if restored:
-        log.warning("block %d: %s; keeping the pruner's masks", index, restored)
+        log.warning("block %d: %s; keeping the pruner's masks", ctx.index, restored)
         after = record["loss_before"]
     else:
         for name, keep in new_masks.items():
@@ -132,6 +138,6 @@ def ebft_mask(block, inputs, targets, masks, linears, io, settings, index=0, pro
             weight.data = (frozen[name] * keep).to(weight.dtype)
             masks[name] = keep.to(masks[name].device)
     record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored)
-    if holdout:
+    if len(hold_idx):
         record["holdout_loss_after"] = loss(hold_idx)
     return record

@@ -1,9 +1,11 @@
 """Perplexity with the standard protocol of the SparseGPT / Wanda / EBFT papers.
 
-The evaluation text is tokenised once, cut into non-overlapping windows of ``seqlen`` tokens (the
-tail that does not fill a window is dropped), and ppl = exp(mean next-token NLL over all windows).
-The windows are pushed through the model block by block (:mod:`ebft.sequential`), so a model far
-larger than the accelerator is evaluated with one block on it at a time.
+The evaluation text is tokenised once (one BOS at the start of the whole text where the tokenizer
+adds one, as the reference repos tokenise), cut into non-overlapping windows of ``seqlen`` tokens
+(the tail that does not fill a window is dropped; C4 is capped at 256 windows, as the references
+do), and ppl = exp(mean next-token NLL over all windows). The windows are pushed through the model
+block by block (:mod:`ebft.walk`), so a model far larger than the accelerator is evaluated with
+one block on it at a time.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import math
 import torch
 
 from ..errors import EbftError
-from ..sequential import tail_nll, walk
+from ..walk import tail_nll, walk
+
+C4_WINDOWS = 256  # the references score the first 256 windows of the joined C4 validation text
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None, name: str = "eval") -> torch.Tensor:
@@ -26,9 +30,9 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
     return ids.reshape(-1)[: n * seqlen].reshape(n, seqlen)
 
 
-def stream_perplexity(model, hidden: torch.Tensor, windows: torch.Tensor, device="cpu") -> float:
+def stream_perplexity(model, hidden: torch.Tensor, windows: torch.Tensor, device="cpu", as_tuple: bool = False) -> float:
     """exp(mean NLL) given the last block's outputs for ``windows``."""
-    return math.exp(tail_nll(model, hidden, windows, torch.device(device)))
+    return math.exp(tail_nll(model, hidden, windows, torch.device(device), as_tuple))
 
 
 def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = None,
@@ -36,4 +40,4 @@ def perplexity(model, ids: torch.Tensor, seqlen: int, max_windows: int | None = 
     """Perplexity of ``model`` on token ids ``[1, T]`` (one block on ``device`` at a time)."""
     windows = eval_windows(ids, seqlen, max_windows)
     result = walk(model, None, None, eval_ids={"eval": windows}, device=device, batch_size=batch_size)
-    return stream_perplexity(model, result.streams["eval/dense"], windows, device)
+    return stream_perplexity(model, result.streams["eval/dense"], windows, device, result.returns_tuple)

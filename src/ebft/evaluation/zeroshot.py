@@ -10,7 +10,7 @@ Two sources of tasks:
   lm-eval downloads the data from the Hugging Face hub.
 - **local**: with ``task_data`` (a folder of ``<task>.jsonl`` files, or ``task=path`` pairs), the
   tasks in :data:`LOCAL_TASKS` run as ``ebft_<task>``: YAML configs shipped in
-  ``ebft/evaluate/tasks`` and registered with ``TaskManager(include_path=...)``, with the prompt and
+  ``ebft/evaluation/tasks`` and registered with ``TaskManager(include_path=...)``, with the prompt and
   target of lm-eval's own task (see each YAML for the one place the local files differ: BoolQ).
   The user keeps the plain name: ``piqa`` with ``task_data`` means ``ebft_piqa``.
 

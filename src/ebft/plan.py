@@ -1,0 +1,114 @@
+"""The planning pass: what global methods decide from the whole dense model before any block is pruned.
+
+An *allocation* turns the run's one target pattern into a pattern per block. ``uniform`` gives every
+block the target (no planning pass). ``owl`` needs statistics from every block first: the walk's
+dense planning pass (:func:`ebft.walk.plan_pass`) runs the *dense* model over the calibration windows
+block by block, and each block is summarised into one number before its statistics are dropped.
+
+**OWL** (Yin et al., ICML 2024, "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce
+for Pruning LLMs to High Sparsity", arXiv:2310.05175). For block ℓ, with Wanda's score
+S_ij = |W_ij|·‖X_j‖₂ over all its pruned linears, the *outlier ratio* is
+
+    D_ℓ = #{S_ij > M · mean(S)} / #S          (M = ``owl_threshold``, the paper's 5)
+
+Blocks with more outliers matter more, so they are pruned less. The ratios are mapped linearly onto
+a band of width 2λ (λ = ``owl_lambda``, the paper's 0.08) around the target sparsity s:
+
+    s_ℓ = s − 2λ·(D_ℓ − min D)/(max D − min D) + c,
+
+with c chosen so that the parameter-weighted mean of s_ℓ is s (the same overall sparsity as a
+uniform run; with blocks of equal size c = 2λ·mean(normalised D), as in the paper). Within a block
+every linear gets s_ℓ under the run's scope (per row or per layer). N:M patterns stay uniform: every
+group keeps N of M whatever the block.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .masks import Pattern
+from .settings import option
+
+log = logging.getLogger(__name__)
+
+ALLOCATIONS = ("uniform", "owl")
+
+
+@dataclass
+class AllocationSettings:
+    allocation: str = option("uniform", "sparsity per block: {choices} (owl: outlier-weighed, Yin et al. 2024; "
+                             "same overall sparsity, needs a dense planning pass)", choices=ALLOCATIONS)
+    owl_lambda: float = option(0.08, "OWL: per-block sparsities lie within target ± lambda (the paper's 0.08)",
+                               low=0, high=0.5)
+    owl_threshold: float = option(5.0, "OWL: a weight is an outlier when its Wanda score exceeds this many times "
+                                  "the block's mean score (the paper's M = 5)", low=0, low_open=True)
+
+
+@dataclass
+class Plan:
+    """A pattern for every block, and what decided it (for run.json)."""
+
+    patterns: list[Pattern]
+    record: dict = field(default_factory=dict)
+
+
+def check_allocation(settings: AllocationSettings, pattern: Pattern) -> None:
+    """Refuse what cannot work, before any model is loaded."""
+    if settings.allocation == "uniform":
+        return
+    if pattern.is_nm:
+        raise ConfigError("prune.allocation", settings.allocation,
+                          f"{pattern} stays uniform (every group of {pattern.m} keeps {pattern.n} in every block); "
+                          "use allocation uniform, or an unstructured pattern")
+    low, high = pattern.sparsity - settings.owl_lambda, pattern.sparsity + settings.owl_lambda
+    if low < 0 or high >= 1:
+        raise ConfigError("prune.owl_lambda", settings.owl_lambda,
+                          f"sparsity {pattern.sparsity:g} ± lambda must stay within [0, 1): "
+                          f"use lambda < {min(pattern.sparsity, 1 - pattern.sparsity):g}")
+
+
+@torch.no_grad()
+def outlier_ratio(linears: dict, stats: dict, threshold: float) -> float:
+    """D = share of the block's Wanda scores above ``threshold`` × their mean (OWL's layer outlier ratio)."""
+    scores = torch.cat([(l.weight.detach().float().abs() * stats[n].col_norm.to(l.weight.device)).flatten()
+                        for n, l in linears.items()])
+    return (scores > threshold * scores.mean()).float().mean().item()
+
+
+def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: float) -> list[float]:
+    """Per-block sparsities in a 2λ band, more outliers → less sparse, size-weighted mean = ``target``."""
+    d = torch.tensor(ratios, dtype=torch.float64)
+    span = d.max() - d.min()
+    norm = (d - d.min()) / span if span > 0 else torch.zeros_like(d)
+    offset = 2 * lam * norm
+    w = torch.tensor(sizes, dtype=torch.float64)
+    w = w / w.sum()
+    s = target - offset + (w * offset).sum()
+    return [float(v) for v in s]
+
+
+def make_plan(model, calib_ids, pattern: Pattern, settings: AllocationSettings, layers: str | None,
+              device, batch_size: int = 1, progress=None) -> Plan | None:
+    """The allocation's patterns per block; None for ``uniform`` (every block gets ``pattern``)."""
+    from .walk import plan_pass
+
+    check_allocation(settings, pattern)
+    if settings.allocation == "uniform":
+        return None
+
+    def summarise(index, block, linears, stats):
+        return {"outlier_ratio": outlier_ratio(linears, stats, settings.owl_threshold),
+                "params": sum(l.weight.numel() for l in linears.values())}
+
+    summaries = plan_pass(model, calib_ids, layers, ("sq",), summarise, device, batch_size, progress)
+    ratios = [s["outlier_ratio"] for s in summaries]
+    sparsities = owl_sparsities(ratios, [s["params"] for s in summaries], pattern.sparsity, settings.owl_lambda)
+    patterns = [Pattern(min(max(s, 0.0), 1 - 1e-9), scope=pattern.scope) for s in sparsities]
+    log.info("OWL: block sparsities %s", ", ".join(f"{s:.3f}" for s in sparsities))
+    record = {"allocation": "owl", "owl_lambda": settings.owl_lambda, "owl_threshold": settings.owl_threshold,
+              "blocks": [{"index": i, "outlier_ratio": round(r, 6), "sparsity": round(s, 6)}
+                         for i, (r, s) in enumerate(zip(ratios, sparsities))]}
+    return Plan(patterns, record)

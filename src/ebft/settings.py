@@ -1,0 +1,256 @@
+"""Settings declared once, as dataclass fields: defaults, ranges, choices and help in one place.
+
+Every component (a pruner, a recovery, the allocation, the calibration and evaluation sections)
+declares its settings as a dataclass whose fields are made with :func:`option`. From those fields
+come, with no second copy anywhere:
+
+- validation (:func:`check`): the type (a YAML ``"false"`` is not a boolean, ``nan`` is not a
+  learning rate), the range and the choices, with one line naming the field, the value and what
+  is allowed;
+- the command-line flags and their ``--help`` (:func:`add_flags`), each help ending with its default;
+- the YAML keys (the field names, nested by section) and the sweep keys (a recovery's own fields).
+
+>>> @dataclass
+... class Example:
+...     lr: float = option(2e-4, "learning rate", low=0, low_open=True)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any, help: str, *, flag: str | None = None, choices: tuple | Callable[[], tuple] | None = None,
+           low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
+           default_text: str | None = None, metavar: str | None = None, cli: bool = True,
+           argparse_kwargs: dict | None = None) -> Any:
+    """A dataclass field with what the CLI, the YAML reader and the validation need.
+
+    ``choices``: allowed values (or a function returning them, for registries filled at import).
+    ``low``/``high``: numeric range, closed unless ``low_open``/``high_open``.
+    ``default_text``: how ``--help`` shows the default when the value itself would not say it
+    (``None`` meaning "the model's context", for instance). ``flag``: the flag's name when it is not
+    ``--`` + the field name with dashes. ``cli=False``: YAML and API only.
+    """
+    meta = dict(help=help, flag=flag, choices=choices, low=low, high=high, low_open=low_open,
+                high_open=high_open, default_text=default_text, metavar=metavar, cli=cli,
+                argparse_kwargs=argparse_kwargs or {})
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def fields_of(cls_or_obj) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls_or_obj) if "help" in f.metadata]
+
+
+def field_type(cls, f: dataclasses.Field):
+    """``(base type, optional)`` of a field: ``int | None`` -> ``(int, True)``; ``list[str]`` -> ``(list, False)``."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    return (origin or hint), optional
+
+
+def choices_of(f: dataclasses.Field) -> tuple | None:
+    choices = f.metadata.get("choices")
+    return tuple(choices()) if callable(choices) else choices
+
+
+def default_of(f: dataclasses.Field):
+    return f.default_factory() if f.default is _MISSING else f.default
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _range_text(meta, kind: str) -> str:
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and high is not None:
+        return f"{kind} in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+    if low is not None:
+        return f"{kind} {'>' if meta['low_open'] else '>='} {low:g}"
+    if high is not None:
+        return f"{kind} {'<' if meta['high_open'] else '<='} {high:g}"
+    return kind
+
+
+def _in_range(value, meta) -> bool:
+    low, high = meta.get("low"), meta.get("high")
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        return False
+    if high is not None and (value > high or (meta["high_open"] and value == high)):
+        return False
+    return True
+
+
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def coerce(obj, f: dataclasses.Field, name: str):
+    """Check one field's value against its declaration; return it normalised (an int for a float
+    field becomes a float; YAML's ``1e-3``, read as a string by PyYAML, becomes 0.001)."""
+    value = getattr(obj, f.name)
+    base, optional = field_type(type(obj), f)
+    meta = f.metadata
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(name, value, f"required: {_describe(base, meta, f)}")
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, value, "must be true or false")
+    elif base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(name, value, f"must be {_range_text(meta, 'an integer')}")
+        if not _in_range(value, meta) or abs(value) >= 2**63:
+            raise ConfigError(name, value, f"must be {_range_text(meta, 'an integer')}")
+    elif base is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(name, value, f"must be {_range_text(meta, 'a number')}")
+        value = float(value)
+        if not math.isfinite(value) or not _in_range(value, meta):
+            raise ConfigError(name, value, f"must be {_range_text(meta, 'a finite number')}")
+    elif base is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, value, "must be a string")
+    elif base is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(name, value, "must be a list of strings")
+    choices = choices_of(f)
+    if choices is not None and value not in choices and not (base is list and set(value) <= set(choices)):
+        raise ConfigError(name, value, f"allowed: {', '.join(map(str, choices))}")
+    return value
+
+
+def _describe(base, meta, f) -> str:
+    if base is bool:
+        return "true or false"
+    if base is int:
+        return _range_text(meta, "an integer")
+    if base is float:
+        return _range_text(meta, "a number")
+    return "a value"
+
+
+def check(obj, prefix: str = "") -> None:
+    """Validate (and normalise in place) every declared field of the dataclass ``obj``.
+
+    A dataclass may add cross-field rules in a ``check_more(self, prefix)`` method."""
+    for f in fields_of(obj):
+        setattr(obj, f.name, coerce(obj, f, f"{prefix}{f.name}"))
+    more = getattr(obj, "check_more", None)
+    if more is not None:
+        more(prefix)
+
+
+def subset(obj, cls):
+    """An instance of ``cls`` holding ``obj``'s values for ``cls``'s fields (a method's own settings,
+    picked out of a section that composes several methods)."""
+    return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)})
+
+
+def compose(name: str, base: list[tuple[str, type, dataclasses.Field]], parts: list[type], doc: str) -> type:
+    """A dataclass with ``base`` fields and the union of the fields of ``parts``.
+
+    Two parts may declare the same field (EBFT and mask tuning share ``epochs``) only with the same
+    type and default: a setting means one thing in a section."""
+    seen: dict[str, tuple] = {}
+    specs = list(base)
+    for part in parts:
+        hints = typing.get_type_hints(part)
+        for f in dataclasses.fields(part):
+            spec = (hints[f.name], default_of(f))
+            if f.name in seen:
+                if seen[f.name] != spec:
+                    raise TypeError(f"{name}: setting {f.name!r} is declared twice with different types or defaults")
+                continue
+            seen[f.name] = spec
+            specs.append((f.name, hints[f.name], _copy_field(f)))
+    cls = dataclasses.make_dataclass(name, specs)
+    cls.__doc__ = doc
+    return cls
+
+
+def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
+    if f.default is _MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    return field(default=f.default, metadata=f.metadata)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    text = f.metadata.get("default_text")
+    if text is not None:
+        return text
+    value = default_of(f)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, list):
+        return ",".join(value) if value else "none"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def help_of(f: dataclasses.Field) -> str:
+    choices = choices_of(f)
+    text = f.metadata["help"]
+    if choices and "{choices}" in text:
+        text = text.replace("{choices}", " | ".join(map(str, choices)))
+    return f"{text} (default: {_default_text(f)})"
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, path: str, skip=frozenset()) -> dict[str, str]:
+    """Add one flag per CLI field of ``cls`` to ``parser``; return ``{dest: "section.field"}``.
+
+    Every flag defaults to None (= not given), so a YAML file's values stand unless a flag is typed."""
+    dests = {}
+    for f in fields_of(cls):
+        meta = f.metadata
+        flag = flag_of(f)
+        if not meta.get("cli", True) or flag in skip:
+            continue
+        base, _ = field_type(cls, f)
+        kwargs: dict = dict(default=None, help=help_of(f).replace("%", "%%"))  # argparse formats help with %
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif base is int:
+            kwargs["type"] = _parse_int
+        elif base is float:
+            kwargs["type"] = float
+        elif base is list:
+            kwargs["nargs"] = "+"
+        if base is not bool:
+            kwargs["metavar"] = meta.get("metavar") or f.name.upper()
+        kwargs.update(meta.get("argparse_kwargs") or {})
+        key = f"{path}.{f.name}" if path else f.name
+        dest = key.replace(".", "__")
+        parser.add_argument(flag, dest=dest, **kwargs)
+        dests[dest] = key
+    return dests
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer value: {text!r}") from None

@@ -1,0 +1,477 @@
+"""THE walk over the decoder blocks: capture, per-block statistics, prune, recover, check, propagate.
+
+Only one block lives on the accelerator at a time. Activations flow as *streams*: a tensor of
+hidden states ``[windows, seqlen, hidden]`` per text, pushed through each block in turn. Each stream
+sees the block at one *stage* of its life:
+
+- ``"dense"``  — the original weights (dense perplexity, the dense-model target of EBFT);
+- ``"pruned"`` — right after pruning, before any recovery (the "pruned" perplexity);
+- ``"final"``  — after recovery (the calibration chain itself, the final perplexity).
+
+So the dense, pruned and recovered perplexities of a run come out of one walk, with no second
+copy of the model and no full-model forward on the accelerator.
+
+**How each block is called.** One *capture* pass runs the model's own forward with every block
+replaced by a recorder, which notes the positional and keyword arguments that block receives
+(attention mask, rotary embeddings, ...) and hands the hidden states on unchanged. Families that
+alternate attention types (Gemma 2/3 sliding and global layers with local and global rotary,
+Qwen2/3 and Mistral sliding windows) give different arguments to different blocks; each block is
+later called with its own. Block 0's recorder also keeps the hidden states: the chain's inputs.
+
+Pruners and recoveries never move data or loop over blocks: this module does both.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import masks as masklib
+from .errors import EbftError
+from .models import find_blocks, find_linears
+from .stats import LayerStats
+
+log = logging.getLogger(__name__)
+
+STAGES = ("dense", "pruned", "final")
+# Arguments that concern generation, never a block's output on a full window.
+_DROP_KWARGS = {"cache", "past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions"}
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _map_tensors(obj, fn, memo: dict | None = None):
+    """Apply ``fn`` to every tensor inside ``obj``; a tensor shared by several places is mapped once."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, fn(obj))  # keep obj alive so its id stays unique
+        return memo[id(obj)][1]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a named tuple
+        return type(obj)(*(_map_tensors(o, fn, memo) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn, memo) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn, memo) for k, v in obj.items()}
+    return obj
+
+
+def _is_cache(obj) -> bool:
+    return type(obj).__name__.endswith("Cache") and not isinstance(obj, torch.Tensor)
+
+
+class _StandIn(nn.Module):
+    """Stands in for a block; attributes it lacks are read from the block (a model's forward may
+    ask a layer for its attention type)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_block", block)  # not a submodule: the stand-in owns no weights
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+class _Recorder(_StandIn):
+    def __init__(self, block, index: int, capture: "_Capture"):
+        super().__init__(block)
+        self.index = index
+        object.__setattr__(self, "capture", capture)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.capture.seen(self.index, hidden_states, args, kwargs)
+
+
+class _Capture:
+    """What the recorders share: block 0's inputs for every batch, each block's call from the first."""
+
+    def __init__(self, n_blocks: int, store: torch.device):
+        self.calls: list[tuple[tuple, dict] | None] = [None] * n_blocks
+        self.inputs: list[torch.Tensor] = []
+        self.store = store
+        self.first = True
+
+    def seen(self, index, hidden, args, kwargs):
+        if index == 0:
+            self.inputs.append(hidden.detach().to(self.store))
+        if not self.first:
+            raise _StopForward  # later batches: only block 0's inputs are new
+        batch = hidden.shape[0]
+        args = tuple(None if _is_cache(a) else a for a in args)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _DROP_KWARGS and not _is_cache(v)}
+        self.calls[index] = (args, kwargs, batch)
+        if index == len(self.calls) - 1:
+            raise _StopForward
+        return hidden
+
+
+class _Replay(_StandIn):
+    """Stands in for a block in the tail pass: block 0 injects stored hidden states, others pass through."""
+
+    def __init__(self, block, hidden: torch.Tensor | None = None, as_tuple: bool = False):
+        super().__init__(block)
+        self.hidden, self.as_tuple = hidden, as_tuple
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = hidden_states if self.hidden is None else self.hidden
+        return (out,) if self.as_tuple else out
+
+
+@contextmanager
+def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
+    """Temporarily move everything except the blocks (embeddings, norms, head) to ``device``."""
+    in_blocks = set(blocks.modules())
+    outside = [m for m in model.modules() if m not in in_blocks and m is not blocks]
+    home = next(model.parameters()).device
+
+    def move(dev):
+        for m in outside:
+            for name, p in m.named_parameters(recurse=False):
+                p.data = p.data.to(dev)
+            for name, b in m.named_buffers(recurse=False):
+                if b is not None:
+                    m._buffers[name] = b.to(dev)
+
+    if home == device:
+        yield
+        return
+    move(device)
+    try:
+        yield
+    finally:
+        move(home)
+
+
+@contextmanager
+def _swapped_blocks(blocks: nn.ModuleList, replacements: list[nn.Module]):
+    originals = list(blocks)
+    for i, r in enumerate(replacements):
+        blocks[i] = r
+    try:
+        yield
+    finally:
+        for i, b in enumerate(originals):
+            blocks[i] = b
+
+
+@dataclass
+class BlockIO:
+    """How to call one block: the positional and keyword arguments it really receives, on the device.
+
+    Tensors recorded with a leading batch dimension of 1 are expanded to each call's batch."""
+
+    args: tuple
+    kwargs: dict
+    device: torch.device
+    batch_size: int = 1
+    shape: dict = field(default_factory=dict)  # what the block returns: {"tuple": bool}, learnt on first call
+
+    def call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        expand = lambda t: t.expand(n, *t.shape[1:]) if t.dim() and t.shape[0] == 1 and n != 1 else t  # noqa: E731
+        out = block(x, *_map_tensors(self.args, expand), **_map_tensors(self.kwargs, expand))
+        as_tuple = isinstance(out, (tuple, list))
+        self.shape.setdefault("tuple", as_tuple)
+        return out[0] if as_tuple else out
+
+    @torch.no_grad()
+    def forward(self, block: nn.Module, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply ``block`` to every window of ``x`` in batches; write into ``out`` (may be ``x``)."""
+        out = torch.empty_like(x) if out is None else out
+        for i in range(0, x.shape[0], self.batch_size):
+            xb = x[i:i + self.batch_size].to(self.device, non_blocking=True)
+            out[i:i + self.batch_size] = self.call(block, xb).to(out.device, out.dtype)
+        return out
+
+
+@dataclass
+class BlockCalls:
+    """Each block's :class:`BlockIO` for one stream (calls depend on the window length)."""
+
+    ios: list[BlockIO]
+
+    def __getitem__(self, index: int) -> BlockIO:
+        return self.ios[index]
+
+    @property
+    def returns_tuple(self) -> bool:
+        return any(io.shape.get("tuple") for io in self.ios)
+
+
+def store_device(nbytes: int, device: torch.device, reserve: float = 0.5) -> torch.device:
+    """Keep activations on the accelerator when they fit in ``reserve`` of its free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes < free * reserve:
+            return device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def capture(model: nn.Module, input_ids: torch.Tensor, device: torch.device, batch_size: int = 1,
+            to: torch.device | None = None) -> tuple[torch.Tensor, BlockCalls]:
+    """Run the model's own forward with recorders for blocks: block 0's inputs ``[N, S, H]`` for all
+    windows and, from the first batch, how every block is called."""
+    _, blocks = find_blocks(model)
+    hidden, dtype = model.config.hidden_size, next(blocks.parameters()).dtype
+    n, s = input_ids.shape
+    to = to or store_device(n * s * hidden * dtype.itemsize, device)
+    state = _Capture(len(blocks), to)
+    recorders = [_Recorder(b, i, state) for i, b in enumerate(blocks)]
+    with _outside_blocks_on(model, blocks, device), _swapped_blocks(blocks, recorders):
+        for i in range(0, n, batch_size):
+            try:
+                model(input_ids[i:i + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+            state.first = False
+    if any(c is None for c in state.calls):
+        missing = [i for i, c in enumerate(state.calls) if c is None]
+        raise EbftError(f"{type(model).__name__}: blocks {missing} were never called by the model's forward; "
+                        "this family's layer loop is not supported")
+    x = torch.cat(state.inputs)
+    if to.type == "cpu" and device.type == "cuda":
+        x = x.pin_memory()
+    memo: dict = {}
+    ios = []
+    for args, kwargs, batch in state.calls:
+        one = lambda t, b=batch: (t[:1] if t.dim() and b > 1 and t.shape[0] == b else t).to(device)  # noqa: E731
+        ios.append(BlockIO(_map_tensors(args, one, memo), _map_tensors(kwargs, one, memo), device, batch_size))
+    return x, BlockCalls(ios)
+
+
+@torch.no_grad()
+def tail_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, device: torch.device,
+             as_tuple: bool = False) -> float:
+    """Mean next-token NLL of ``input_ids`` given the last block's outputs ``hidden``.
+
+    The model's own forward computes the final norm and head (whatever they are for the family):
+    its blocks are replaced by stand-ins, block 0 returning the stored hidden states (as a 1-tuple
+    when the family's blocks return tuples).
+    """
+    _, blocks = find_blocks(model)
+    total, count = 0.0, 0
+    with _outside_blocks_on(model, blocks, device):
+        for i in range(hidden.shape[0]):
+            replay = [_Replay(blocks[0], hidden[i:i + 1].to(device), as_tuple)]
+            replay += [_Replay(b, None, as_tuple) for b in list(blocks)[1:]]
+            with _swapped_blocks(blocks, replay):
+                logits = model(input_ids[i:i + 1].to(device), use_cache=False).logits
+            shift = logits[:, :-1].float().flatten(0, 1)
+            target = input_ids[i:i + 1, 1:].to(device).flatten()
+            total += torch.nn.functional.cross_entropy(shift, target, reduction="sum").item()
+            count += target.numel()
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- what the walk is asked to do
+
+@dataclass
+class PruneSpec:
+    """What to prune: the pruner with its settings, the pattern of every block, which linears.
+
+    ``pattern`` is one :class:`~ebft.masks.Pattern` for every block, or a list with one per block
+    (a non-uniform allocation such as OWL's, decided by :mod:`ebft.plan`)."""
+
+    pruner: object  # ebft.prune.Pruner
+    pattern: masklib.Pattern | list[masklib.Pattern]
+    layers: str | None = None  # regex on linear names inside a block
+    settings: object = None  # the pruner's own settings (None: its defaults)
+
+    def pattern_for(self, index: int) -> masklib.Pattern:
+        return self.pattern[index] if isinstance(self.pattern, list) else self.pattern
+
+
+@dataclass
+class RecoverSpec:
+    """Which recovery, its own settings, and the run's seed (every random draw of the recovery)."""
+
+    recovery: object = "none"  # ebft.recover.Recovery, or its registered name
+    settings: object = None  # the recovery's settings dataclass (None: its defaults)
+    seed: int = 0
+
+
+@dataclass
+class WalkResult:
+    blocks: list[dict] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    streams: dict[str, torch.Tensor] = field(default_factory=dict)
+    returns_tuple: bool = False  # how the family's blocks return: for :func:`tail_nll`
+
+
+def _apply_mask_(linear: nn.Linear, mask: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    w = linear.weight.data if weight is None else weight.to(linear.weight.dtype)
+    linear.weight.data = w * mask.to(w.device, w.dtype)
+
+
+def prune_block(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], spec: PruneSpec,
+                pattern: masklib.Pattern, prefix: str) -> dict[str, torch.Tensor]:
+    """Choose and apply a mask (and, for SparseGPT, new kept weights) for each linear; check them."""
+    masks = {}
+    settings = spec.settings if spec.settings is not None else spec.pruner.default_settings()
+    for name, linear in linears.items():
+        full = f"{prefix}.{name}"
+        result = spec.pruner(linear.weight.data.float(), stats.get(name), pattern, settings)
+        _apply_mask_(linear, result.mask, result.weight)
+        masklib.check_mask(result.mask, pattern, full)
+        masklib.check_weight(linear.weight.data, result.mask, full)
+        masks[name] = result.mask
+    return masks
+
+
+@torch.no_grad()
+def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str, nn.Linear], needs,
+               keep_output: bool = True) -> tuple[dict[str, LayerStats], torch.Tensor | None]:
+    """Run ``block`` over ``x`` once, collecting the input statistics ``needs`` of each linear.
+
+    Returns ``(statistics per linear, the block's outputs ``[N, S, H]`` or None)``."""
+    stats = {n: LayerStats(l.in_features, frozenset(needs), io.device) for n, l in linears.items()}
+    if not keep_output and not needs:
+        return stats, None
+    hooks = [l.register_forward_hook(lambda m, a, o, s=stats[n]: s.update(a[0]))
+             for n, l in linears.items()] if needs else []
+    try:
+        if keep_output:
+            return stats, io.forward(block, x)
+        for i in range(0, x.shape[0], io.batch_size):
+            io.call(block, x[i:i + io.batch_size].to(io.device, non_blocking=True))
+        return stats, None
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _noop(*args, **kwargs) -> None:
+    return None
+
+
+@torch.no_grad()
+def plan_pass(model: nn.Module, calib_ids: torch.Tensor, layers: str | None, needs, summarise: Callable,
+              device: str | torch.device = "cpu", batch_size: int = 1, progress: Callable | None = None) -> list:
+    """The dense planning pass: the *unpruned* model over the calibration windows, block by block.
+
+    For each block, the input statistics ``needs`` of its linears are collected in one pass and
+    handed to ``summarise(index, block, linears, stats)``, whose (small) result is kept; the
+    statistics are dropped before the next block. Nothing is pruned. Returns the summaries in order.
+    """
+    device = torch.device(device)
+    progress = progress or _noop
+    _, blocks = find_blocks(model)
+    x, calls = capture(model, calib_ids, device, batch_size)
+    summaries = []
+    for index, block in enumerate(blocks):
+        progress("plan_block", index=index, total=len(blocks))
+        block.to(device)
+        linears = find_linears(block, layers)
+        stats, _ = dense_pass(block, calls[index], x, linears, needs, keep_output=False)
+        summaries.append(summarise(index, block, linears, stats))
+        del stats
+        calls[index].forward(block, x, out=x)
+        if device.type != "cpu":
+            block.to("cpu")
+    return summaries
+
+
+def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | None,
+         recover: RecoverSpec | None = None, eval_ids: dict[str, torch.Tensor] | None = None,
+         eval_stages: tuple[str, ...] = ("dense", "final"), device: str | torch.device = "cpu",
+         batch_size: int = 1, progress: Callable[..., None] | None = None) -> WalkResult:
+    """Prune (and recover) ``model`` in place, block by block; push eval texts through every stage.
+
+    ``eval_ids`` maps a name to ``[windows, seqlen]`` token ids; the result's ``streams`` holds,
+    for each ``"<name>/<stage>"``, the last block's outputs (pass them to :func:`tail_nll`).
+    With ``prune=None`` the walk only evaluates (all stages are then the dense model).
+    """
+    from .recover import BlockContext, get_recovery
+
+    device = torch.device(device)
+    recover = recover or RecoverSpec()
+    recovery = get_recovery(recover.recovery) if isinstance(recover.recovery, str) else recover.recovery
+    if recovery.scope != "block":
+        raise ValueError(f"recovery {recovery.name!r} trains the whole model: the walk takes block-scope ones only")
+    settings = recover.settings if recover.settings is not None else recovery.default_settings()
+    prefix, blocks = find_blocks(model)
+    result = WalkResult()
+    progress = progress or _noop
+
+    streams: dict[str, tuple[str, torch.Tensor, BlockCalls]] = {}  # key -> (stage, hidden, calls)
+    for name, ids in (eval_ids or {}).items():
+        x, calls = capture(model, ids, device, batch_size, to=torch.device("cpu") if prune else None)
+        stages = eval_stages if prune else ("dense",)
+        if recovery.name == "none":
+            stages = tuple(s for s in stages if s != "pruned")
+        for i, stage in enumerate(stages):
+            streams[f"{name}/{stage}"] = (stage, x if i == 0 else x.clone(), calls)
+    calib = calib_calls = None
+    target = getattr(settings, "target", "dense-block")
+    dense_model_targets = prune is not None and recovery.needs_targets and target == "dense-model"
+    dense_block_targets = prune is not None and recovery.needs_targets and target == "dense-block"
+    if prune is not None:
+        calib, calib_calls = capture(model, calib_ids, device, batch_size)
+        if dense_model_targets:  # the dense model's own activations, carried beside the sparse chain
+            streams["calib/dense"] = ("dense", calib.clone(), calib_calls)
+    needs = (set(prune.pruner.needs) | set(recovery.needs)) if prune else set()
+
+    def push(stage: str, index: int, block: nn.Module) -> None:
+        for st, x, calls in streams.values():
+            if st == stage:
+                calls[index].forward(block, x, out=x)
+
+    for index, block in enumerate(blocks):
+        start = time.perf_counter()
+        progress("block_start", index=index, total=len(blocks))
+        block.to(device)
+        record: dict = {"index": index}
+        if prune is None:
+            push("dense", index, block)
+        else:
+            io = calib_calls[index]
+            pattern = prune.pattern_for(index)
+            linears = find_linears(block, prune.layers)
+            # one dense pass over the calibration chain: every statistic anyone needs, and the targets
+            stats, targets = dense_pass(block, io, calib, linears, needs, keep_output=dense_block_targets)
+            push("dense", index, block)
+            if dense_model_targets:
+                targets = streams["calib/dense"][1]
+            dense_weights = ({n: l.weight.data.to(torch.float32, copy=True) for n, l in linears.items()}
+                             if recovery.changes_masks else None)
+            masks = prune_block(linears, stats, prune, pattern, f"{prefix}.{index}")
+            for s in stats.values():
+                s.keep_only(recovery.needs)  # the Hessian is large; free it unless the recovery reads it
+            push("pruned", index, block)
+            recover_start = time.perf_counter()
+            ctx = BlockContext(index=index, block=block, linears=linears, inputs=calib, targets=targets,
+                               masks=masks, stats=stats, pattern=pattern, io=io, seed=recover.seed,
+                               dense_weights=dense_weights, progress=progress)
+            record.update(recovery.fn(ctx, settings) or {})
+            record["recover_seconds"] = round(time.perf_counter() - recover_start, 3)
+            for name, mask in masks.items():
+                full = f"{prefix}.{index}.{name}"
+                masklib.check_mask(mask, pattern, full)
+                masklib.check_weight(linears[name].weight.data, mask, full)
+                result.masks[full] = mask.cpu()
+            del ctx, targets, stats, dense_weights
+            io.forward(block, calib, out=calib)
+        push("final", index, block)
+        if device.type != "cpu":
+            block.to("cpu")
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        result.blocks.append(record)
+        log.info("block %d/%d done in %.1f s%s", index + 1, len(blocks), record["seconds"],
+                 f" (loss {record['loss_before']:.4g} -> {record['loss_after']:.4g})" if "loss_after" in record else "")
+        progress("block_end", **record)
+
+    result.streams = {k: x for k, (stage, x, _) in streams.items() if not k.startswith("calib/")}
+    all_calls = [c for _, _, c in streams.values()] + ([calib_calls] if calib_calls else [])
+    result.returns_tuple = any(c.returns_tuple for c in all_calls)
+    return result
