@@ -121,6 +121,8 @@ def test_parse_pattern_valid():
     assert str(p) == "2:4"
     assert str(Pattern(0.5, scope="row")) == "50% unstructured (per row)"
     assert str(Pattern(0.7, scope="layer")) == "70% unstructured (per layer)"
+    assert parse_pattern("structured", 0.2) == Pattern(0.2, structured=True)
+    assert str(Pattern(0.2, structured=True)) == "20% structured (of block parameters)"
     assert not Pattern(0.5).is_nm
 
 
@@ -140,7 +142,7 @@ def test_parse_pattern_valid():
     ("4:4", None, None, "pattern", "'4:4'"),  # N >= M
     ("5:4", None, None, "pattern", "'5:4'"),
     ("0:4", None, None, "pattern", "'0:4'"),  # N < 1
-    ("structured", 0.5, None, "pattern", "'structured'"),  # unknown pattern
+    ("blocks", 0.5, None, "pattern", "'blocks'"),  # unknown pattern
     ("unstructured", 0.5, "column", "scope", "'column'"),  # unknown scope
     ("2:4", None, "block", "scope", "'block'"),
 ])

@@ -160,7 +160,7 @@ def test_interrupted_sweep_keeps_finished_cells(tiny_model_dir, text_file, tmp_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--methods", "wanda,nope"], "methods: got 'nope'; allowed: a comma-separated list of magnitude"),
+    (["--methods", "wanda,nope"], "methods: got 'nope'; allowed: a comma-separated list of flap, magnitude"),
     (["--sparsities", "0.5,1.5"], "sparsities: got 1.5; allowed: numbers in [0, 1)"),
     (["--sparsities", "half"], "sparsities: got 'half'"),
     (["--recover", ""], "recover: got []; allowed"),

@@ -165,9 +165,19 @@ def run_table(record: dict) -> str:
     text = format_table(["perplexity", *stages], rows) if rows else ""
     if record.get("zeroshot"):
         text = f"{text}\n\n{zeroshot_table(record['zeroshot'], record['zeroshot_average'])}".strip()
-    return (f"{text}\n\nsparsity {record['sparsity']['overall']:.2%} over "
-            f"{len(record['sparsity']['layers'])} linears ({record['resolved']['pattern']}); "
-            f"{record['wall_seconds']:.0f} s{cost_line(record.get('recovery'))}")
+    if record.get("speed"):
+        speed = record["speed"]
+        rows = [[stage, v["prefill_tokens_per_s"], v["generate_tokens_per_s"]] for stage, v in speed.items()]
+        text += "\n\n" + format_table(["speed (tokens/s)", "prefill", "generate"], rows)
+    structure = record.get("structure")
+    if structure:
+        what = (f"structured: {structure['removed_fraction_of_blocks']:.2%} of block parameters removed "
+                f"({structure['params_dense'] / 1e6:.1f}M -> {structure['params_pruned'] / 1e6:.1f}M parameters; "
+                f"saved {structure['params_saved'] / 1e6:.1f}M in {structure['file_bytes'] / 2**20:.0f} MiB)")
+    else:
+        what = (f"sparsity {record['sparsity']['overall']:.2%} over {len(record['sparsity']['layers'])} linears "
+                f"({record['resolved']['pattern']})")
+    return f"{text}\n\n{what}; {record['wall_seconds']:.0f} s{cost_line(record.get('recovery'))}"
 
 
 def cost_line(cost: dict | None) -> str:

@@ -64,14 +64,18 @@ class EvalConfig:
                                    "arc_challenge, boolq, openbookqa, winogrande, lambada_openai)",
                                    default_text="the hub")
     zeroshot_limit: int | None = option(None, "first N items of each zero-shot task", low=1, default_text="all")
+    speed: bool | None = option(None, "measure prefill and generation tokens/s of the dense and the final model",
+                                default_text="structured runs only")
 
 
 _PRUNE_BASE = [
     ("method", str, option("wanda", "pruner: {choices}", choices=lambda: tuple(sorted(PRUNERS)))),
-    ("sparsity", float | None, option(None, "fraction of weights set to zero, in [0, 1)", low=0, high=1,
-                                      high_open=True, default_text="0.5; implied by an N:M pattern")),
-    ("pattern", str, option("unstructured", "unstructured, or N:M keeping N of every M consecutive weights along "
-                            "the input (2:4 is 50 %)")),
+    ("sparsity", float | None, option(None, "fraction of weights set to zero, in [0, 1); structured: the "
+                                      "fraction of the blocks' parameters removed", low=0, high=1, high_open=True,
+                                      default_text="0.5; implied by an N:M pattern; 0.2 structured")),
+    ("pattern", str, option("unstructured", "unstructured; N:M keeping N of every M consecutive weights along "
+                            "the input (2:4 is 50 %); or structured (whole heads and MLP channels removed, "
+                            "with method flap; implied by it)")),
     ("scope", str | None, option(None, "unstructured ratio per output row or per layer: {choices}",
                                  choices=("row", "layer"), default_text="the method's paper: wanda row, "
                                  "magnitude/sparsegpt layer")),
@@ -149,6 +153,26 @@ class RunConfig:
 
         return st.subset(self.recover, get_recovery(self.recover.method).settings)
 
+    def pattern(self, pruner=None):
+        """The sparsity :class:`~ebft.masks.Pattern` these settings ask for. A structured pruner (FLAP)
+        implies the structured pattern; the default sparsity is 0.5 (0.2 for structured pruning)."""
+        from .masks import parse_pattern
+        from .prune import get_pruner
+
+        pruner = pruner or get_pruner(self.prune.method)
+        text = str(self.prune.pattern).strip().lower()
+        if pruner.structured and text == "unstructured":  # the default: FLAP prunes structure
+            text = "structured"
+        if pruner.structured != (text == "structured"):
+            allowed = (f"{pruner.name} removes whole heads and channels: use pattern structured" if pruner.structured
+                       else f"structured sparsity removes whole heads and channels: use method "
+                            f"{', '.join(n for n, p in PRUNERS.items() if p.structured)}")
+            raise ConfigError("pattern", self.prune.pattern, allowed)
+        sparsity = self.prune.sparsity
+        if sparsity is None and ":" not in text:
+            sparsity = 0.2 if text == "structured" else 0.5
+        return parse_pattern(text, sparsity, self.prune.scope, pruner.default_scope)
+
     # ---- validation, before any model is loaded ---------------------------------------------
     def check_types(self) -> None:
         """Every field's type, range and choices, for YAML exactly as for flags."""
@@ -158,7 +182,6 @@ class RunConfig:
 
     def validate(self, need_out: bool = True):
         """Check every field; return the parsed sparsity :class:`~ebft.masks.Pattern`."""
-        from .masks import parse_pattern
         from .models import check_model_source
         from .plan import check_allocation
         from .prune import get_pruner
@@ -172,14 +195,17 @@ class RunConfig:
 
         plan_tasks(self.eval.zeroshot, self.eval.task_data)  # names, files and their fields
         pruner = get_pruner(self.prune.method)
-        get_recovery(self.recover.method)
+        recovery = get_recovery(self.recover.method)
         if self.recover.holdout >= self.calib.nsamples:
             raise ConfigError("recover.holdout", self.recover.holdout,
                               f"must be an integer in [0, nsamples = {self.calib.nsamples})")
-        sparsity = self.prune.sparsity
-        if sparsity is None and ":" not in str(self.prune.pattern):
-            sparsity = 0.5
-        pattern = parse_pattern(self.prune.pattern, sparsity, self.prune.scope, pruner.default_scope)
+        pattern = self.pattern(pruner)
+        if pattern.structured and not recovery.structured:
+            raise ConfigError("recover", self.recover.method, "changes masks, and structured pruning has none: "
+                              "use ebft, lora or none")
+        if pattern.structured and self.prune.layers is not None:
+            raise ConfigError("prune.layers", self.prune.layers, "structured pruning chooses heads and channels "
+                              "over whole blocks; leave layers unset")
         check_allocation(self.allocation_settings(), pattern)
         if self.prune.layers is not None:
             import re

@@ -21,7 +21,7 @@ import torch
 from ebft.errors import ConfigError, MaskError
 
 SCOPES = ("row", "layer")
-_PATTERN_HELP = "allowed: 'unstructured' or 'N:M' with integers 1 <= N < M (e.g. '2:4')"
+_PATTERN_HELP = "allowed: 'unstructured', 'structured' or 'N:M' with integers 1 <= N < M (e.g. '2:4')"
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Pattern:
     """What to prune: a sparsity ratio and either an N:M group rule or an unstructured scope.
 
     N:M groups lie inside one row, so for N:M the scope is meaningless and stored as "row".
+    ``structured``: whole attention heads (KV groups) and MLP channels are removed and ``sparsity``
+    is the fraction of the blocks' parameters removed; there are no masks (see :mod:`ebft.structured`).
     Construction validates, so a Pattern in hand is always consistent.
     """
 
@@ -36,6 +38,7 @@ class Pattern:
     n: int = 0
     m: int = 0
     scope: str = "row"
+    structured: bool = False
 
     def __post_init__(self):
         s = self.sparsity
@@ -58,12 +61,14 @@ class Pattern:
     def __str__(self) -> str:
         if self.is_nm:
             return f"{self.n}:{self.m}"
+        if self.structured:
+            return f"{self.sparsity * 100:g}% structured (of block parameters)"
         return f"{self.sparsity * 100:g}% unstructured (per {self.scope})"
 
 
 def parse_pattern(pattern: str, sparsity: float | None = None, scope: str | None = None,
                   default_scope: str = "row") -> Pattern:
-    """Build a :class:`Pattern` from config text: ``"unstructured"`` or ``"N:M"``.
+    """Build a :class:`Pattern` from config text: ``"unstructured"``, ``"structured"`` or ``"N:M"``.
 
     ``scope`` None means the pruner's ``default_scope``. For N:M the sparsity may be omitted
     (it is ``1 - N/M``) and the scope is validated but irrelevant.
@@ -72,6 +77,11 @@ def parse_pattern(pattern: str, sparsity: float | None = None, scope: str | None
     if scope not in SCOPES:
         raise ConfigError("scope", scope, f"allowed: {', '.join(SCOPES)}")
     text = str(pattern).strip().lower()
+    if text == "structured":
+        if sparsity is None:
+            raise ConfigError("sparsity", None, "required for a structured pattern: the fraction of block "
+                              "parameters to remove, in [0, 1)")
+        return Pattern(sparsity, structured=True)
     if text == "unstructured":
         if sparsity is None:
             raise ConfigError("sparsity", None, "required for an unstructured pattern: a number in [0, 1)")

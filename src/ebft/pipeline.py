@@ -25,6 +25,7 @@ from .config import RunConfig, check_device, check_source, resolve_device
 from .data import adds_bos, calibration_windows, eval_tokens, source_name
 from .errors import ConfigError, EbftError
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, stream_perplexity
+from .evaluation.speed import measure_speed
 from .evaluation.zeroshot import average, evaluate_suite, load_tasks, plan_tasks
 from .export import atomic_folder, save_pretrained, sparsity_report, write_json
 from .masks import validate_width
@@ -33,6 +34,7 @@ from .plan import make_plan
 from .prune import get_pruner
 from .recover import ModelContext, TrainingText, get_recovery
 from .report import plot_block_losses
+from .structured import make_saveable_
 from .walk import STAGES, PruneSpec, RecoverSpec, walk
 
 log = logging.getLogger(__name__)
@@ -118,10 +120,20 @@ def prepare_data(model, tokenizer, config: RunConfig, calibrate: bool = True) ->
     return Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes)
 
 
-def check_model_fits(model, pattern, layers: str | None) -> None:
+def check_model_fits(model, pattern, layers: str | None, pruner_settings=None) -> None:
     """What can only be checked on the loaded model, before any work: every block has linears to prune
-    (a ``--layers`` regex that matches none is an error, not a silent no-op) and N:M widths divide."""
+    (a ``--layers`` regex that matches none is an error, not a silent no-op), N:M widths divide, and for
+    structured pruning the family's blocks can be shrunk and saved (with the biases compensation needs)."""
     _, blocks = find_blocks(model)
+    if pattern.structured:
+        from .structured import block_layout
+        from .structured.saving import _bias_flags
+
+        layouts = [block_layout(block, model.config) for block in blocks]  # clear errors for unknown layouts
+        if getattr(pruner_settings, "bias_compensation", False):
+            needed = {layouts[0].attention.out_proj, layouts[0].mlp.out_proj}
+            _bias_flags(model, model.config, needed, getattr(model.config, "model_type", type(model).__name__))
+        return
     for index, block in enumerate(blocks):
         linears = find_linears(block, layers)
         if not linears:
@@ -155,9 +167,9 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     recovery = get_recovery(config.recover.method)
     settings = config.recovery_settings()
     plan = make_plan(model, data.calib, pattern, config.allocation_settings(), config.prune.layers, device,
-                     config.batch_size, progress)
+                     config.batch_size, progress, config.pruner_settings())
     spec = PruneSpec(get_pruner(config.prune.method), plan.patterns if plan else pattern, config.prune.layers,
-                     config.pruner_settings())
+                     config.pruner_settings(), plan.structures if plan else None)
     plan_record = plan.record if plan else None
     if recovery.scope == "model":  # LoRA: the walk only prunes; then the whole model trains; evaluate again
         result = walk(model, data.calib, spec, None, data.evals, stages, device, config.batch_size, progress)
@@ -205,7 +217,7 @@ def block_recovery_cost(method: str, blocks: list[dict], device: str) -> dict:
 # ----------------------------------------------------------------------------- run
 
 def build_record(config: RunConfig, model, pattern, device: str, data: Data, outcome: Outcome, zeroshot: dict,
-                 start: float) -> dict:
+                 start: float, structure: dict | None = None, speed: dict | None = None) -> dict:
     """run.json: everything to rerun the run and everything it measured."""
     return {
         "config": config.to_dict(),
@@ -221,6 +233,8 @@ def build_record(config: RunConfig, model, pattern, device: str, data: Data, out
         "perplexity": outcome.perplexity,
         "eval_protocol": data.protocol,
         "recovery": outcome.cost,
+        **({"structure": structure} if structure else {}),
+        **({"speed": speed} if speed else {}),
         **zeroshot,
         "wall_seconds": round(time.perf_counter() - start, 2),
         **peak_memory(device),
@@ -246,18 +260,35 @@ def run(config: RunConfig, progress=None) -> dict:
     seed_everything(config.seed)
     suite = _zeroshot_suite(config.eval.zeroshot, config.eval.task_data)  # reads/downloads task data first
     model, tokenizer = load_model(config.model, config.dtype, device)
-    check_model_fits(model, pattern, config.prune.layers)
+    check_model_fits(model, pattern, config.prune.layers, config.pruner_settings())
     data = prepare_data(model, tokenizer, config)
 
     zs_args = (suite, config.eval.zeroshot_limit, device, config.batch_size)
     zs_dense = _zeroshot(model, tokenizer, *zs_args)  # before the walk: it prunes the model in place
+    measure = config.eval.speed if config.eval.speed is not None else pattern.structured
+    speed = {"dense": measure_speed(model, device)} if measure else {}
+    params_dense = sum(p.numel() for p in model.parameters())
     outcome = prune_and_recover(model, tokenizer, config, pattern, data, device, progress)
     final = final_stage(config.recover.method)
     zs = _zeroshot_record(suite, {"dense": zs_dense, final: _zeroshot(model, tokenizer, *zs_args)})
+    if measure:
+        speed[final] = measure_speed(model, device)
+    structure = None
+    if pattern.structured:  # one block shape the family's config can express (adaptive: padded)
+        params_pruned = sum(p.numel() for p in model.parameters())
+        shape = make_saveable_(model)
+        structure = {"params_dense": params_dense, "params_pruned": params_pruned,
+                     "params_saved": shape.params_saved, "padding_params": shape.padding_params,
+                     "removed_fraction_of_blocks": outcome.plan["removed_fraction"],
+                     "removed_fraction_of_model": round(1 - params_pruned / params_dense, 6),
+                     "saved_config": {"num_attention_heads": shape.num_heads, "num_key_value_heads": shape.num_kv_heads,
+                                      "intermediate_size": shape.intermediate_size}}
 
     with atomic_folder(config.out, config.overwrite) as tmp:
         save_pretrained(model, tokenizer, tmp)
-        record = build_record(config, model, pattern, device, data, outcome, zs, start)
+        if structure is not None:
+            structure["file_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        record = build_record(config, model, pattern, device, data, outcome, zs, start, structure, speed)
         write_json(tmp / "run.json", record)
         plot_block_losses(outcome.result.blocks, tmp / "block_losses.png",
                           f"{config.model}: {config.prune.method} {pattern} + {config.recover.method}")

@@ -20,6 +20,11 @@ with c chosen so that the parameter-weighted mean of s_ℓ is s (the same overal
 uniform run; with blocks of equal size c = 2λ·mean(normalised D), as in the paper). Within a block
 every linear gets s_ℓ under the run's scope (per row or per layer). N:M patterns stay uniform: every
 group keeps N of M whatever the block.
+
+**FLAP** (structured patterns): the same pass collects the means and variances of the inputs of
+each block's output projections; :mod:`ebft.structured` scores every KV group and MLP channel and
+chooses what each block keeps, over the whole model (``flap_structure=adaptive``) or block by block
+(``uniform``). The plan then carries one :class:`~ebft.structured.Structure` per block.
 """
 from __future__ import annotations
 
@@ -49,16 +54,22 @@ class AllocationSettings:
 
 @dataclass
 class Plan:
-    """A pattern for every block, and what decided it (for run.json)."""
+    """A pattern for every block (and, for structured pruning, what each block keeps), and what decided
+    it (for run.json)."""
 
     patterns: list[Pattern]
     record: dict = field(default_factory=dict)
+    structures: list | None = None  # ebft.structured.Structure per block, for structured patterns
 
 
 def check_allocation(settings: AllocationSettings, pattern: Pattern) -> None:
     """Refuse what cannot work, before any model is loaded."""
     if settings.allocation == "uniform":
         return
+    if pattern.structured:
+        raise ConfigError("prune.allocation", settings.allocation,
+                          "structured pruning allocates with FLAP itself (flap_structure adaptive or uniform); "
+                          "use allocation uniform")
     if pattern.is_nm:
         raise ConfigError("prune.allocation", settings.allocation,
                           f"{pattern} stays uniform (every group of {pattern.m} keeps {pattern.n} in every block); "
@@ -91,11 +102,14 @@ def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: fl
 
 
 def make_plan(model, calib_ids, pattern: Pattern, settings: AllocationSettings, layers: str | None,
-              device, batch_size: int = 1, progress=None) -> Plan | None:
-    """The allocation's patterns per block; None for ``uniform`` (every block gets ``pattern``)."""
+              device, batch_size: int = 1, progress=None, pruner_settings=None) -> Plan | None:
+    """The allocation's patterns per block (and FLAP's structures for a structured pattern); None for
+    ``uniform`` unstructured pruning (every block gets ``pattern``)."""
     from .walk import plan_pass
 
     check_allocation(settings, pattern)
+    if pattern.structured:
+        return flap_plan(model, calib_ids, pattern, pruner_settings, device, batch_size, progress)
     if settings.allocation == "uniform":
         return None
 
@@ -112,3 +126,26 @@ def make_plan(model, calib_ids, pattern: Pattern, settings: AllocationSettings, 
               "blocks": [{"index": i, "outlier_ratio": round(r, 6), "sparsity": round(s, 6)}
                          for i, (r, s) in enumerate(zip(ratios, sparsities))]}
     return Plan(patterns, record)
+
+
+def flap_plan(model, calib_ids, pattern: Pattern, settings, device, batch_size: int = 1, progress=None) -> Plan:
+    """FLAP: score every unit of the dense model, choose what each block keeps (see the module docstring)."""
+    from .structured import STATS_NEEDED, block_layout, block_scores, removed_fraction, select_structure
+    from .walk import plan_pass
+
+    def summarise(index, block, linears, stats):
+        return block_scores(block, block_layout(block, model.config), stats, settings.flap_metric)
+
+    scores = plan_pass(model, calib_ids, None, STATS_NEEDED, summarise, device, batch_size, progress)
+    structures = select_structure(scores, pattern.sparsity, settings.flap_structure)
+    blocks = [{"index": i, "kv_groups": s.attention_units, "kv_groups_kept": len(s.attention_keep),
+               "channels": s.mlp_units, "channels_kept": len(s.mlp_keep),
+               "removed_fraction": round(s.removed_params / max(s.total_params, 1), 6)}
+              for i, s in enumerate(structures)]
+    removed = removed_fraction(structures)
+    log.info("FLAP %s: %.2f%% of block parameters removed (asked %.2f%%)", settings.flap_structure,
+             100 * removed, 100 * pattern.sparsity)
+    record = {"allocation": f"flap-{settings.flap_structure}", "flap_metric": settings.flap_metric,
+              "bias_compensation": settings.bias_compensation, "removed_fraction": round(removed, 6),
+              "blocks": blocks}
+    return Plan([pattern] * len(structures), record, structures)

@@ -6,7 +6,8 @@
 >>> results = sweep(SweepConfig(base, ["wanda"], [0.5, 0.7], ["none", "ebft"], out="runs/sweep"))
 
 The model is loaded once and its original weights are kept as a CPU copy of the state dict, restored
-before every cell. The calibration and evaluation windows are built once and the dense perplexity is
+before every cell (structured cells change the model's shapes: they start from a copy of the whole
+unpruned model instead). The calibration and evaluation windows are built once and the dense perplexity is
 computed once (cached in ``cells/`` too). Each finished cell is written atomically to
 ``<out>/cells/<method>-<recover>-<sparsity>-<key>.json`` where ``key`` hashes the settings that can
 change the cell (see :func:`cell_key`): a rerun skips the cells whose file exists (an interruption
@@ -152,7 +153,8 @@ def _run_cell(model, tokenizer, cell: RunConfig, pattern, data, device: str, pro
         "column": column_label(cell), "pattern": str(pattern), "key": cell_key(cell),
         "perplexity": {name: stages[final] for name, stages in outcome.perplexity.items()},
         "recovery": outcome.cost,
-        "sparsity_measured": sparsity_report(model, outcome.result.masks)["overall"],
+        "sparsity_measured": (outcome.plan["removed_fraction"] if pattern.structured  # of block parameters
+                              else sparsity_report(model, outcome.result.masks)["overall"]),
         "seconds": round(time.perf_counter() - start, 2),
         "plan": outcome.plan,
         "blocks": outcome.result.blocks,
@@ -203,6 +205,7 @@ def sweep(config: SweepConfig, progress=None) -> dict:
         for cell, pattern in cells:
             check_model_fits(model, pattern, cell.prune.layers)
         original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        pristine = copy.deepcopy(model) if any(p.structured for _, p in cells) else None
         data = prepare_data(model, tokenizer, base)
         folder.mkdir(parents=True, exist_ok=True)
         if dense is None:
@@ -219,9 +222,16 @@ def sweep(config: SweepConfig, progress=None) -> dict:
             progress("cell_skip", index=index, total=len(cells), name=name)
             continue
         progress("cell_start", index=index, total=len(cells), name=name)
-        model.load_state_dict(original)
+        if pristine is not None:  # a structured cell may have shrunk the model: start from the whole one
+            model = copy.deepcopy(pristine)
+        else:
+            model.load_state_dict(original)
         record = _run_cell(model, tokenizer, cell, pattern, data, device, progress)
         if config.save_models:
+            if pattern.structured:
+                from .structured import make_saveable_
+
+                make_saveable_(model)
             with atomic_folder(out / "models" / name, overwrite=True) as tmp:
                 save_pretrained(model, tokenizer, tmp)
         write_json(path, record)

@@ -287,6 +287,7 @@ class PruneSpec:
     pattern: masklib.Pattern | list[masklib.Pattern]
     layers: str | None = None  # regex on linear names inside a block
     settings: object = None  # the pruner's own settings (None: its defaults)
+    structures: list | None = None  # structured pruners: what each block keeps (ebft.structured.Structure)
 
     def pattern_for(self, index: int) -> masklib.Pattern:
         return self.pattern[index] if isinstance(self.pattern, list) else self.pattern
@@ -349,6 +350,29 @@ def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str
     finally:
         for h in hooks:
             h.remove()
+
+
+def shrink_block(block: nn.Module, config, spec: PruneSpec, index: int, stats) -> dict:
+    """A structured pruner's step: remove the units the plan drops from this block; check the shapes."""
+    from .structured import block_layout
+
+    structure = spec.structures[index]
+    settings = spec.settings if spec.settings is not None else spec.pruner.default_settings()
+    spec.pruner.fn(block, config, structure, stats, settings)
+    check_structure(block, config, structure, f"block {index}")
+    layout = block_layout(block, config)
+    return {"kv_groups_kept": layout.num_kv_heads, "channels_kept": layout.intermediate_size}
+
+
+def check_structure(block: nn.Module, config, structure, name: str) -> None:
+    """A structured block must have exactly the units its structure keeps (the structured twin of the
+    mask checks)."""
+    from .structured import block_layout
+
+    layout = block_layout(block, config)
+    if (layout.num_kv_heads, layout.intermediate_size) != (len(structure.attention_keep), len(structure.mlp_keep)):
+        raise masklib.MaskError(f"{name}: {layout.num_kv_heads} KV groups and {layout.intermediate_size} channels, "
+                                f"expected {len(structure.attention_keep)} and {len(structure.mlp_keep)}")
 
 
 def _noop(*args, **kwargs) -> None:
@@ -445,7 +469,11 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
                 targets = streams["calib/dense"][1]
             dense_weights = ({n: l.weight.data.to(torch.float32, copy=True) for n, l in linears.items()}
                              if recovery.changes_masks else None)
-            masks = prune_block(linears, stats, prune, pattern, f"{prefix}.{index}")
+            if prune.pruner.structured:  # whole units go: no masks, smaller linears
+                record.update(shrink_block(block, model.config, prune, index, stats))
+                linears, masks = find_linears(block), {}
+            else:
+                masks = prune_block(linears, stats, prune, pattern, f"{prefix}.{index}")
             for s in stats.values():
                 s.keep_only(recovery.needs)  # the Hessian is large; free it unless the recovery reads it
             push("pruned", index, block)
@@ -460,6 +488,8 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
                 masklib.check_mask(mask, pattern, full)
                 masklib.check_weight(linears[name].weight.data, mask, full)
                 result.masks[full] = mask.cpu()
+            if prune.pruner.structured:
+                check_structure(block, model.config, prune.structures[index], f"{prefix}.{index}")
             del ctx, targets, stats, dense_weights
             io.forward(block, calib, out=calib)
         push("final", index, block)

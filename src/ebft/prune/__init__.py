@@ -11,6 +11,10 @@ A pruner is a pure function ``fn(weight, stats, pattern, settings) -> PruneResul
 
 It returns the keep mask and, when it changes the kept weights (SparseGPT), the new weight with
 exact zeros where pruned. Devices, dtypes and the walk over blocks belong to the orchestrator.
+
+A *structured* pruner (``structured=True``, FLAP) removes whole units instead of masking weights:
+the planning pass chooses a :class:`ebft.structured.Structure` per block, and the walk calls
+``fn(block, model_config, structure, stats, settings)``, which shrinks the block in place.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class Pruner:
     needs: frozenset[str] = frozenset()  # which LayerStats the walk must collect
     default_scope: str = "row"  # unstructured scope when the config names none
     settings: type = NoSettings  # the pruner's settings dataclass
+    structured: bool = False  # removes whole units: fn(block, config, structure, stats, settings), no masks
 
     def default_settings(self):
         return self.settings()
@@ -53,7 +58,8 @@ class Pruner:
 PRUNERS: dict[str, Pruner] = {}
 
 
-def register_pruner(name: str, needs=(), default_scope: str = "row", settings: type = NoSettings):
+def register_pruner(name: str, needs=(), default_scope: str = "row", settings: type = NoSettings,
+                    structured: bool = False):
     """Decorator: add ``fn`` to :data:`PRUNERS` under ``name``."""
     needs = frozenset(needs)
     if not needs <= set(STAT_KINDS):
@@ -64,7 +70,7 @@ def register_pruner(name: str, needs=(), default_scope: str = "row", settings: t
     def register(fn):
         if name in PRUNERS:
             raise ValueError(f"pruner {name!r} is registered twice")
-        PRUNERS[name] = Pruner(name, fn, needs, default_scope, settings)
+        PRUNERS[name] = Pruner(name, fn, needs, default_scope, settings, structured)
         return fn
 
     return register
@@ -84,4 +90,4 @@ def require_stats(stats: LayerStats | None, attr: str, pruner: str) -> LayerStat
 
 
 # Importing the modules registers them (kept last: they import the names above).
-from ebft.prune import magnitude, sparsegpt, wanda  # noqa: E402,F401
+from ebft.prune import flap, magnitude, sparsegpt, wanda  # noqa: E402,F401

@@ -88,7 +88,7 @@ class _MaskedDense(nn.Module):
         return (self.frozen * mask).to(self.out_dtype)
 
 
-@register_recovery("ebft-mask", settings=MaskTuningSettings, changes_masks=True, needs=("sq",))
+@register_recovery("ebft-mask", settings=MaskTuningSettings, changes_masks=True, needs=("sq",), structured=False)
 def ebft_mask(ctx: BlockContext, settings: MaskTuningSettings) -> dict:
     """Learn the masks of ``ctx.block`` with its weights frozen (pruner's values where kept, dense values
     elsewhere); return its record."""
