@@ -168,6 +168,17 @@ def test_bad_task_input_is_one_line_config_error(tasks, data, field, message, ta
     assert err.value.field == field and message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_bad_line_deep_in_a_task_file_is_named(tmp_path):
+    good = json.dumps({"query": "q", "choices": ["a", "b"], "gold": 0})
+    path = tmp_path / "piqa.jsonl"
+    path.write_text("\n".join([good] * 5 + ["{broken"] + [good]) + "\n")
+    with pytest.raises(ConfigError, match="line 6: not valid JSON"):
+        zs.plan_tasks("piqa", str(tmp_path))
+    path.write_text("\n".join([good] * 3 + ["", json.dumps({"query": "q"})]) + "\n")
+    with pytest.raises(ConfigError, match="line 5: piqa records need the fields query, choices, gold"):
+        zs.plan_tasks("piqa", str(tmp_path))
+
+
 def test_unreachable_hub_fails_in_one_line_naming_the_offline_alternative(monkeypatch, tiny_model_dir, capsys):
     from ebft.cli import main
 

@@ -132,11 +132,29 @@ def cell_name(cell: RunConfig) -> str:
     return f"{cell.prune.method}-{cell.recover.method}-{label}-{cell_key(cell)}"
 
 
-def _read_cell(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+_CELL_KEYS = ("method", "recover", "sparsity", "column", "perplexity", "recovery", "sparsity_measured", "seconds",
+              "key")
+
+
+def _read_cell(path: Path, required=_CELL_KEYS) -> dict | None:
+    """A finished cell's record, or None if there is none or it is not one (empty, truncated, ``{}``,
+    a list, random bytes: the cell is run again, with one warning)."""
+    if not path.exists():
         return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = None
+    if not isinstance(record, dict) or any(k not in record for k in required) or (
+            "key" in required and not path.stem.endswith(str(record["key"]))):
+        if path not in _WARNED:
+            _WARNED.add(path)
+            log.warning("sweep: %s is not a finished cell record; running that cell again", path)
+        return None
+    return record
+
+
+_WARNED: set[Path] = set()
 
 
 def _run_cell(model, tokenizer, cell: RunConfig, pattern, data, device: str, progress) -> dict:
@@ -195,7 +213,7 @@ def sweep(config: SweepConfig, progress=None) -> dict:
     folder = out / "cells"
     device = resolve_device(base.device)
     todo = [(c, p) for c, p in cells if _read_cell(folder / f"{cell_name(c)}.json") is None]
-    dense = (_read_cell(_dense_path(base, folder)) or {}).get("perplexity")
+    dense = (_read_cell(_dense_path(base, folder), ("perplexity",)) or {}).get("perplexity")
     log.info("sweep: %d cells, %d already finished", len(cells), len(cells) - len(todo))
     if base.eval.zeroshot:
         log.warning("sweep: zero-shot tasks are not run per cell; use ebft eval on a saved model")

@@ -156,21 +156,31 @@ def plan_tasks(tasks, task_data: str | None = None) -> list[TaskSpec]:
 
 
 def check_task_file(task: str, path: str) -> None:
-    """The first record of a local file parses and holds the fields the task's config reads."""
+    """Every record of a local file parses and holds the fields the task's config reads; an error names
+    the file and the record's line (``.jsonl``) or index (``.json``)."""
+    from .tasks.local_docs import read_records
+
     try:
-        with open(path, encoding="utf-8") as fh:
-            if path.endswith(".json"):
-                first = json.load(fh)
-                first = first[0] if isinstance(first, list) and first else first
-            else:
-                first = json.loads(next((line for line in fh if line.strip()), "null"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError("eval.task_data", path, f"not {'JSON' if path.endswith('.json') else 'JSON lines'} "
-                          f"({hub.reason(exc)})") from exc
+        records = read_records(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("eval.task_data", path, f"could not read it ({hub.reason(exc)})") from None
+    except ValueError as exc:  # read_records names the line
+        raise ConfigError("eval.task_data", path, str(exc).replace(f"{path} ", "", 1)) from None
     need = LOCAL_TASKS[task]
-    if not isinstance(first, dict) or any(k not in first for k in need):
-        got = sorted(first) if isinstance(first, dict) else type(first).__name__
-        raise ConfigError("eval.task_data", path, f"{task} records need the fields {', '.join(need)}; got {got}")
+    if not records:
+        raise ConfigError("eval.task_data", path, f"holds no {task} records")
+    lines = _record_lines(path) if not path.endswith(".json") else None
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or any(k not in record for k in need):
+            got = sorted(record) if isinstance(record, dict) else type(record).__name__
+            where = f"line {lines[i]}" if lines else f"item {i}"
+            raise ConfigError("eval.task_data", path, f"{where}: {task} records need the fields "
+                              f"{', '.join(need)}; got {got}")
+
+
+def _record_lines(path: str) -> list[int]:
+    with open(path, encoding="utf-8") as fh:
+        return [n for n, line in enumerate(fh.read().split("\n"), start=1) if line.strip()]
 
 
 # ---- building the tasks (reads local files or downloads from the hub) ----------------------------

@@ -12,12 +12,22 @@ from pathlib import Path
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Records of a ``.jsonl`` file (one JSON object a line) or a ``.json`` file holding a list."""
+    """Records of a ``.jsonl`` file (one JSON object a line) or a ``.json`` file holding a list.
+
+    A line that is not JSON raises ``ValueError("<path> line <n>: ...")`` with the file's own line number."""
     text = Path(path).expanduser().read_text(encoding="utf-8")
     if Path(path).suffix == ".json":
         records = json.loads(text)
         return records if isinstance(records, list) else [records]
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines: U+2028 may sit in a string
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {number}: not valid JSON ({exc.msg})") from None
+    return records
 
 
 def load_local(ebft_task: str, ebft_task_data: dict | None = None, **_unused):
