@@ -18,7 +18,8 @@ demo: $(STAMP)
 	$(VENV)/bin/ebft run --config configs/demo.yaml --overwrite
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -m "" tests
+	$(VENV)/bin/pytest -q -rs tests
+	$(VENV)/bin/pytest -v -rs --durations=5 -m integration tests
 
 test-unit: $(STAMP)
 	$(VENV)/bin/pytest -q tests

@@ -173,3 +173,29 @@ def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):
     assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "prune.methd" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_of_a_saved_run_reuses_its_evaluation_settings(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "saved"
+    assert main(_run_args(tiny_model_dir, text_file, out, "--recover", "none")) == 0
+    record = json.loads((out / "run.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "evaluation settings of the saved run" in captured.err
+    row = next(line for line in captured.out.splitlines() if line.startswith(f"| {text_file.name}"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[1]) == pytest.approx(record["perplexity"][text_file.name]["pruned"], rel=1e-4)
+    assert cells[2:] == ["64", "4", "256"]  # seqlen, windows, tokens: the protocol beside the number
+
+
+def test_auto_eval_text_falls_back_to_offline_in_one_line(monkeypatch, caplog):
+    from ebft import data, hub
+
+    monkeypatch.setattr(hub, "hub_offline", lambda: False)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: "ConnectError (test)")
+    assert data.resolve_source("auto") == "offline"
+    assert sum("out of reach" in r.message for r in caplog.records) == 1
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
+    assert data.resolve_source("auto") == "wikitext2"
+    assert data.resolve_source("ptb") == "ptb"

@@ -9,25 +9,28 @@ from .errors import EbftError
 from .report import markdown_table as format_table
 
 EXAMPLES_RUN = """examples:
-  ebft run --model builtin:smollm2 --method wanda --sparsity 0.5 --calib offline --eval offline --out runs/demo
-  ebft run --model meta-llama/Llama-2-7b-hf --method wanda --sparsity 0.5 --calib c4 --eval wikitext2 --out runs/l2-wanda50
-  ebft run --model path/to/model.gguf --method sparsegpt --pattern 2:4 --calib notes.txt \\
-           --eval ../shared/data/wikitext-2-raw/wiki.test.raw --out runs/x
-  ebft run --config configs/demo.yaml --sparsity 0.6 --out runs/demo60   # flags override the file
+  ebft run --config configs/demo.yaml             # the offline demo: SmolLM2-135M, Wanda 50 %, EBFT; ~5 min on 2 CPU cores
+  ebft run --config configs/demo.yaml --sparsity 0.6 --out runs/demo60        # flags override the file
+  ebft run --model builtin:smollm2 --method sparsegpt --pattern 2:4 --nsamples 16 --seqlen 256 --epochs 2 \\
+           --eval offline --eval-windows 4 --out runs/sgpt-24                   # offline, a few minutes
+  ebft run --model builtin:smollm2 --method flap --sparsity 0.2 --nsamples 16 --seqlen 256 --epochs 2 \\
+           --eval offline --eval-windows 4 --out runs/flap20                    # structured: a smaller model
+  ebft run --model meta-llama/Llama-2-7b-hf --calib c4 --nsamples 256 --seqlen 1024 --eval wikitext2 \\
+           --out runs/l2-wanda50                         # the paper's setting: needs a GPU and the hub
 """
 EXAMPLES_SWEEP = """examples:
-  ebft sweep --model builtin:smollm2 --methods wanda,sparsegpt --sparsities 0.5,0.6,0.7 --recover none,dsnot,ebft \\
-             --calib offline --nsamples 32 --seqlen 256 --eval offline --eval-windows 8 --out runs/sweep
+  ebft sweep --model builtin:smollm2 --methods wanda,sparsegpt --sparsities 0.5,0.7 --recover none,dsnot,ebft \\
+             --nsamples 16 --seqlen 256 --epochs 2 --eval offline --eval-windows 4 --out runs/sweep
   ebft sweep --model meta-llama/Llama-2-7b-hf --methods magnitude,wanda,sparsegpt --pattern 2:4 \\
-             --recover none,ebft --calib c4 --eval wikitext2 --out runs/l2-24
+             --recover none,ebft --calib c4 --eval wikitext2 --out runs/l2-24    # needs a GPU and the hub
 A rerun with the same --out skips the finished cells (out/cells/*.json); a changed setting reruns only the
 cells it concerns (e.g. --lora-steps reruns the lora cells, not the ebft ones).
 """
 EXAMPLES_EVAL = """examples:
-  ebft eval --model runs/l2-wanda50 --eval wikitext2
-  ebft eval --model builtin:smollm2 --eval ../shared/data/wikitext-2-raw/wiki.test.raw --eval-windows 8
-  ebft eval --model runs/l2-wanda50 --tasks                    # zero-shot, the paper's seven lm-eval tasks
-  ebft eval --model builtin:smollm2 --tasks piqa,arc_easy,winogrande --task-data ../shared/data/zeroshot --limit 200
+  ebft eval --model runs/demo                    # a saved run: its own evaluation settings, unless given
+  ebft eval --model builtin:smollm2 --eval offline --eval-seqlen 512 --eval-windows 8
+  ebft eval --model runs/demo --eval path/to/wiki.test.raw --eval-seqlen 128     # a local WikiText-2 copy
+  ebft eval --model runs/demo --tasks piqa,arc_easy --task-data path/to/zeroshot --limit 200
 """
 
 
@@ -101,6 +104,26 @@ TASKS_HELP = ("comma list of lm-eval task names; alone: the paper's seven (piqa,
 TASK_DATA_HELP = ("run zero-shot tasks offline from local files: a folder of <task>.jsonl or task=path pairs, "
                   "comma-separated; offline tasks: piqa, arc_easy, arc_challenge, boolq, openbookqa, winogrande, "
                   "lambada_openai (default: the hub)")
+
+
+def _saved_eval_settings(model: str, args) -> dict | None:
+    """A saved ebft run's evaluation settings (text, window length, windows), used by ``ebft eval`` when
+    none of --eval, --eval-seqlen, --eval-windows is given; None otherwise."""
+    import json
+    from pathlib import Path
+
+    given = (args.eval__sources, args.eval__seqlen, args.eval__windows)
+    record = Path(model).expanduser() / "run.json"
+    if any(v is not None for v in given) or args.tasks or not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text())
+        ev, resolved = data["config"]["eval"], data.get("resolved", {})
+        sources = [p["source"] for p in data.get("eval_protocol", {}).values()] or ev["sources"]
+        return {"sources": sources, "seqlen": resolved.get("eval_seqlen") or ev["seqlen"],
+                "windows": ev["windows"], "from": str(record)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not an ebft record: the defaults apply
 
 
 def config_from_args(args):
@@ -258,6 +281,12 @@ def main(argv=None) -> int:
             from .pipeline import evaluate
 
             config = config_from_args(args)
+            saved = _saved_eval_settings(config.model, args)
+            if saved:
+                print(f"evaluation settings of the saved run ({saved['from']}): text {', '.join(saved['sources'])}, "
+                      f"seqlen {saved['seqlen']}, windows {saved['windows'] or 'all'}", file=sys.stderr)
+                config.eval.sources, config.eval.seqlen, config.eval.windows = (
+                    saved["sources"], saved["seqlen"], saved["windows"])
             sources = args.eval__sources or ([] if args.tasks else config.eval.sources)
             result = evaluate(config.model, sources, config.eval.seqlen, config.eval.windows, config.device,
                               config.dtype, config.batch_size, args.tasks, args.task_data, args.limit)

@@ -32,7 +32,7 @@ from .prune import PRUNERS
 from .recover import RECOVERIES
 from .settings import option
 
-NAMED_SOURCES = ("c4", "wikitext2", "ptb", "offline", "offline-c4")
+NAMED_SOURCES = ("c4", "wikitext2", "ptb", "offline", "offline-c4", "auto")
 _SOURCE_HELP = "c4 | wikitext2 | ptb | offline | offline-c4 | a .txt/.raw/.jsonl/.json file"
 
 
@@ -49,8 +49,9 @@ class CalibConfig:
 
 @dataclass
 class EvalConfig:
-    sources: list[str] = option(["wikitext2"], f"perplexity texts, one or more of: {_SOURCE_HELP}", flag="--eval",
-                                metavar="TEXT")
+    sources: list[str] = option(["auto"], f"perplexity texts, one or more of: {_SOURCE_HELP}; auto: wikitext2 "
+                                "from the hub, or offline when the hub is out of reach (said in one line)",
+                                flag="--eval", metavar="TEXT")
     seqlen: int | None = option(None, "tokens per evaluation window", low=1, flag="--eval-seqlen",
                                 default_text="min(context, 2048)")
     windows: int | None = option(None, "cap on evaluation windows per text, for quick runs", low=1,
@@ -101,8 +102,9 @@ from .models import DTYPE_CHOICES  # noqa: E402
 @dataclass
 class RunConfig:
     model: str = option("", "hub id, local HF folder, .gguf file (dequantised, saved as a plain model), or "
-                        "builtin:smollm2 (the offline demo)", default_text="required")
-    out: str | None = option(None, "output folder for the pruned model and run.json", default_text="required")
+                        "builtin:smollm2 (the offline demo)", default_text="required, here or as model: in --config")
+    out: str | None = option(None, "output folder for the pruned model and run.json",
+                             default_text="required, here or as out: in --config")
     dtype: str = option("auto", "weights' dtype, also the saved one: {choices} (auto: fp32 on CPU, bf16/fp16 on GPU)",
                         choices=DTYPE_CHOICES)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
@@ -245,6 +247,9 @@ def resolve_device(device: str) -> str:
 def check_source(source: str, field_name: str = "calib") -> None:
     """A text source is a named dataset or an existing, non-empty local file; errors name ``field_name``
     (``calib`` or ``eval``: the flag the user typed)."""
+    if source == "auto" and field_name != "eval":
+        raise ConfigError(field_name, source, f"auto is for evaluation; use a local file or one of "
+                          f"{', '.join(n for n in NAMED_SOURCES if n != 'auto')}")
     if source in NAMED_SOURCES:
         return
     path = Path(os.path.expanduser(source))

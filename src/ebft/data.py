@@ -82,6 +82,22 @@ class _Text:
 
 # ----------------------------------------------------------------------------- public API
 
+AUTO = "auto"  # the evaluation default: WikiText-2 from the hub, or the offline corpus when the hub is out of reach
+
+
+def resolve_source(source: str) -> str:
+    """``auto`` -> ``wikitext2`` when the Hugging Face hub answers (or its offline cache is asked for),
+    else ``offline``, said in one warning line; any other source as given."""
+    if source != AUTO:
+        return source
+    if hub.hub_offline() or hub.hub_unreachable() is None:
+        return "wikitext2"
+    log.warning("evaluation text: the Hugging Face hub is out of reach, so the default WikiText-2 is replaced "
+                "by the offline corpus's held-out text (--eval offline); pass --eval wikitext2 or a local "
+                "wiki.test.raw to choose")
+    return "offline"
+
+
 def source_name(source: str) -> str:
     """Short name for tables and JSON keys: a named source as itself, a file by its file name."""
     return source if source in NAMED_SOURCES else Path(source).name

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .config import RunConfig, check_device, check_source, resolve_device
-from .data import adds_bos, calibration_windows, eval_tokens, source_name
+from .data import adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
 from .errors import ConfigError, EbftError
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, stream_perplexity
 from .evaluation.speed import measure_speed
@@ -96,7 +96,7 @@ def eval_sets(tokenizer, sources, seqlen: int, windows: int | None) -> tuple[dic
     """``({name: [n, seqlen] windows}, {name: protocol})`` for each evaluation text."""
     sets, protocol = {}, {}
     bos = adds_bos(tokenizer)
-    for src in sources:
+    for src in map(resolve_source, sources):
         name = source_name(src)
         ids = eval_tokens(tokenizer, src, bos=bos)
         cap = windows or (C4_WINDOWS if src == "c4" else None)

@@ -5,7 +5,9 @@ from pathlib import Path
 
 
 def plot_block_losses(blocks: list[dict], path: Path, title: str = "") -> Path | None:
-    """Log-scale reconstruction loss before/after recovery per block; None if nothing to plot."""
+    """Two panels per block: the reconstruction loss before/after recovery (log scale), and their ratio
+    after/before (linear), which stays readable where the two curves nearly overlap on the log scale.
+    None if nothing to plot."""
     rows = [b for b in blocks if "loss_before" in b]
     if not rows:
         return None
@@ -15,7 +17,7 @@ def plot_block_losses(blocks: list[dict], path: Path, title: str = "") -> Path |
     import matplotlib.pyplot as plt
 
     idx = [b["index"] for b in rows]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, (ax, rx) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     ax.plot(idx, [b["loss_before"] for b in rows], "o-", label="after pruning")
     ax.plot(idx, [b["loss_after"] for b in rows], "o-", label="after recovery")
     if any("holdout_loss_after" in b for b in rows):
@@ -25,11 +27,17 @@ def plot_block_losses(blocks: list[dict], path: Path, title: str = "") -> Path |
         ax.scatter(restored, [b["loss_after"] for b in rows if b.get("restored")], marker="s", s=80,
                    facecolors="none", edgecolors="red", label="restored (recovery rejected)")
     ax.set_yscale("log")
-    ax.set_xlabel("block")
     ax.set_ylabel("reconstruction loss")
     ax.set_title(title or "per-block reconstruction loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    ratios = [b["loss_after"] / b["loss_before"] if b["loss_before"] else 1.0 for b in rows]
+    rx.bar(idx, ratios, color=["tab:red" if b.get("restored") else "tab:green" for b in rows])
+    rx.axhline(1.0, color="black", linewidth=0.8)
+    rx.set_ylim(0, max(1.05, max(ratios) * 1.05))
+    rx.set_ylabel("after / before")
+    rx.set_xlabel("block")
+    rx.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

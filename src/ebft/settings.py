@@ -216,7 +216,8 @@ def help_of(f: dataclasses.Field) -> str:
     text = f.metadata["help"]
     if choices and "{choices}" in text:
         text = text.replace("{choices}", " | ".join(map(str, choices)))
-    return f"{text} (default: {_default_text(f)})"
+    default = _default_text(f)
+    return f"{text} ({default})" if default.startswith("required") else f"{text} (default: {default})"
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, path: str, skip=frozenset()) -> dict[str, str]:
