@@ -204,30 +204,50 @@ def sweep(config: SweepConfig, progress=None) -> dict:
     ``progress(event, **info)`` gets ``cell_start`` / ``cell_end`` / ``cell_skip`` with ``index``,
     ``total`` and ``name``, and the walk's own events in between. Returns the results dict.
     """
+    cells = config.validate()
+    if config.base.eval.zeroshot:
+        log.warning("sweep: zero-shot tasks are not run per cell; use ebft eval on a saved model")
+    dense, finished = run_cells(config.base, cells, Path(config.out), progress, config.save_models,
+                                on_cell=lambda dense, done: write_results(Path(config.out), config, dense, done))
+    return write_results(Path(config.out), config, dense, finished)
+
+
+def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path, progress=None,
+              save_models: bool = False, on_cell=None) -> tuple[dict, list[dict]]:
+    """Run each ``(cell, pattern)`` not already finished in ``out/cells`` on one loaded model.
+
+    The cells share the model, its dtype and device (``base``'s); each may have its own calibration
+    windows (the windows for one calibration setting are drawn once) and evaluation texts.
+    ``on_cell(dense, finished)`` is called after every finished cell. Returns ``(dense perplexity,
+    finished records in cell order)``; a rerun with nothing to do does not load the model.
+    """
     from .models import load_model
     from .pipeline import check_model_fits, prepare_data
 
-    cells = config.validate()
     progress = progress or (lambda *a, **k: None)
-    base, out = config.base, Path(config.out)
     folder = out / "cells"
     device = resolve_device(base.device)
     todo = [(c, p) for c, p in cells if _read_cell(folder / f"{cell_name(c)}.json") is None]
     dense = (_read_cell(_dense_path(base, folder), ("perplexity",)) or {}).get("perplexity")
     log.info("sweep: %d cells, %d already finished", len(cells), len(cells) - len(todo))
-    if base.eval.zeroshot:
-        log.warning("sweep: zero-shot tasks are not run per cell; use ebft eval on a saved model")
+
+    datasets: dict[str, object] = {}
+
+    def data_for(cell: RunConfig):
+        key = json.dumps([dataclasses.asdict(cell.calib), dataclasses.asdict(cell.eval), cell.seed], default=str)
+        if key not in datasets:
+            datasets[key] = prepare_data(model, tokenizer, cell)
+        return datasets[key]
 
     if todo or dense is None:
         model, tokenizer = load_model(base.model, base.dtype, device)
-        for cell, pattern in cells:
-            check_model_fits(model, pattern, cell.prune.layers)
+        for cell, pattern in todo:
+            check_model_fits(model, pattern, cell.prune.layers, cell.pruner_settings())
         original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        pristine = copy.deepcopy(model) if any(p.structured for _, p in cells) else None
-        data = prepare_data(model, tokenizer, base)
+        pristine = copy.deepcopy(model) if any(p.structured for _, p in todo) else None
         folder.mkdir(parents=True, exist_ok=True)
         if dense is None:
-            dense = _dense_perplexity(model, data.evals, base, device)
+            dense = _dense_perplexity(model, data_for(base).evals, base, device)
             write_json(_dense_path(base, folder), {"model": base.model, "perplexity": dense})
 
     finished = []
@@ -244,8 +264,8 @@ def sweep(config: SweepConfig, progress=None) -> dict:
             model = copy.deepcopy(pristine)
         else:
             model.load_state_dict(original)
-        record = _run_cell(model, tokenizer, cell, pattern, data, device, progress)
-        if config.save_models:
+        record = _run_cell(model, tokenizer, cell, pattern, data_for(cell), device, progress)
+        if save_models:
             if pattern.structured:
                 from .structured import make_saveable_
 
@@ -256,8 +276,9 @@ def sweep(config: SweepConfig, progress=None) -> dict:
         finished.append(record)
         progress("cell_end", index=index, total=len(cells), name=name, seconds=record["seconds"],
                  perplexity=record["perplexity"])
-        write_results(out, config, dense, finished)
-    return write_results(out, config, dense, finished)
+        if on_cell is not None:
+            on_cell(dense, finished)
+    return dense, finished
 
 
 def write_results(out: Path, config: SweepConfig, dense: dict | None, cells: list[dict]) -> dict:
