@@ -199,3 +199,23 @@ def test_auto_eval_text_falls_back_to_offline_in_one_line(monkeypatch, caplog):
     monkeypatch.setattr(hub, "hub_unreachable", lambda: None)
     assert data.resolve_source("auto") == "wikitext2"
     assert data.resolve_source("ptb") == "ptb"
+
+
+def test_plan_reads_only_the_config(tmp_path, capsys, monkeypatch):
+    import ebft.models
+
+    monkeypatch.setattr(ebft.models, "load_model", lambda *a, **k: pytest.fail("plan loaded weights"))
+    path = tmp_path / "plan.json"
+    assert main(["plan", "--model", "configs/models/llama-2-70b", "--calib", "c4", "--nsamples", "256",
+                 "--seqlen", "1024", "--eval", "wikitext2", "--device", "cuda", "--free-accelerator", "80GB",
+                 "--free-host", "128GB", "--plan-json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "68.98 B" in out and "placement" in out
+    plan = json.loads(path.read_text())
+    assert plan["parameters"]["total"] == 68_976_648_192 and plan["load"] == "lazy"  # 138 GB of bf16 > host
+
+
+def test_run_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "dry"
+    assert main(_run_args(tiny_model_dir, text_file, out, "--dry-run")) == 0
+    assert "parameters" in capsys.readouterr().out and not out.exists()

@@ -26,6 +26,12 @@ EXAMPLES_SWEEP = """examples:
 A rerun with the same --out skips the finished cells (out/cells/*.json); a changed setting reruns only the
 cells it concerns (e.g. --lora-steps reruns the lora cells, not the ebft ones).
 """
+EXAMPLES_PLAN = """examples:
+  ebft plan --config configs/demo.yaml                                 # this machine, the demo's settings
+  ebft plan --model configs/models/llama-2-7b --calib c4 --nsamples 256 --seqlen 1024 --eval wikitext2 \\
+            --device cuda --free-accelerator 16GB --free-host 128GB  # the paper's run on a 16 GB GPU
+  ebft plan --model configs/models/llama-2-70b --device cuda --free-accelerator 80GB --free-host 128GB
+"""
 EXAMPLES_EVAL = """examples:
   ebft eval --model runs/demo                    # a saved run: its own evaluation settings, unless given
   ebft eval --model builtin:smollm2 --eval offline --eval-seqlen 512 --eval-windows 8
@@ -81,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "dsnot, lora (default: none,ebft)")
     sw.add_argument("--out", help="folder for cells/*.json and results.md/.json/.png; rerun it to resume (required)")
     sw.add_argument("--save-models", action="store_true", help="also save each cell's model under out/models/")
-    sw.set_defaults(dests=_run_flags(sw, skip=SWEEP_GRID_FLAGS))
+    sw.set_defaults(dests=_run_flags(sw, skip=SWEEP_GRID_FLAGS | RUN_ONLY_FLAGS))
+    pl = sub.add_parser("plan", help="memory (and, with a GPU, time) a run needs, from the model's config alone",
+                        epilog=EXAMPLES_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _verbose(pl, argparse.SUPPRESS)
+    pl.add_argument("--config", help="YAML file with the run's settings; flags override it")
+    _plan_flags(pl)
+    pl.set_defaults(dests=_run_flags(pl, skip={"--out", "--overwrite"}))
+    run.add_argument("--dry-run", action="store_true", help="print the plan (as ebft plan) and exit; loads no weight")
+    _plan_flags(run)
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model", epilog=EXAMPLES_EVAL,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _verbose(ev, argparse.SUPPRESS)
-    dests = add_flags(ev, RunConfig, "", skip={"--out", "--overwrite", "--seed"})
+    dests = add_flags(ev, RunConfig, "", skip={"--out", "--overwrite", "--seed", *RUN_ONLY_FLAGS})
     dests.update(add_flags(ev, EvalConfig, "eval", skip={"--zeroshot", "--task-data", "--zeroshot-limit"}))
     ev.add_argument("--tasks", nargs="?", const=["paper"], type=_task_list, metavar="TASKS",
                     help="zero-shot accuracy (lm-eval, 0-shot, acc and acc_norm): " + TASKS_HELP)
@@ -93,6 +107,53 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="first N items of each zero-shot task, for quick runs (default: all)")
     ev.set_defaults(dests=dests)
     return parser
+
+
+def _plan_flags(parser) -> None:
+    group = parser.add_argument_group("plan (ebft plan, ebft run --dry-run)")
+    group.add_argument("--free-accelerator", metavar="BYTES", help="accelerator memory to plan for, e.g. 80GB "
+                       "(default: measured on this machine's GPU; none: unknown)")
+    group.add_argument("--free-host", metavar="BYTES", help="host memory to plan for, e.g. 128GB (default: measured)")
+    group.add_argument("--measure", action=argparse.BooleanOptionalAction, default=None,
+                       help="time one random block of the model to estimate the run's time (default: on a GPU only)")
+    group.add_argument("--plan-json", metavar="PATH", help="also write the plan as JSON")
+
+
+def show_plan(config, args) -> dict:
+    """Print what ``config`` needs (memory per phase, placement, time) without loading a weight."""
+    import json
+
+    from . import budget
+    from .models import BUILTIN_MODELS, builtin_model_path, check_model_source
+
+    config.validate(need_out=False, need_device=False)
+    check_model_source(config.model)
+    source = builtin_model_path(config.model) if config.model in BUILTIN_MODELS else config.model
+    try:
+        model_config = budget.load_config(str(source))
+    except (OSError, ValueError) as exc:
+        from .hub import reason
+
+        raise EbftError(f"model: could not read the config of {config.model!r} ({reason(exc)})") from None
+    context = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions")
+                    if isinstance(getattr(model_config, k, None), int)), 2048)
+    settings = budget.settings_from_run_config(config, context)
+    free_acc = budget.parse_bytes(args.free_accelerator) if args.free_accelerator else None
+    free_host = budget.parse_bytes(args.free_host) if args.free_host else None
+    import torch
+
+    # time one block only where the run's device is here (a 7B block trained on a CPU takes minutes)
+    measure = args.measure if args.measure is not None else (settings.device.startswith("cuda")
+                                                              and torch.cuda.is_available())
+    timing = budget.estimate_time(model_config, settings, measure=measure)
+    plan = budget.plan(model_config, settings, free_accelerator=free_acc, free_host=free_host, time_estimate=timing,
+                       name=config.model)
+    print(budget.render_plan(plan))
+    data = budget.plan_to_dict(plan)
+    if args.plan_json:
+        with open(args.plan_json, "w") as fh:
+            json.dump(data, fh, indent=2, default=str)
+    return data
 
 
 def _task_list(text: str) -> list[str]:
@@ -235,6 +296,8 @@ class _SweepProgress:
 
 
 SWEEP_GRID_FLAGS = frozenset({"--method", "--sparsity", "--recover", "--out", "--overwrite"})  # lists in sweep
+# settings of one `ebft run` (its checkpoint, lazy loading): sweeps resume per cell and load eagerly
+RUN_ONLY_FLAGS = frozenset({"--lazy", "--resume", "--checkpoint", "--checkpoint-every"})
 
 
 def sweep_config_from_args(args):
@@ -262,13 +325,20 @@ def main(argv=None) -> int:
 
         hf_logging.disable_progress_bar()
     try:
-        if args.command == "run":
+        if args.command == "plan" or (args.command == "run" and args.dry_run):
+            show_plan(config_from_args(args), args)
+        elif args.command == "run":
+            from .distributed import is_main_process
             from .pipeline import run
 
             config = config_from_args(args)
-            record = run(config, progress=_Progress())  # validates before anything is loaded
-            print(run_table(record))
-            print(f"saved to {config.out}")
+            main_rank = is_main_process()  # under torchrun the other ranks are quiet
+            if not main_rank:
+                logging.getLogger().setLevel(logging.ERROR)
+            record = run(config, progress=_Progress() if main_rank else None)  # validates before anything is loaded
+            if main_rank:
+                print(run_table(record))
+                print(f"saved to {config.out}")
         elif args.command == "sweep":
             from .report import sweep_markdown
             from .sweeps import sweep
@@ -299,7 +369,9 @@ def main(argv=None) -> int:
                 tables.append(zeroshot_table({t: {"": m} for t, m in zeroshot.items()}, {"": average}))
             print("\n\n".join(tables))
     except EbftError as exc:
-        print(f"ebft: error: {exc}", file=sys.stderr)
+        from .distributed import env_rank
+
+        print(f"ebft{f'[rank {env_rank()}]' if env_rank() else ''}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command == "sweep":

@@ -112,6 +112,18 @@ class RunConfig:
                        "initialisation", low=0, high=2**32 - 1)
     batch_size: int = option(1, "windows per forward pass in the walk and in evaluation", low=1)
     overwrite: bool = option(False, "replace an existing --out folder that ebft wrote")
+    lazy: bool | None = option(None, "load lazily: read each block from the safetensors shards when the walk "
+                               "reaches it, write it to the output when done and free it, so host memory holds "
+                               "about one block plus the activations, not the model (auto: when the weights "
+                               "exceed half the available memory; not for GGUF, .bin, lora, zero-shot, speed or "
+                               "structured pruning, which need the whole model)", default_text="auto")
+    resume: bool | None = option(None, "continue a killed run from its checkpoint beside --out (auto: when there "
+                                 "is one of the same settings; a different one is refused; --no-resume: discard "
+                                 "it and start over)", default_text="auto")
+    checkpoint: bool = option(True, "checkpoint the walk in .<out>.ckpt beside --out, so that a killed run "
+                              "resumes (removed when the run completes)")
+    checkpoint_every: float = option(0.0, "seconds between checkpoints of the walk's activations (0: after every "
+                                     "block; always after the last)", low=0, metavar="SECONDS")
     calib: CalibConfig = field(default_factory=CalibConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
@@ -182,8 +194,9 @@ class RunConfig:
         for name in _SECTIONS:
             st.check(getattr(self, name), f"{name}.")
 
-    def validate(self, need_out: bool = True):
-        """Check every field; return the parsed sparsity :class:`~ebft.masks.Pattern`."""
+    def validate(self, need_out: bool = True, need_device: bool = True):
+        """Check every field; return the parsed sparsity :class:`~ebft.masks.Pattern`. ``need_device=False``
+        (``ebft plan``): the run may be planned for a device this machine does not have."""
         from .models import check_model_source
         from .plan import check_allocation
         from .prune import get_pruner
@@ -192,7 +205,8 @@ class RunConfig:
         self.check_types()
         if not self.model:
             raise ConfigError("model", self.model, "required: a hub id, a local folder or a .gguf file")
-        check_device(self.device)
+        if need_device:
+            check_device(self.device)
         from .evaluation.zeroshot import plan_tasks
 
         plan_tasks(self.eval.zeroshot, self.eval.task_data)  # names, files and their fields
