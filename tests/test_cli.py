@@ -83,16 +83,23 @@ def test_eval_command(tiny_model_dir, text_file, capsys):
     assert math.isfinite(value) and value > 1
 
 
-def test_overwrite_is_required_and_works(tiny_model_dir, text_file, tmp_path, capsys):
+def test_overwrite_replaces_only_what_ebft_wrote(tiny_model_dir, text_file, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = _run_args(tiny_model_dir, text_file, out, "--recover", "none")
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "keep.txt").exists()
-    assert main(args + ["--overwrite"]) == 0
-    assert (out / "run.json").exists() and not (out / "keep.txt").exists()
+    assert main(args + ["--overwrite"]) == 2  # a folder ebft did not write is never replaced
+    assert "ebft did not write it" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+    mine = tmp_path / "mine"
+    assert main(_run_args(tiny_model_dir, text_file, mine, "--recover", "none")) == 0
+    first = (mine / "run.json").read_text()
+    assert main(_run_args(tiny_model_dir, text_file, mine, "--recover", "none")) == 2  # exists: needs --overwrite
+    assert main(_run_args(tiny_model_dir, text_file, mine, "--recover", "none", "--seed", "1", "--overwrite")) == 0
+    assert (mine / "run.json").read_text() != first and not list(tmp_path.glob(".mine.*"))
 
 
 BAD = [

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from .errors import EbftError
@@ -324,62 +325,74 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    from .export import interrupt_on_signals
+
     try:
-        if args.command == "plan" or (args.command == "run" and args.dry_run):
-            show_plan(config_from_args(args), args)
-        elif args.command == "run":
-            from .distributed import is_main_process
-            from .pipeline import run
-
-            config = config_from_args(args)
-            main_rank = is_main_process()  # under torchrun the other ranks are quiet
-            if not main_rank:
-                logging.getLogger().setLevel(logging.ERROR)
-            record = run(config, progress=_Progress() if main_rank else None)  # validates before anything is loaded
-            if main_rank:
-                print(run_table(record))
-                print(f"saved to {config.out}")
-        elif args.command == "sweep":
-            from .report import sweep_markdown
-            from .sweeps import sweep
-
-            config = sweep_config_from_args(args)
-            results = sweep(config, progress=_SweepProgress())  # validates every cell first
-            print(sweep_markdown(results))
-            print(f"wrote {config.out}/results.md, results.json, results.png")
-        elif args.command == "eval":
-            from .pipeline import evaluate
-
-            config = config_from_args(args)
-            saved = _saved_eval_settings(config.model, args)
-            if saved:
-                print(f"evaluation settings of the saved run ({saved['from']}): text {', '.join(saved['sources'])}, "
-                      f"seqlen {saved['seqlen']}, windows {saved['windows'] or 'all'}", file=sys.stderr)
-                config.eval.sources, config.eval.seqlen, config.eval.windows = (
-                    saved["sources"], saved["seqlen"], saved["windows"])
-            sources = args.eval__sources or ([] if args.tasks else config.eval.sources)
-            result = evaluate(config.model, sources, config.eval.seqlen, config.eval.windows, config.device,
-                              config.dtype, config.batch_size, args.tasks, args.task_data, args.limit)
-            zeroshot, average = result.pop("zeroshot", None), result.pop("zeroshot_average", None)
-            protocol = result.pop("eval_protocol", {})
-            rows = [[name, ppl, protocol[name]["seqlen"], protocol[name]["windows"], protocol[name]["tokens"]]
-                    for name, ppl in result.items()]
-            tables = [format_table(["text", "perplexity", "seqlen", "windows", "tokens"], rows)] if rows else []
-            if zeroshot:
-                tables.append(zeroshot_table({t: {"": m} for t, m in zeroshot.items()}, {"": average}))
-            print("\n\n".join(tables))
+        with interrupt_on_signals():  # SIGTERM/SIGHUP take the same clean path as Ctrl-C
+            _dispatch(args)
     except EbftError as exc:
         from .distributed import env_rank
 
         print(f"ebft{f'[rank {env_rank()}]' if env_rank() else ''}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        code = 128 + int(getattr(exc, "signum", signal.SIGINT))
         if args.command == "sweep":
             print(f"ebft: interrupted; the finished cells are kept in {args.out}/cells (rerun to resume)", file=sys.stderr)
-            return 130
-        print("ebft: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        elif args.command == "run":
+            print("ebft: interrupted; the output folder is as it was before the run (rerun the same command "
+                  "to resume from the last checkpoint)", file=sys.stderr)
+        else:
+            print("ebft: interrupted", file=sys.stderr)
+        return code
     return 0
+
+
+def _dispatch(args) -> None:
+    """Run the parsed command; errors and interruptions are handled by :func:`main`."""
+    if args.command == "plan" or (args.command == "run" and args.dry_run):
+        show_plan(config_from_args(args), args)
+    elif args.command == "run":
+        from .distributed import is_main_process
+        from .pipeline import run
+
+        config = config_from_args(args)
+        main_rank = is_main_process()  # under torchrun the other ranks are quiet
+        if not main_rank:
+            logging.getLogger().setLevel(logging.ERROR)
+        record = run(config, progress=_Progress() if main_rank else None)  # validates before anything is loaded
+        if main_rank:
+            print(run_table(record))
+            print(f"saved to {config.out}")
+    elif args.command == "sweep":
+        from .report import sweep_markdown
+        from .sweeps import sweep
+
+        config = sweep_config_from_args(args)
+        results = sweep(config, progress=_SweepProgress())  # validates every cell first
+        print(sweep_markdown(results))
+        print(f"wrote {config.out}/results.md, results.json, results.png")
+    elif args.command == "eval":
+        from .pipeline import evaluate
+
+        config = config_from_args(args)
+        saved = _saved_eval_settings(config.model, args)
+        if saved:
+            print(f"evaluation settings of the saved run ({saved['from']}): text {', '.join(saved['sources'])}, "
+                  f"seqlen {saved['seqlen']}, windows {saved['windows'] or 'all'}", file=sys.stderr)
+            config.eval.sources, config.eval.seqlen, config.eval.windows = (
+                saved["sources"], saved["seqlen"], saved["windows"])
+        sources = args.eval__sources or ([] if args.tasks else config.eval.sources)
+        result = evaluate(config.model, sources, config.eval.seqlen, config.eval.windows, config.device,
+                          config.dtype, config.batch_size, args.tasks, args.task_data, args.limit)
+        zeroshot, average = result.pop("zeroshot", None), result.pop("zeroshot_average", None)
+        protocol = result.pop("eval_protocol", {})
+        rows = [[name, ppl, protocol[name]["seqlen"], protocol[name]["windows"], protocol[name]["tokens"]]
+                for name, ppl in result.items()]
+        tables = [format_table(["text", "perplexity", "seqlen", "windows", "tokens"], rows)] if rows else []
+        if zeroshot:
+            tables.append(zeroshot_table({t: {"": m} for t, m in zeroshot.items()}, {"": average}))
+        print("\n\n".join(tables))
 
 
 if __name__ == "__main__":

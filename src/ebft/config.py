@@ -111,7 +111,10 @@ class RunConfig:
     seed: int = option(0, "seed of every random draw: calibration windows, EBFT's shuffling, LoRA's "
                        "initialisation", low=0, high=2**32 - 1)
     batch_size: int = option(1, "windows per forward pass in the walk and in evaluation", low=1)
-    overwrite: bool = option(False, "replace an existing --out folder that ebft wrote")
+    overwrite: bool = option(False, "replace an existing --out folder that ebft wrote (never one it did not write, "
+                             "nor one holding an input of the run)")
+    trust_remote_code: bool = option(False, "let transformers run Python code shipped with the model (auto_map); "
+                                     "off: such a model is refused in one line")
     lazy: bool | None = option(None, "load lazily: read each block from the safetensors shards when the walk "
                                "reaches it, write it to the output when done and free it, so host memory holds "
                                "about one block plus the activations, not the model (auto: when the weights "
@@ -152,6 +155,10 @@ class RunConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def inputs(self) -> list[str]:
+        """Every path the run reads: ``--out`` may never hold, be or lie inside one of them."""
+        return [p for p in (self.model, self.calib.source, *self.eval.sources, self.eval.task_data) if p]
 
     # ---- the parts of one section that belong to one method -------------------------------
     def pruner_settings(self):
@@ -234,7 +241,9 @@ class RunConfig:
             check_source(src, "eval")
         check_model_source(self.model)
         if need_out:
-            check_out(self.out, self.overwrite)
+            from .export import check_out
+
+            check_out(self.out, self.overwrite, inputs=self.inputs())
         return pattern
 
 
@@ -271,16 +280,6 @@ def check_source(source: str, field_name: str = "calib") -> None:
         raise ConfigError(field_name, source, f"no such file; use a local file or one of {', '.join(NAMED_SOURCES)}")
     if path.stat().st_size == 0:
         raise ConfigError(field_name, source, "the file is empty")
-
-
-def check_out(out: str | None, overwrite: bool) -> None:
-    if not out:
-        raise ConfigError("out", out, "required: the folder to write the model and run.json into")
-    path = Path(out)
-    if path.exists() and not overwrite:
-        raise ConfigError("out", out, "already exists; pass --overwrite to replace it")
-    if path.exists() and not path.is_dir():
-        raise ConfigError("out", out, "exists and is not a folder")
 
 
 def _build(cls, data, prefix: str):

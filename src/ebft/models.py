@@ -7,6 +7,7 @@ inside a block. What a block receives as keyword arguments is captured at run ti
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -79,49 +80,204 @@ def check_model_source(source: str) -> None:
         raise ConfigError("model", source, "no such file or folder (give a hub id, a local folder or a .gguf file)")
 
 
-def load_model(source: str, dtype: str = "auto", device: str = "cpu"):
+def load_model(source: str, dtype: str = "auto", device: str = "cpu", trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` from a hub id, a local HF folder, a ``.gguf`` file or a builtin name.
 
     The model stays on the CPU in eval mode; :mod:`ebft.sequential` moves one block at a time to
     ``device``. A GGUF model is dequantised and rebuilt as a plain model so it can be saved.
+
+    ``trust_remote_code``: run Python code shipped with the model (``auto_map`` in its config).
+    Off by default, and always passed explicitly, so transformers never asks on stdin; a model that
+    needs its own code then fails with one line. Every failure to load is one :class:`EbftError` line
+    naming the file or folder at fault.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_source(source)
     torch_dtype = resolve_dtype(dtype, device)
+    trust = bool(trust_remote_code)
     path = builtin_model_path(source) if source in BUILTIN_MODELS else Path(os.path.expanduser(source))
-    if not path.exists() and not hub.hub_offline():  # a hub id: one quick probe, not a minute of retries
+    if path.is_dir():
+        check_model_folder(path, trust)
+    elif path.exists() and path.suffix.lower() == ".gguf":
+        check_gguf(path)
+    elif path.exists():
+        raise EbftError(f"model {source!r} is a file but not a .gguf file; pass a Hugging Face model folder "
+                        "(config.json + weights), a .gguf file or a hub id")
+    elif not hub.hub_offline():  # a hub id: one quick probe, not a minute of retries
         why = hub.hub_unreachable()
         if why is not None:
             raise EbftError(f"could not load model {source!r} from the Hugging Face hub ({why}); "
                             "pass a local folder or a .gguf file")
     try:
-        if path.suffix == ".gguf":
-            model, tokenizer = _load_gguf(path, torch_dtype)
+        if path.exists() and not path.is_dir():
+            model, tokenizer = _load_gguf(path, torch_dtype, trust)
         else:
             name = str(path) if path.exists() else source
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        where = "local model" if path.exists() else "the Hugging Face hub"
-        raise EbftError(f"could not load model {source!r} from {where} ({hub.reason(exc)}); "
-                        "pass a local folder or a .gguf file") from exc
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust)
+            tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+    except EbftError:
+        raise
+    except Exception as exc:  # whatever the file parsers raise for a bad file: one line, details in the log
+        log.debug("loading %s failed", source, exc_info=True)
+        raise EbftError(_load_failure(source, path, exc)) from exc
     model.config.use_cache = False
     model.eval()
     return model, tokenizer
 
 
-def _load_gguf(path: Path, torch_dtype: torch.dtype):
+def _load_failure(source: str, path: Path, exc: BaseException) -> str:
+    if "trust_remote_code" in str(exc):
+        return (f"model {source!r} needs its own Python code to load, and ebft does not run code from model "
+                "files unless you pass --trust-remote-code (only for models you trust)")
+    if path.exists():
+        what = "GGUF file" if path.is_file() else "model folder"
+        return f"could not load the {what} {path} ({hub.reason(exc)})"
+    return (f"could not load model {source!r} from the Hugging Face hub ({hub.reason(exc)}); "
+            "pass a local folder or a .gguf file")
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def check_model_folder(folder: Path, trust_remote_code: bool = False) -> None:
+    """Read a local model folder's config.json and weight headers before transformers does, so a
+    bad folder fails in one line naming the file, and a model that needs its own code (``auto_map``
+    and a ``model_type`` transformers does not know) fails unless ``trust_remote_code``."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise EbftError(f"model folder {folder} has no config.json; pass a Hugging Face model folder "
+                        "(config.json + weights), a .gguf file or a hub id")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EbftError(f"{config_file} is not valid JSON ({hub.reason(exc)})") from None
+    except OSError as exc:
+        raise EbftError(f"cannot read {config_file} ({exc.strerror or exc})") from None
+    if not isinstance(config, dict):
+        raise EbftError(f"{config_file} must hold a JSON object, not a {type(config).__name__}")
+    model_type, auto_map = config.get("model_type"), config.get("auto_map")
+    if not (isinstance(model_type, str) and model_type in CONFIG_MAPPING):
+        if auto_map and not trust_remote_code:
+            raise EbftError(f"model folder {folder} needs its own Python code to load (its config.json has an "
+                            f"auto_map and model_type {model_type!r}, unknown to transformers "
+                            f"{transformers.__version__}); ebft does not run code from model files unless you "
+                            "pass --trust-remote-code (only for models you trust)")
+        if not auto_map:
+            raise EbftError(f"{config_file}: model_type {model_type!r} is not one transformers "
+                            f"{transformers.__version__} knows (a newer transformers may)")
+    present = [name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    shards = sorted(folder.glob("*.safetensors"))
+    if not present and not shards:
+        raise EbftError(f"model folder {folder} has config.json but no weights (model.safetensors or "
+                        "pytorch_model.bin)")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index_name in present:
+            _check_index(folder / index_name)
+    for shard in shards:
+        check_safetensors(shard)
+
+
+def _check_index(index_file: Path) -> None:
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        files = set(weight_map.values())
+        if not all(isinstance(f, str) and f and "/" not in f and "\\" not in f for f in files):
+            raise ValueError("bad file names in weight_map")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise EbftError(f"{index_file} is not a valid weight index ({hub.reason(exc)})") from None
+    missing = sorted(f for f in files if not (index_file.parent / f).is_file())
+    if missing:
+        raise EbftError(f"{index_file} lists weight files that are missing: {', '.join(missing[:3])}")
+
+
+_SAFETENSORS_DTYPES = {"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2",
+                       "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "I64", "U64", "F64", "C64"}
+
+
+def check_safetensors(file: Path) -> None:
+    """Check a safetensors file's header and size (cheap: the weights are not read)."""
+    def bad(why: str):
+        return EbftError(f"weight file {file} is damaged or truncated ({why})")
+
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, shorter than the 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > 100_000_000:
+                raise bad(f"header length {n} does not fit in the file's {size} bytes")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as exc:
+        raise EbftError(f"cannot read weight file {file} ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = entry["data_offsets"]
+            ok = (entry["dtype"] in _SAFETENSORS_DTYPES and isinstance(entry["shape"], list)
+                  and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+                  and isinstance(begin, int) and isinstance(stop, int) and 0 <= begin <= stop)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"the header entry for {str(name)[:60]!r} is malformed")
+        end = max(end, stop)
+    expected = 8 + n + end
+    if size != expected:
+        raise bad(f"{size} bytes where its header describes {expected}")
+
+
+def check_gguf(path: Path) -> None:
+    """Check a GGUF file's magic, metadata and that every tensor's data lies inside the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise EbftError(f"cannot read GGUF file {path} ({exc.strerror or exc})") from None
+    if magic != b"GGUF":
+        raise EbftError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise EbftError("reading .gguf files needs the gguf package (pip install gguf)") from None
+    try:
+        reader = GGUFReader(path)
+        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=reader.data_offset)
+        count = len(reader.tensors)
+        del reader
+    except Exception as exc:  # numpy/struct errors from a cut or scrambled header
+        raise EbftError(f"GGUF file {path} is damaged or truncated ({hub.reason(exc)})") from None
+    if end > size:
+        raise EbftError(f"GGUF file {path} is truncated: its tensors need {end} bytes, the file has {size}")
+    if count == 0:
+        raise EbftError(f"GGUF file {path} holds no tensors")
+
+
+def _load_gguf(path: Path, torch_dtype: torch.dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype,
+                                                     trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
     # transformers refuses to save GGUF-loaded models: rebuild a plain one from config + weights.
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.name_or_path = str(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.load_state_dict(quantized.state_dict(), strict=False)
     model.tie_weights()
     return model, tokenizer

@@ -74,10 +74,10 @@ class SweepConfig:
         for s in self.sparsities:
             if not (s is None and nm) and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1):
                 raise ConfigError("sparsities", s, "allowed: numbers in [0, 1), e.g. 0.5,0.6,0.7")
-        if not self.out:
-            raise ConfigError("out", self.out, "required: the folder for cells/ and results.*")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            raise ConfigError("out", self.out, "exists and is not a folder")
+        from .export import check_out
+
+        self.base.check_types()
+        check_out(self.out, inputs=self.base.inputs(), reuse=True)  # written into, resumed: never replaced
         return [(cell, cell.validate(need_out=False)) for cell in self.cells()]
 
 
@@ -240,7 +240,7 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
         return datasets[key]
 
     if todo or dense is None:
-        model, tokenizer = load_model(base.model, base.dtype, device)
+        model, tokenizer = load_model(base.model, base.dtype, device, trust_remote_code=base.trust_remote_code)
         for cell, pattern in todo:
             check_model_fits(model, pattern, cell.prune.layers, cell.pruner_settings())
         original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
