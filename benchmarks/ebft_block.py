@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ebft.config import RecoverConfig
 from ebft.masks import parse_pattern
 from ebft.models import find_blocks, find_linears
 from ebft.prune import get_pruner
-from ebft.recover.ebft import ebft, reconstruction_loss
-from ebft.sequential import BlockIO, PruneSpec, capture, prune_block
-from ebft.stats import LayerStats
+from ebft.recover import BlockContext
+from ebft.recover.ebft import EbftSettings, ebft
+from ebft.recover.training import reconstruction_loss
+from ebft.walk import BlockIO, PruneSpec, capture, dense_pass, prune_block
 
 
 class _Masked(nn.Module):
@@ -87,12 +87,12 @@ def smollm2_block(n, seqlen, device):
 
     model, tokenizer = load_model("builtin:smollm2")
     ids = calibration_windows(tokenizer, "offline", n, seqlen, seed=0)
-    x, io = capture(model, ids, torch.device("cpu"), batch_size=8)
+    x, calls = capture(model, ids, torch.device("cpu"), batch_size=8)
     _, blocks = find_blocks(model)
     block = blocks[3]
-    for b in list(blocks)[:3]:  # inputs of block 3 (a typical one)
-        x = io.forward(b, x)
-    return block, x, io
+    for i, b in enumerate(list(blocks)[:3]):  # inputs of block 3 (a typical one)
+        x = calls[i].forward(b, x)
+    return block, x, calls[3]
 
 
 def llama7b_block(n, seqlen, device):
@@ -109,8 +109,8 @@ def llama7b_block(n, seqlen, device):
     pos = torch.arange(seqlen, device=device)[None]
     rope = LlamaRotaryEmbedding(cfg).to(device)
     cos, sin = rope(x[:1].to(device), pos)
-    io = BlockIO({"position_embeddings": (cos.to(dtype), sin.to(dtype)), "position_ids": pos, "attention_mask": None},
-                 torch.device(device), batch_size=8)
+    io = BlockIO((), {"position_embeddings": (cos.to(dtype), sin.to(dtype)), "position_ids": pos,
+                      "attention_mask": None}, torch.device(device), batch_size=8)
     return block, x, io
 
 
@@ -134,15 +134,11 @@ def main():
     linears = find_linears(block)
 
     # targets + Wanda statistics from the dense block, then prune once; both loops start from here
-    stats = {k: LayerStats(l.in_features, frozenset({"sq"}), device) for k, l in linears.items()}
-    hooks = [l.register_forward_hook(lambda m, a, o, s=stats[k]: s.update(a[0])) for k, l in linears.items()]
-    y_cpu = io.forward(block, x_cpu)
-    for h in hooks:
-        h.remove()
+    stats, y_cpu = dense_pass(block, io, x_cpu, linears, {"sq"})
     spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", args.sparsity, None, "row"))
-    masks = prune_block(block, linears, stats, spec, "block")
+    masks = prune_block(linears, stats, spec, spec.pattern, "block")
     pruned = {k: v.detach().clone() for k, v in block.state_dict().items()}
-    cfg = RecoverConfig(epochs=args.epochs)
+    cfg = EbftSettings(epochs=args.epochs)
 
     results = {}
     # reference-style: data stays in CPU memory and is copied every step
@@ -153,7 +149,9 @@ def main():
     block.load_state_dict(pruned)
     x_dev, y_dev = x_cpu.to(device), y_cpu.to(device)  # ebft keeps them on the device when they fit
     _reset_peak(device)
-    record = ebft(block, x_dev, y_dev, masks, linears, io, cfg)  # train_seconds: the epochs alone
+    ctx = BlockContext(index=0, block=block, linears=linears, inputs=x_dev, targets=y_dev, masks=masks, stats=stats,
+                       pattern=spec.pattern, io=io)
+    record = ebft(ctx, cfg)  # train_seconds: the epochs alone
     results["ebft"] = {"seconds_per_epoch": record["train_seconds"] / args.epochs,
                        "final_loss": record["epoch_losses"][-1], "peak_memory_bytes": _peak(device)}
 

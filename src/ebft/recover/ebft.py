@@ -65,8 +65,8 @@ def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     for p in params:  # fp32 master weights for the block's lifetime
         p.data = p.data.float()
     saved = [p.detach().clone() for p in params]
-    frozen = [p for p in block.parameters() if all(p is not q for q in params)]
-    for p in frozen:
+    grads = {p: p.requires_grad for p in block.parameters()}  # given back as they were
+    for p in block.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
@@ -83,10 +83,8 @@ def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp, weight_masks)
     record["train_seconds"] = round(time.perf_counter() - start, 3)  # the epochs alone (ends on a host sync)
 
-    for p in params:
-        p.requires_grad_(False)
-    for p in frozen:
-        p.requires_grad_(True)
+    for p in block.parameters():
+        p.requires_grad_(grads.get(p, False))
     after = float("nan") if failed else evaluate_loss(ctx, train_idx, settings, amp)
     restored = rejection(failed, after, record["loss_before"])
     if restored:
