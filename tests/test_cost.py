@@ -11,6 +11,7 @@ def _run(model_dir, text_file, out, recover):
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = str(text_file), 4, 32
     cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = [str(text_file)], 32, 2
     cfg.recover.method, cfg.recover.epochs, cfg.recover.batch_size = recover, 1, 2
+    cfg.recover.recipe = "paper"  # linear weights only: the count below
     return run(cfg)
 
 

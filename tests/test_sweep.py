@@ -77,14 +77,19 @@ def test_sweep_writes_results_and_rerun_skips_finished_cells(tiny_model_dir, tex
     # one changed EBFT setting is a different EBFT cell: rerun, not mistaken for the finished one;
     # the unrecovered cells do not depend on it and are kept
     events = _Events()
-    sweep(_config(tiny_model_dir, text_file, out, recover__lr=1e-3), progress=events)
+    sweep(_config(tiny_model_dir, text_file, out, recover__lr=3e-3), progress=events)
     assert events.count("cell_end") == 2 and events.count("cell_skip") == 2
     events = _Events()
     sweep(_config(tiny_model_dir, text_file, out, calib__nsamples=3), progress=events)
     assert events.count("cell_end") == 4
 
 
-def _another_valid_value(value):
+def _another_valid_value(value, name):
+    if name == "recipe":
+        return "paper" if value != "paper" else "best"
+    if value is None:  # a recipe-controlled setting: give it explicitly, unlike the default recipe (best)
+        return {"target": "dense-block", "loss": "token-norm", "train_norms": False, "epochs": 3,
+                "batch_size": 3}.get(name, 0.0123)
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -101,6 +106,7 @@ def test_a_cell_is_keyed_on_exactly_its_recoverys_own_settings(method):
     """A recovery gets only its own settings dataclass, and its sweep cells are keyed on exactly those:
     changing another method's option never reruns the cell, changing one of its own always does."""
     from ebft.recover import get_recovery
+    from ebft.recover.recipes import RECIPES
     from ebft.settings import fields_of
     from ebft.sweeps import cell_key
 
@@ -115,8 +121,10 @@ def test_a_cell_is_keyed_on_exactly_its_recoverys_own_settings(method):
             continue
         changed = RunConfig(model="m")
         changed.recover.method = method
-        setattr(changed.recover, f.name, _another_valid_value(getattr(changed.recover, f.name)))
-        assert (cell_key(changed) != key) == (f.name in own), f.name
+        setattr(changed.recover, f.name, _another_valid_value(getattr(changed.recover, f.name), f.name))
+        # the recipe concerns a method through the settings it resolves
+        concerned = f.name in own or (f.name == "recipe" and own & set(RECIPES["best"]))
+        assert (cell_key(changed) != key) == bool(concerned), f.name
 
 
 def test_sweep_cells_match_single_runs(tiny_model_dir, text_file, tmp_path):

@@ -984,7 +984,9 @@ def settings_from_run_config(cfg, context: int | None = None, load: str = "auto"
     model's, for the default lengths min(context, 2048))."""
     from .config import resolve_device
 
-    calib, ev, rec, prune = cfg.calib, cfg.eval, cfg.recover, cfg.prune
+    calib, ev, prune = cfg.calib, cfg.eval, cfg.prune
+    rec = cfg.recovery_settings() if hasattr(cfg, "recovery_settings") else cfg.recover  # the recipe resolved
+    method = cfg.recover.method
     sources = list(getattr(ev, "sources", None) or [])
     eval_seq = getattr(ev, "seqlen", None) or min(context or 2048, 2048)
     windows = getattr(ev, "windows", None)
@@ -994,8 +996,9 @@ def settings_from_run_config(cfg, context: int | None = None, load: str = "auto"
     return PlanSettings(device=resolve_device(getattr(cfg, "device", "auto")), dtype=getattr(cfg, "dtype", "auto"),
                         precision=getattr(rec, "precision", "auto"), load=load, calib_nsamples=calib.nsamples,
                         calib_seqlen=calib.seqlen, eval_texts=len(sources), eval_windows=windows or 0,
-                        eval_seqlen=getattr(ev, "seqlen", None), pruner=prune.method, recovery=rec.method,
-                        recovery_batch=rec.batch_size, epochs=rec.epochs, holdout=getattr(rec, "holdout", 0),
+                        eval_seqlen=getattr(ev, "seqlen", None), pruner=prune.method, recovery=method,
+                        recovery_batch=getattr(rec, "batch_size", 8), epochs=getattr(rec, "epochs", 1),
+                        holdout=getattr(rec, "holdout", 0),
                         target=getattr(rec, "target", "dense-block"), train_norms=getattr(rec, "train_norms", False),
                         walk_batch=getattr(cfg, "batch_size", 1), layers=getattr(prune, "layers", None))
 

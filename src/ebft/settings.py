@@ -165,11 +165,15 @@ def subset(obj, cls):
     return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)})
 
 
-def compose(name: str, base: list[tuple[str, type, dataclasses.Field]], parts: list[type], doc: str) -> type:
+def compose(name: str, base: list[tuple[str, type, dataclasses.Field]], parts: list[type], doc: str,
+            defaults_from: dict[str, str] | None = None) -> type:
     """A dataclass with ``base`` fields and the union of the fields of ``parts``.
 
     Two parts may declare the same field (EBFT and mask tuning share ``epochs``) only with the same
-    type and default: a setting means one thing in a section."""
+    type and default: a setting means one thing in a section. ``defaults_from`` names fields whose
+    default is decided elsewhere (a recipe): they become optional, None meaning "not given", and
+    ``--help`` shows the given text as their default."""
+    defaults_from = defaults_from or {}
     seen: dict[str, tuple] = {}
     specs = list(base)
     for part in parts:
@@ -181,7 +185,11 @@ def compose(name: str, base: list[tuple[str, type, dataclasses.Field]], parts: l
                     raise TypeError(f"{name}: setting {f.name!r} is declared twice with different types or defaults")
                 continue
             seen[f.name] = spec
-            specs.append((f.name, hints[f.name], _copy_field(f)))
+            if f.name in defaults_from:
+                meta = {**f.metadata, "default_text": defaults_from[f.name]}
+                specs.append((f.name, hints[f.name] | None, field(default=None, metadata=meta)))
+            else:
+                specs.append((f.name, hints[f.name], _copy_field(f)))
     cls = dataclasses.make_dataclass(name, specs)
     cls.__doc__ = doc
     return cls
