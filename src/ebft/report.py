@@ -26,7 +26,8 @@ def plot_block_losses(blocks: list[dict], path: Path, title: str = "") -> Path |
     if restored:
         ax.scatter(restored, [b["loss_after"] for b in rows if b.get("restored")], marker="s", s=80,
                    facecolors="none", edgecolors="red", label="restored (recovery rejected)")
-    ax.set_yscale("log")
+    positive = all(v > 0 for b in rows for v in (b["loss_before"], b["loss_after"]))
+    ax.set_yscale("log" if positive else "linear")  # a sparsity-0 run has zero losses
     ax.set_ylabel("reconstruction loss")
     ax.set_title(title or "per-block reconstruction loss")
     ax.grid(True, which="both", alpha=0.3)
