@@ -39,6 +39,8 @@ POINTS = {
     "lr1e-3-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "epochs": 2}),
     "lr3e-3-e2": ("EBFT variants", {**PAPER, "lr": 3e-3, "epochs": 2}),
     "b2-lr1e-3-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 2, "epochs": 2}),
+    "b2-lr3e-3-e2": ("EBFT variants", {**PAPER, "lr": 3e-3, "batch_size": 2, "epochs": 2}),
+    "b1-lr1e-3-e1": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 1, "epochs": 1}),
     "norms-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 2, "train_norms": True, "epochs": 2}),
     "dense-model-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 2, "target": "dense-model", "epochs": 2}),
     "token-norm-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 2, "loss": "token-norm", "epochs": 2}),

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from ebft.config import RunConfig
-from ebft.recover.recipes import RECIPES
+from ebft.recover.recipes import RECIPES, value
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -14,8 +14,15 @@ def test_a_recipe_fills_what_is_not_given(recipe):
     config = RunConfig()
     config.recover.recipe = recipe
     settings = dataclasses.asdict(config.recovery_settings())
-    for name, value in RECIPES[recipe].items():
-        assert settings[name] == value, name
+    for name in RECIPES[recipe]:
+        assert settings[name] == value(recipe, name, config), name
+
+
+@pytest.mark.parametrize("nsamples,batch", [(8, 1), (32, 2), (64, 4), (128, 8), (256, 8)])
+def test_the_best_recipe_batches_by_the_calibration_size(nsamples, batch):
+    config = RunConfig()
+    config.calib.nsamples = nsamples
+    assert config.recovery_settings().batch_size == batch
 
 
 def test_explicit_settings_win_over_the_recipe():

