@@ -53,6 +53,19 @@ class LayerStats:
         if self.xxt is not None:
             self.xxt.addmm_(x.T, x)
 
+    def all_reduce_(self) -> None:
+        """Sum the running sums and the token count over the ranks of torch.distributed (each rank saw
+        its share of the calibration windows); nothing outside torch.distributed."""
+        from .distributed import all_reduce_, current
+
+        if current() is None:
+            return
+        for t in (self.sq_sum, self.x_sum, self.xxt):
+            if t is not None:
+                all_reduce_(t)
+        count = torch.tensor([float(self.count)], dtype=torch.float64, device=self.device)
+        self.count = int(all_reduce_(count).item())
+
     def keep_only(self, needs) -> None:
         """Drop the sums no longer needed (the Hessian is in² floats: freed after pruning unless asked for)."""
         needs = set(needs)

@@ -32,7 +32,9 @@ import torch
 from torch import nn
 
 from . import masks as masklib
+from .distributed import current
 from .errors import EbftError
+from .lazy import store_for
 from .models import find_blocks, find_linears
 from .stats import LayerStats
 
@@ -129,10 +131,13 @@ class _Replay(_StandIn):
 
 @contextmanager
 def _outside_blocks_on(model: nn.Module, blocks: nn.ModuleList, device: torch.device):
-    """Temporarily move everything except the blocks (embeddings, norms, head) to ``device``."""
+    """Temporarily move everything except the blocks (embeddings, norms, head) to ``device``.
+
+    Their home is where their own parameters are (a lazily loaded model's blocks may be on ``meta``)."""
     in_blocks = set(blocks.modules())
     outside = [m for m in model.modules() if m not in in_blocks and m is not blocks]
-    home = next(model.parameters()).device
+    params = [p for m in outside for p in m.parameters(recurse=False)]
+    home = params[0].device if params else device
 
     def move(dev):
         for m in outside:
@@ -259,6 +264,14 @@ def tail_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, de
     its blocks are replaced by stand-ins, block 0 returning the stored hidden states (as a 1-tuple
     when the family's blocks return tuples).
     """
+    total, count = tail_nll_sum(model, hidden, input_ids, device, as_tuple)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def tail_nll_sum(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, device: torch.device,
+                 as_tuple: bool = False) -> tuple[float, int]:
+    """``(summed next-token NLL, tokens)`` of :func:`tail_nll` (ranks add theirs under torch.distributed)."""
     _, blocks = find_blocks(model)
     total, count = 0.0, 0
     with _outside_blocks_on(model, blocks, device):
@@ -271,7 +284,7 @@ def tail_nll(model: nn.Module, hidden: torch.Tensor, input_ids: torch.Tensor, de
             target = input_ids[i:i + 1, 1:].to(device).flatten()
             total += torch.nn.functional.cross_entropy(shift, target, reduction="sum").item()
             count += target.numel()
-    return total / max(count, 1)
+    return total, count
 
 
 # ----------------------------------------------------------------------------- what the walk is asked to do
@@ -305,9 +318,12 @@ class RecoverSpec:
 @dataclass
 class WalkResult:
     blocks: list[dict] = field(default_factory=list)
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
-    streams: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # full linear name -> mask (not kept lazily)
+    streams: dict[str, torch.Tensor] = field(default_factory=dict)  # this rank's windows under torchrun
     returns_tuple: bool = False  # how the family's blocks return: for :func:`tail_nll`
+    # full linear name -> [zeros, weights] of each pruned linear when its block was done: the run
+    # record's sparsity when the masks are not kept (a lazy walk frees each block)
+    sparsity_counts: dict[str, list[int]] = field(default_factory=dict)
 
 
 def _apply_mask_(linear: nn.Linear, mask: torch.Tensor, weight: torch.Tensor | None = None) -> None:
@@ -335,21 +351,27 @@ def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str
                keep_output: bool = True) -> tuple[dict[str, LayerStats], torch.Tensor | None]:
     """Run ``block`` over ``x`` once, collecting the input statistics ``needs`` of each linear.
 
-    Returns ``(statistics per linear, the block's outputs ``[N, S, H]`` or None)``."""
+    Returns ``(statistics per linear, the block's outputs ``[N, S, H]`` or None)``. Under
+    torch.distributed the statistics are summed over the ranks (each ran its own windows)."""
     stats = {n: LayerStats(l.in_features, frozenset(needs), io.device) for n, l in linears.items()}
     if not keep_output and not needs:
         return stats, None
     hooks = [l.register_forward_hook(lambda m, a, o, s=stats[n]: s.update(a[0]))
              for n, l in linears.items()] if needs else []
     try:
+        out = None
         if keep_output:
-            return stats, io.forward(block, x)
-        for i in range(0, x.shape[0], io.batch_size):
-            io.call(block, x[i:i + io.batch_size].to(io.device, non_blocking=True))
-        return stats, None
+            out = io.forward(block, x)
+        else:
+            for i in range(0, x.shape[0], io.batch_size):
+                io.call(block, x[i:i + io.batch_size].to(io.device, non_blocking=True))
     finally:
         for h in hooks:
             h.remove()
+    if needs:
+        for s in stats.values():
+            s.all_reduce_()
+    return stats, out
 
 
 def shrink_block(block: nn.Module, config, spec: PruneSpec, index: int, stats) -> dict:
@@ -387,35 +409,97 @@ def plan_pass(model: nn.Module, calib_ids: torch.Tensor, layers: str | None, nee
     For each block, the input statistics ``needs`` of its linears are collected in one pass and
     handed to ``summarise(index, block, linears, stats)``, whose (small) result is kept; the
     statistics are dropped before the next block. Nothing is pruned. Returns the summaries in order.
+    A lazily loaded model's blocks are read for the pass and freed again (nothing is written); under
+    torch.distributed each rank runs its share of the windows and the statistics are summed.
     """
     device = torch.device(device)
     progress = progress or _noop
-    _, blocks = find_blocks(model)
-    x, calls = capture(model, calib_ids, device, batch_size)
+    store, shard = store_for(model), current()
+    x, calls = capture(model, shard.take(calib_ids) if shard else calib_ids, device, batch_size)
     summaries = []
-    for index, block in enumerate(blocks):
-        progress("plan_block", index=index, total=len(blocks))
-        block.to(device)
+    for index in range(store.num_blocks):
+        progress("plan_block", index=index, total=store.num_blocks)
+        block = store.load(index, device)
         linears = find_linears(block, layers)
         stats, _ = dense_pass(block, calls[index], x, linears, needs, keep_output=False)
         summaries.append(summarise(index, block, linears, stats))
         del stats
         calls[index].forward(block, x, out=x)
-        if device.type != "cpu":
-            block.to("cpu")
+        store.release(index)
     return summaries
+
+
+@dataclass
+class _Stream:
+    """Hidden states of some windows on their way through the blocks, at one stage of each block."""
+
+    stage: str
+    x: torch.Tensor  # [windows held here, seqlen, hidden]
+    calls: BlockCalls | None  # None when this rank holds none of the windows
+    start: int = 0  # the global id of the first window held here (torch.distributed)
+    total: int = 0  # windows of the whole stream
+
+    def windows(self):
+        """What a recovery indexes by window id: the tensor, or this rank's share of the windows."""
+        if self.x.shape[0] == self.total:
+            return self.x
+        from .distributed import ShardedWindows
+
+        return ShardedWindows(self.x, self.start, self.total)
+
+
+def _capture_stream(model, ids: torch.Tensor, device, batch_size: int, shard, to=None) -> _Stream:
+    """Capture this rank's windows of ``ids`` (all of them outside torch.distributed)."""
+    start, stop = shard.span(ids.shape[0]) if shard else (0, ids.shape[0])
+    if stop == start:  # more ranks than windows: this one holds none
+        dtype = next(find_blocks(model)[1].parameters()).dtype
+        empty = torch.empty(0, ids.shape[1], model.config.hidden_size, dtype=dtype)
+        return _Stream("", empty, None, start, ids.shape[0])
+    x, calls = capture(model, ids[start:stop], device, batch_size, to=to)
+    return _Stream("", x, calls, start, ids.shape[0])
+
+
+def _set_block_state_(block: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+    """Put checkpointed tensors (full names starting with ``prefix``) into ``block`` in place: copied
+    where shapes match; set anew where structured pruning changed a shape or added a bias."""
+    for full, t in tensors.items():
+        path, _, attr = full[len(prefix):].rpartition(".")
+        module = block.get_submodule(path) if path else block
+        old = module._parameters.get(attr, module._buffers.get(attr))
+        if old is not None and old.shape == t.shape and old.device.type != "meta":
+            old.data.copy_(t)
+        elif attr in module._parameters or attr not in module._buffers:
+            grad = old.requires_grad if old is not None else True
+            module._parameters[attr] = nn.Parameter(t.to(old.dtype if old is not None else t.dtype),
+                                                    requires_grad=grad)
+        else:
+            module._buffers[attr] = t
+
+
+def _sparsity_counts(linears: dict[str, nn.Linear], names, prefix: str) -> dict[str, list[int]]:
+    return {f"{prefix}.{n}": [int((linears[n].weight.data == 0).sum()), linears[n].weight.numel()] for n in names}
 
 
 def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | None,
          recover: RecoverSpec | None = None, eval_ids: dict[str, torch.Tensor] | None = None,
          eval_stages: tuple[str, ...] = ("dense", "final"), device: str | torch.device = "cpu",
-         batch_size: int = 1, progress: Callable[..., None] | None = None) -> WalkResult:
+         batch_size: int = 1, progress: Callable[..., None] | None = None, *, checkpoint=None) -> WalkResult:
     """Prune (and recover) ``model`` in place, block by block; push eval texts through every stage.
 
     ``eval_ids`` maps a name to ``[windows, seqlen]`` token ids; the result's ``streams`` holds,
     for each ``"<name>/<stage>"``, the last block's outputs (pass them to :func:`tail_nll`).
     With ``prune=None`` the walk only evaluates (all stages are then the dense model).
+
+    **Scale.** The blocks come from the model's block store (:func:`ebft.lazy.store_for`): a model
+    loaded lazily has each block read from its shards when the walk reaches it and written + freed
+    when it is done (into ``checkpoint.writer``), and keeps no masks (``sparsity_counts`` says how
+    sparse each linear ended). Under torch.distributed every rank walks its share of the windows
+    (:mod:`ebft.distributed`); ``streams`` then hold this rank's windows.
+
+    ``checkpoint`` (:class:`ebft.checkpoint.RunCheckpoint`): continue from its last state, and
+    checkpoint as the walk goes. Restored blocks are reported to ``progress`` as done at once.
     """
+    from .checkpoint import kill_point
     from .recover import BlockContext, get_recovery
 
     device = torch.device(device)
@@ -425,36 +509,60 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
         raise ValueError(f"recovery {recovery.name!r} trains the whole model: the walk takes block-scope ones only")
     settings = recover.settings if recover.settings is not None else recovery.default_settings()
     prefix, blocks = find_blocks(model)
+    store, shard = store_for(model), current()
+    keep_masks = not store.lazy
+    if store.lazy and prune is not None and checkpoint is None:
+        raise ValueError("a lazily loaded model's finished blocks are written as the walk goes: pass the run's "
+                         "checkpoint (ebft.checkpoint.RunCheckpoint), which holds their writer")
     result = WalkResult()
     progress = progress or _noop
 
-    streams: dict[str, tuple[str, torch.Tensor, BlockCalls]] = {}  # key -> (stage, hidden, calls)
+    streams: dict[str, _Stream] = {}
     for name, ids in (eval_ids or {}).items():
-        x, calls = capture(model, ids, device, batch_size, to=torch.device("cpu") if prune else None)
+        first = _capture_stream(model, ids, device, batch_size, shard, to=torch.device("cpu") if prune else None)
         stages = eval_stages if prune else ("dense",)
         if recovery.name == "none":
             stages = tuple(s for s in stages if s != "pruned")
         for i, stage in enumerate(stages):
-            streams[f"{name}/{stage}"] = (stage, x if i == 0 else x.clone(), calls)
-    calib = calib_calls = None
+            x = first.x if i == 0 else first.x.clone()
+            streams[f"{name}/{stage}"] = _Stream(stage, x, first.calls, first.start, first.total)
+    calib = calib_calls = chain = None
     target = getattr(settings, "target", "dense-block")
     dense_model_targets = prune is not None and recovery.needs_targets and target == "dense-model"
     dense_block_targets = prune is not None and recovery.needs_targets and target == "dense-block"
     if prune is not None:
-        calib, calib_calls = capture(model, calib_ids, device, batch_size)
+        chain = _capture_stream(model, calib_ids, device, batch_size, shard)
+        calib, calib_calls = chain.x, chain.calls
         if dense_model_targets:  # the dense model's own activations, carried beside the sparse chain
-            streams["calib/dense"] = ("dense", calib.clone(), calib_calls)
+            streams["calib/dense"] = _Stream("dense", calib.clone(), calib_calls, chain.start, chain.total)
     needs = (set(prune.pruner.needs) | set(recovery.needs)) if prune else set()
 
     def push(stage: str, index: int, block: nn.Module) -> None:
-        for st, x, calls in streams.values():
-            if st == stage:
-                calls[index].forward(block, x, out=x)
+        for st in streams.values():
+            if st.stage == stage and st.calls is not None:
+                st.calls[index].forward(block, st.x, out=st.x)
 
-    for index, block in enumerate(blocks):
-        start = time.perf_counter()
+    def returns_tuple() -> bool:
+        calls = [st.calls for st in streams.values()] + [calib_calls]
+        return any(c.returns_tuple for c in calls if c is not None)
+
+    start = 0
+    saved_tuple = False
+    if checkpoint is not None:
+        checkpoint.open_writer()
+        state = checkpoint.restore()
+        if state is not None:
+            start, saved_tuple = state.next_block, state.returns_tuple
+            _restore(model, prefix, blocks, store, prune, checkpoint, state, streams, calib, result, keep_masks)
+            for record in result.blocks:
+                progress("block_start", index=record["index"], total=len(blocks))
+                progress("block_end", **record)
+
+    for index in range(start, len(blocks)):
+        started = time.perf_counter()
         progress("block_start", index=index, total=len(blocks))
-        block.to(device)
+        block = store.load(index, device)
+        kill_point("block", index)
         record: dict = {"index": index}
         if prune is None:
             push("dense", index, block)
@@ -466,7 +574,7 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
             stats, targets = dense_pass(block, io, calib, linears, needs, keep_output=dense_block_targets)
             push("dense", index, block)
             if dense_model_targets:
-                targets = streams["calib/dense"][1]
+                targets = streams["calib/dense"].x
             dense_weights = ({n: l.weight.data.to(torch.float32, copy=True) for n, l in linears.items()}
                              if recovery.changes_masks else None)
             if prune.pruner.structured:  # whole units go: no masks, smaller linears
@@ -478,30 +586,93 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
                 s.keep_only(recovery.needs)  # the Hessian is large; free it unless the recovery reads it
             push("pruned", index, block)
             recover_start = time.perf_counter()
-            ctx = BlockContext(index=index, block=block, linears=linears, inputs=calib, targets=targets,
+            inputs = chain.windows()
+            if targets is not None and getattr(inputs, "sharded", False):
+                from .distributed import ShardedWindows
+
+                targets = ShardedWindows(targets, chain.start, chain.total)
+            ctx = BlockContext(index=index, block=block, linears=linears, inputs=inputs, targets=targets,
                                masks=masks, stats=stats, pattern=pattern, io=io, seed=recover.seed,
                                dense_weights=dense_weights, progress=progress)
             record.update(recovery.fn(ctx, settings) or {})
             record["recover_seconds"] = round(time.perf_counter() - recover_start, 3)
+            if shard is not None:  # the same weights and masks on every rank, whatever the kernels did
+                from .distributed import broadcast_
+
+                broadcast_([*block.state_dict().values(), *masks.values()])
+            full_masks = {}
             for name, mask in masks.items():
                 full = f"{prefix}.{index}.{name}"
                 masklib.check_mask(mask, pattern, full)
                 masklib.check_weight(linears[name].weight.data, mask, full)
-                result.masks[full] = mask.cpu()
+                full_masks[full] = mask.cpu()
+            result.sparsity_counts.update(_sparsity_counts(linears, masks, f"{prefix}.{index}"))
+            if keep_masks:
+                result.masks.update(full_masks)
+                if checkpoint is not None:
+                    checkpoint.save_masks(index, full_masks)
             if prune.pruner.structured:
                 check_structure(block, model.config, prune.structures[index], f"{prefix}.{index}")
-            del ctx, targets, stats, dense_weights
+            del ctx, targets, stats, dense_weights, full_masks
             io.forward(block, calib, out=calib)
         push("final", index, block)
-        if device.type != "cpu":
-            block.to("cpu")
-        record["seconds"] = round(time.perf_counter() - start, 3)
+        store.release(index, write_to=checkpoint.writer if checkpoint is not None else None)
+        record["seconds"] = round(time.perf_counter() - started, 3)
         result.blocks.append(record)
         log.info("block %d/%d done in %.1f s%s", index + 1, len(blocks), record["seconds"],
                  f" (loss {record['loss_before']:.4g} -> {record['loss_after']:.4g})" if "loss_after" in record else "")
+        if checkpoint is not None:
+            kill_point("parts", index)
+            if checkpoint.due(index + 1, len(blocks)):
+                tensors = {f"stream/{k}": st.x for k, st in streams.items()}
+                if calib is not None:
+                    tensors["calib"] = calib
+                checkpoint.save(_progress(index + 1, result, saved_tuple or returns_tuple(), tensors))
         progress("block_end", **record)
 
-    result.streams = {k: x for k, (stage, x, _) in streams.items() if not k.startswith("calib/")}
-    all_calls = [c for _, _, c in streams.values()] + ([calib_calls] if calib_calls else [])
-    result.returns_tuple = any(c.returns_tuple for c in all_calls)
+    result.streams = {k: st.x for k, st in streams.items() if not k.startswith("calib/")}
+    result.returns_tuple = saved_tuple or returns_tuple()
     return result
+
+
+def _progress(next_block: int, result: WalkResult, as_tuple: bool, tensors: dict):
+    from .checkpoint import Progress, rng_state
+
+    return Progress(next_block, result.blocks, result.sparsity_counts, as_tuple, tensors, rng_state())
+
+
+def _restore(model, prefix, blocks, store, prune, checkpoint, state, streams, calib, result, keep_masks) -> None:
+    """Bring the walk to its checkpointed state: finished blocks (an eager model's; a lazy model's are
+    in the writer already), masks, records, activations and random state."""
+    from .checkpoint import set_rng_state
+
+    result.blocks = [dict(r) for r in state.records]
+    result.sparsity_counts = {k: list(v) for k, v in state.sparsity_counts.items()}
+    tensors = dict(state.tensors)
+    for key, st in streams.items():
+        saved = tensors.pop(f"stream/{key}", None)
+        if saved is None or saved.shape != st.x.shape:
+            raise EbftError(f"resume: the checkpoint {checkpoint.folder} holds no matching {key} activations; "
+                            "pass --no-resume to start over")
+        st.x.copy_(saved)
+    if calib is not None:
+        saved = tensors.pop("calib", None)
+        if saved is None or saved.shape != calib.shape:
+            raise EbftError(f"resume: the checkpoint {checkpoint.folder} holds no matching calibration chain; "
+                            "pass --no-resume to start over")
+        calib.copy_(saved)
+    del tensors
+    if not store.lazy:
+        for index in range(state.next_block):
+            block = blocks[index]
+            if prune is not None and prune.pruner.structured:
+                from .structured import shrink_block_
+
+                shrink_block_(block, model.config, prune.structures[index], None)
+            _set_block_state_(block, checkpoint.block_tensors(f"{prefix}.{index}."), f"{prefix}.{index}.")
+            if keep_masks and prune is not None:
+                saved = checkpoint.masks(index)
+                # in the order the walk made them (run.json's sparsity lists the layers in this order)
+                order = [k for k in result.sparsity_counts if k.startswith(f"{prefix}.{index}.")]
+                result.masks.update({k: saved[k] for k in order})
+    set_rng_state(state.rng)

@@ -58,7 +58,7 @@ def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     """Train the kept weights of ``ctx.block`` to reproduce ``ctx.targets``; return the block's record."""
     block, linears, masks = ctx.block, ctx.linears, ctx.masks
     train_idx, hold_idx = split_holdout(ctx.inputs.shape[0], settings.holdout)
-    amp = autocast_dtype(ctx.device, settings.precision)
+    amp = autocast_dtype(ctx.device, settings.precision, next(ctx.block.parameters()).dtype)
 
     params = trainable_parameters(block, linears, settings.train_norms)
     dtypes = [p.dtype for p in params]

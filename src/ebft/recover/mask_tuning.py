@@ -96,7 +96,7 @@ def ebft_mask(ctx: BlockContext, settings: MaskTuningSettings) -> dict:
         raise ValueError("ebft-mask changes masks: call it through the walk, which passes dense_weights")
     block, linears, masks, pattern = ctx.block, ctx.linears, ctx.masks, ctx.pattern
     train_idx, hold_idx = split_holdout(ctx.inputs.shape[0], settings.holdout)
-    amp = autocast_dtype(ctx.device, settings.precision)
+    amp = autocast_dtype(ctx.device, settings.precision, next(ctx.block.parameters()).dtype)
     loss = lambda idx: evaluate_loss(ctx, idx, settings, amp)  # noqa: E731
 
     # loss of the block as the pruner left it; flips: weights that changed between kept and pruned

@@ -6,6 +6,12 @@ and the precision rule. Precision: fp32 on CPU; on CUDA bf16 autocast where the 
 autocast with a GradScaler that *unscales before clipping* (the reference clips scaled fp16
 gradients, which makes its clip threshold meaningless). No host synchronisation inside an epoch:
 losses accumulate on the device and are read once per epoch.
+
+Under torch.distributed (``ctx.inputs`` is then a :class:`~ebft.distributed.ShardedWindows`: each
+rank holds some of the windows, indexed by global window id) every rank draws the same order and the
+same batches; a rank's loss is its windows' mean weighted by their share of the batch, the gradients
+are summed over the ranks before each step, and the recorded losses are summed over the ranks too —
+the global batch and the objective are one process's (see :mod:`ebft.distributed`).
 """
 from __future__ import annotations
 
@@ -100,8 +106,12 @@ def make_adamw(params, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> tor
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """``auto``: fp32 on CPU; bf16 on GPUs that have it, else fp16."""
+def autocast_dtype(device: torch.device, precision: str, model_dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """``auto``: fp32 on CPU (but the model's own dtype when it runs in bf16/fp16 there: trained
+    weights are fp32 masters, the rest of the block and its inputs are not); bf16 on GPUs that have
+    it, else fp16."""
+    if precision == "auto" and device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16):
+        return model_dtype
     if precision == "fp32" or (precision == "auto" and device.type == "cpu"):
         return None
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
@@ -115,15 +125,26 @@ def split_holdout(n: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.arange(n - holdout), torch.arange(n - holdout, n)
 
 
+def _sharded(ctx) -> bool:
+    """Whether ``ctx``'s windows are shared among torch.distributed ranks."""
+    return getattr(ctx.inputs, "sharded", False)
+
+
 @torch.no_grad()
 def evaluate_loss(ctx, index: torch.Tensor, settings: BlockTrainingSettings, amp) -> float:
-    """The block loss over the windows ``index`` (mean over windows)."""
+    """The block loss over the windows ``index`` (mean over windows; over all ranks' windows)."""
     total = torch.zeros((), device=ctx.device)
     for i in range(0, len(index), settings.batch_size):
         idx = index[i:i + settings.batch_size]
         x, y = ctx.inputs[idx].to(ctx.device), ctx.targets[idx].to(ctx.device)
+        if not len(x):  # none of these windows is held here (torch.distributed)
+            continue
         with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
-            total += reconstruction_loss(ctx.forward(x), y, settings.loss) * len(idx)
+            total += reconstruction_loss(ctx.forward(x), y, settings.loss) * len(x)
+    if _sharded(ctx):
+        from ..distributed import all_reduce_
+
+        all_reduce_(total)
     return total.item() / max(len(index), 1)
 
 
@@ -139,6 +160,9 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     generator = torch.Generator().manual_seed(ctx.seed + ctx.index)
 
+    sharded = _sharded(ctx)
+    if sharded:
+        from ..distributed import all_reduce_, reduce_gradients_
     epoch_losses, failed = [], False
     ctx.block.train(False)  # no dropout: reconstruct the deterministic block
     for epoch in range(settings.epochs):
@@ -149,13 +173,21 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
             idx = order[i:i + settings.batch_size]
             x = ctx.inputs[idx].to(device, non_blocking=True)
             y = ctx.targets[idx].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = reconstruction_loss(ctx.forward(x), y, settings.loss)
-            (scaler.scale(loss) if scaler else loss).backward()
+            if len(x):  # under torch.distributed a rank may hold none of the batch
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss = reconstruction_loss(ctx.forward(x), y, settings.loss)
+                if sharded:  # this rank's share of the batch mean
+                    loss = loss * (len(x) / len(idx))
+                (scaler.scale(loss) if scaler else loss).backward()
+                running += loss.detach() * len(idx)
+                nonfinite |= ~torch.isfinite(loss.detach())
+            if sharded:
+                reduce_gradients_(params)
             optimizer_step(params, optimizer, scaler, settings.grad_clip, weight_masks)
             schedule.step()
-            running += loss.detach() * len(idx)
-            nonfinite |= ~torch.isfinite(loss.detach())
+        if sharded:
+            all_reduce_(running)
+            nonfinite = all_reduce_(nonfinite.float(), "max").bool()
         epoch_loss = running.item() / len(train_idx)  # one host sync per epoch
         epoch_losses.append(epoch_loss)
         ctx.report("epoch", epoch=epoch + 1, epochs=settings.epochs, loss=epoch_loss)
