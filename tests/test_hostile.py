@@ -925,3 +925,31 @@ def test_an_uninterrupted_script_run_completes(tmp_path):
     assert result.stdout.strip() == "DONE", result.stderr
     assert_complete(out, "new")
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("command", ["run", "eval"])
+def test_the_trust_remote_code_flag_reaches_the_loader(command, tmp_path, monkeypatch):
+    """`ebft run/eval --trust-remote-code` hands the user's choice to the loader (and nothing else
+    turns it on): the flag is not just parsed."""
+    from ebft import models
+    from ebft.cli import main
+
+    seen = []
+
+    def fake_load(source, dtype="auto", device="cpu", trust_remote_code=False):
+        seen.append(trust_remote_code)
+        raise models.EbftError("stop here")
+
+    monkeypatch.setattr(models, "load_model", fake_load)
+    monkeypatch.setattr("ebft.pipeline.load_model", fake_load)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    text = tmp_path / "t.txt"
+    text.write_text("hello world " * 200)
+    base = [command, "--model", str(folder), "--eval", str(text)]
+    if command == "run":
+        base += ["--calib", str(text), "--out", str(tmp_path / "out")]
+    for extra, expected in (([], False), (["--trust-remote-code"], True)):
+        assert main(base + extra) == 2
+        assert seen[-1] is expected

