@@ -44,6 +44,7 @@ def config_for(setting: str, variant: str, args) -> RunConfig:
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = "offline", args.nsamples, args.seqlen
     cfg.eval.sources = [str(WIKI) if WIKI.exists() else "offline"]
     cfg.eval.seqlen, cfg.eval.windows = args.eval_seqlen, args.eval_windows
+    cfg.recover.recipe = args.recipe  # the README's table: the reference recipe, from before --recipe best
     cfg.recover.epochs, cfg.recover.batch_size = args.epochs, args.batch_size
     for key, value in VARIANTS[variant].items():
         setattr(cfg.recover, key, value)
@@ -61,6 +62,8 @@ def main():
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=2, help="EBFT windows per step (2: 40 steps per block)")
+    ap.add_argument("--recipe", default="paper", help="settings not given here come from this recipe (paper: "
+                    "what the README's table ran; best: ebft's default)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality-lean")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -99,6 +99,14 @@ def test_weight_and_activation_bytes(llama7b):
     assert cpu["evaluation streams"] == 2 * 2 * 83 * 4096 * 4096 * 4  # 2 texts, 2 stages without recovery
 
 
+def test_a_lazy_walk_keeps_no_masks_on_the_host(llama7b):
+    """The walk writes each finished block out when it loads lazily, masks and all: the host holds none."""
+    s = PlanSettings(device="cuda", calib_nsamples=256, calib_seqlen=1024)
+    eager, lazy = budget.host_fixed_bytes(llama7b, s, "eager"), budget.host_fixed_bytes(llama7b, s, "lazy")
+    assert eager["masks of finished blocks (bool)"] == sum(llama7b.mask_params)
+    assert "masks of finished blocks (bool)" not in lazy
+
+
 def test_optimizer_state_bytes(llama7b):
     s = PlanSettings(device="cuda")
     lin = 4 * 4096 * 4096 + 3 * 4096 * 11008

@@ -20,10 +20,14 @@ def bash_commands() -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
+        variables = {}  # NAME="..." lines of the block, expanded in its commands as $NAME
         for line in joined.splitlines():
             line = line.split(" #")[0].strip()
-            if line.startswith("ebft "):
-                commands.append(line)
+            assignment = re.fullmatch(r'([A-Z_]+)="(.*)"', line)
+            if assignment:
+                variables[assignment[1]] = re.sub(r"\s+", " ", assignment[2])
+            elif line.startswith("ebft "):
+                commands.append(re.sub(r"\$([A-Z_]+)", lambda m: variables[m[1]], line))
     return commands
 
 
@@ -65,3 +69,61 @@ def test_the_python_api_snippet_runs(tiny_model_dir, text_file, tmp_path, monkey
         code = (snippet.replace('"builtin:smollm2"', repr(str(tiny_model_dir)))
                 .replace('["offline"]', repr([str(text_file)])).replace('"offline"', repr(str(text_file))))
         exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+
+
+HUB_OR_GPU = re.compile(r"(--(calib|eval) (c4|wikitext2|ptb)\b)|meta-llama/|--device cuda|torchrun|--task-data builtin"
+                        r"|--tasks(?! .*--task-data path)|--zeroshot")
+TINY = {"--nsamples": "4", "--seqlen": "16", "--eval-seqlen": "32", "--eval-windows": "2", "--epochs": "1",
+        "--finish-steps": "2", "--finish-holdout": "1", "--lora-steps": "2", "--limit": "4"}
+
+
+def _tiny_argv(command: str, model: str, text: str, root: Path) -> list[str]:
+    """The command's arguments at a tiny size: the tiny model and text for the demo's, small lengths."""
+    argv = shlex.split(command)[1:]
+    out = []
+    for i, arg in enumerate(argv):
+        prev = argv[i - 1] if i else ""
+        if prev in TINY:
+            arg = TINY[prev]
+        elif arg == "builtin:smollm2":
+            arg = model
+        elif prev in ("--calib", "--eval") and arg.startswith("offline"):
+            arg = text
+        elif prev == "--config":
+            arg = str(root / arg)
+        out.append(arg)
+    if argv[0] in ("run", "sweep"):
+        out += ["--model", model, "--calib", text, *(x for k, v in TINY.items() if k in (
+            "--nsamples", "--seqlen", "--epochs") for x in (k, v))]
+    if argv[0] in ("run", "sweep", "eval") and "--tasks" not in argv:
+        out += ["--eval", text, "--eval-seqlen", "32", "--eval-windows", "2"]
+    return out
+
+
+def test_the_offline_readme_commands_run_at_a_tiny_size(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """Every README command that needs neither the hub nor a GPU (nor a placeholder path) runs, in the
+    README's order (a later `ebft eval --model runs/x` reads what an earlier command saved), with the
+    tiny model and text standing in for the demo's and tiny lengths: exit code 0."""
+    from ebft.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    ran, previous = 0, None
+    for command in COMMANDS:
+        if "path/to/" in command or HUB_OR_GPU.search(command) or command == previous:
+            continue  # (the same command twice: the resume demonstration's rerun of a killed run)
+        previous = command
+        argv = _tiny_argv(command, str(tiny_model_dir), str(text_file), README.parent)
+        if argv[0] == "plan":
+            argv = shlex.split(command)[1:]
+            argv = [str(README.parent / a) if a.startswith("configs/") else a for a in argv]
+        assert main(argv) == 0, command
+        ran += 1
+    assert ran >= 5
+
+
+def test_the_readme_flag_table_is_the_generated_one():
+    """The README's flag table is `ebft.cli.flag_table()`, which is generated from the settings' declarations
+    (regenerate it with `python -c "from ebft.cli import flag_table; print(flag_table())"`)."""
+    from ebft.cli import flag_table
+
+    assert flag_table() in README.read_text()

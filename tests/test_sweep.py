@@ -189,3 +189,19 @@ def test_sweep_config_validates_before_anything(tmp_path):
     cfg.base.prune.pattern = "2:4"
     assert [c.prune.sparsity for c, _ in cfg.validate()] == [None, None]  # N:M: implied, one column
     assert not (tmp_path / "o").exists()
+
+
+def test_the_finish_and_the_budget_change_a_cells_key_only_when_set():
+    from ebft.config import RunConfig
+    from ebft.sweeps import cell_key
+
+    base = RunConfig(model="m")
+    base.calib.source = "offline"
+    key = cell_key(base)
+    base.finish.steps = 99  # no finish: its settings change nothing
+    assert cell_key(base) == key
+    base.finish.method = "kd"
+    assert cell_key(base) != key
+    base.finish.method = "none"
+    base.recover.budget = "10m"
+    assert cell_key(base) != key

@@ -430,7 +430,7 @@ def working_bytes(shape: ModelShape, s: PlanSettings, batch: int | None = None) 
 def host_fixed_bytes(shape: ModelShape, s: PlanSettings, load: str) -> dict[str, int]:
     w = weight_bytes(shape, s)
     out = {f"weights ({load})": w[load]}
-    if s.keep_masks and s.pruner:
+    if s.keep_masks and s.pruner and load != "lazy":  # a lazy walk writes each block out and keeps no masks
         out["masks of finished blocks (bool)"] = sum(shape.mask_params)
     return out
 

@@ -99,6 +99,10 @@ _RECOVER_BASE = [
     ("recipe", str, option(DEFAULT_RECIPE, "block-training settings not given explicitly come from: {choices} "
                            "(best: what ebft measured to recover the most; paper: the EBFT reference code's values, "
                            "to compare with the paper)", choices=tuple(RECIPES))),
+    ("budget", str | None, option(None, "time for the block-wise training of all blocks, e.g. 90s, 10m, 1.5h: each "
+                                  "block gets what is left over the blocks left, and as many epochs as fit in it "
+                                  "run (--epochs becomes a cap; at least one); not bit-reproducible",
+                                  flag="--recover-budget", metavar="TIME", default_text="none: the epochs decide")),
 ]
 RecoverConfig = st.compose("RecoverConfig", _RECOVER_BASE, [r.settings for r in RECOVERIES.values()],
                            "Recovery after pruning; each method's own settings, composed into one section.",
@@ -245,6 +249,11 @@ class RunConfig:
             raise ConfigError("recover.holdout", self.recover.holdout,
                               f"must be an integer in [0, nsamples = {self.calib.nsamples})")
         pattern = self.pattern(pruner)
+        if self.recover.budget is not None:
+            budget_seconds(self.recover.budget)
+            if recovery.scope != "block" or not recovery.needs_targets:
+                raise ConfigError("recover.budget", self.recover.budget, "times block training: use it with "
+                                  "recover ebft or ebft-mask")
         if pattern.structured and not recovery.structured:
             raise ConfigError("recover", self.recover.method, "changes masks, and structured pruning has none: "
                               "use ebft, lora or none")
@@ -267,6 +276,22 @@ class RunConfig:
 
             check_out(self.out, self.overwrite, inputs=self.inputs())
         return pattern
+
+
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def budget_seconds(text) -> float:
+    """``--recover-budget`` in seconds: a number of seconds, or a number with s, m (min) or h."""
+    import math
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|m|min|h)?\s*", str(text), flags=re.I)
+    seconds = float(match[1]) * _UNITS[(match[2] or "s").lower()] if match else math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError("recover.budget", text, "a positive time: seconds, or a number with s, m or h "
+                          "(e.g. 90s, 10m, 1.5h)")
+    return seconds
 
 
 def check_device(device: str) -> None:

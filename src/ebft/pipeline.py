@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import __version__
-from .config import RunConfig, check_device, check_source, resolve_device
+from .config import RunConfig, budget_seconds, check_device, check_source, resolve_device
 from .data import adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
 from .errors import ConfigError, EbftError
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, stream_perplexity
@@ -239,7 +239,8 @@ def _prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data,
         for name, by_stage in stage_perplexities(model, after, data.evals, device, final="recovered").items():
             ppl[name]["recovered"] = by_stage["dense"]  # an eval-only walk sees the current model as "dense"
         return Outcome(result, ppl, cost, plan_record)
-    recover = RecoverSpec(recovery, settings, config.seed)
+    budget = budget_seconds(config.recover.budget) if config.recover.budget is not None else None
+    recover = RecoverSpec(recovery, settings, config.seed, budget)
     result = walk(model, data.calib, spec, recover, data.evals, stages, device, config.batch_size, progress,
                   checkpoint=checkpoint)
     ppl = stage_perplexities(model, result, data.evals, device, "pruned" if recovery.name == "none" else "recovered")

@@ -113,10 +113,13 @@ def cell_key(cell: RunConfig) -> str:
     from .settings import fields_of
 
     settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
+    if cell.finish.method == "none":  # no finish: its settings change nothing (and keys stay as before it existed)
+        settings.pop("finish")
     own_prune = {f.name for f in fields_of(cell.pruner_settings())} | {f.name for f in fields_of(AllocationSettings)}
     settings["prune"] = {k: v for k, v in settings["prune"].items()
                          if k in ("method", "sparsity", "pattern", "scope", "layers") or k in own_prune}
-    settings["recover"] = {"method": cell.recover.method, **dataclasses.asdict(cell.recovery_settings())}
+    settings["recover"] = {"method": cell.recover.method, **dataclasses.asdict(cell.recovery_settings()),
+                           **({"budget": cell.recover.budget} if cell.recover.budget is not None else {})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -313,6 +313,7 @@ class RecoverSpec:
     recovery: object = "none"  # ebft.recover.Recovery, or its registered name
     settings: object = None  # the recovery's settings dataclass (None: its defaults)
     seed: int = 0
+    budget: float | None = None  # seconds for the whole walk's recovery (each block: what is left / blocks left)
 
 
 @dataclass
@@ -591,9 +592,14 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
                 from .distributed import ShardedWindows
 
                 targets = ShardedWindows(targets, chain.start, chain.total)
+            share = None
+            if recover.budget is not None:  # what is left of the budget, shared over the blocks left
+                spent = sum(r.get("recover_seconds", 0.0) for r in result.blocks)
+                share = max(recover.budget - spent, 0.0) / (len(blocks) - index)
+                record["time_share"] = round(share, 3)
             ctx = BlockContext(index=index, block=block, linears=linears, inputs=inputs, targets=targets,
                                masks=masks, stats=stats, pattern=pattern, io=io, seed=recover.seed,
-                               dense_weights=dense_weights, progress=progress)
+                               dense_weights=dense_weights, progress=progress, time_share=share)
             record.update(recovery.fn(ctx, settings) or {})
             record["recover_seconds"] = round(time.perf_counter() - recover_start, 3)
             if shard is not None:  # the same weights and masks on every rank, whatever the kernels did

@@ -50,6 +50,9 @@ class BlockContext:
     seed: int = 0
     dense_weights: dict[str, torch.Tensor] | None = None  # for ``changes_masks`` recoveries
     progress: Callable[..., None] | None = None
+    # seconds this block's training may take (``--recover-budget``: the budget left, shared over the
+    # blocks left); None: no time limit, the settings' epochs run
+    time_share: float | None = None
 
     @property
     def device(self) -> torch.device:

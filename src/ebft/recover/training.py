@@ -16,6 +16,7 @@ the global batch and the objective are one process's (see :mod:`ebft.distributed
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -152,11 +153,19 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
                  weight_masks=()) -> tuple[list[float], bool]:
     """``settings.epochs`` shuffled passes over ``train_idx`` minimising the block loss; the learning
     rate decays linearly to 0. The shuffling derives from the run's seed and the block's index.
-    Returns (mean loss of each epoch, whether a loss was non-finite)."""
+    Returns (mean loss of each epoch, whether a loss was non-finite).
+
+    With a time share (``ctx.time_share``, from ``--recover-budget``) ``settings.epochs`` is a cap: the
+    first epoch is timed, and as many epochs as fit in the share run (at least one), the learning-rate
+    schedule stretched to end at 0 after the last of them. Under torch.distributed the slowest rank's
+    epoch decides, so every rank runs the same epochs."""
     device = ctx.device
     steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
-    total_steps = max(settings.epochs * steps_per_epoch, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total_steps))
+    epochs = settings.epochs
+    total = {"steps": max(epochs * steps_per_epoch, 1)}
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total["steps"]))
+    share = getattr(ctx, "time_share", None)
+    started = time.perf_counter()
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     generator = torch.Generator().manual_seed(ctx.seed + ctx.index)
 
@@ -165,7 +174,8 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
         from ..distributed import all_reduce_, reduce_gradients_
     epoch_losses, failed = [], False
     ctx.block.train(False)  # no dropout: reconstruct the deterministic block
-    for epoch in range(settings.epochs):
+    epoch = 0
+    while epoch < epochs:
         running = torch.zeros((), device=device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         order = train_idx[torch.randperm(len(train_idx), generator=generator)]
@@ -190,8 +200,22 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
             nonfinite = all_reduce_(nonfinite.float(), "max").bool()
         epoch_loss = running.item() / len(train_idx)  # one host sync per epoch
         epoch_losses.append(epoch_loss)
-        ctx.report("epoch", epoch=epoch + 1, epochs=settings.epochs, loss=epoch_loss)
+        if share is not None and epoch == 0:  # the first epoch's time says how many fit in the share
+            epochs = epochs_within(share, time.perf_counter() - started, settings.epochs, device, sharded)
+            total["steps"] = max(epochs * steps_per_epoch, 1)
+        ctx.report("epoch", epoch=epoch + 1, epochs=epochs, loss=epoch_loss)
         if nonfinite.item():
             failed = True
             break
+        epoch += 1
     return epoch_losses, failed
+
+
+def epochs_within(share: float, first_epoch: float, cap: int, device, sharded: bool = False) -> int:
+    """How many epochs (at least 1, at most ``cap``) fit in ``share`` seconds when one takes
+    ``first_epoch`` seconds; under torch.distributed the slowest rank's time decides."""
+    if sharded:
+        from ..distributed import all_reduce_
+
+        first_epoch = float(all_reduce_(torch.tensor(first_epoch, device=device), "max"))
+    return max(1, min(cap, int(share // max(first_epoch, 1e-9))))
