@@ -92,6 +92,8 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=20)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "frontier")
     ap.add_argument("--list", action="store_true", help="print the points and exit")
+    ap.add_argument("--cached", action="store_true",
+                    help="table and plot from the points already run (under --out), running nothing")
     args = ap.parse_args()
     if args.list:
         for name, (line, changes) in POINTS.items():
@@ -103,9 +105,15 @@ def main() -> int:
     results = {}
     for setting in args.settings.split(","):
         points = args.points.split(",") if args.points else DEFAULT_POINTS[setting]
+        out = args.out / setting.replace(":", "-")
+        if args.cached:
+            from ebft.sweeps import cell_name
+
+            points = [p for p in points if (out / "cells" / f"{cell_name(cell_for(setting, p, args))}.json").exists()]
+            if not points:
+                continue
         cells = [cell_for(setting, p, args) for p in points]
         pairs = [(c, c.validate(need_out=False)) for c in cells]
-        out = args.out / setting.replace(":", "-")
         base = cells[0]
         dense, finished = run_cells(base, pairs, out, progress=_progress(setting))
         results[setting] = {"dense": dense, "points": [
@@ -113,6 +121,9 @@ def main() -> int:
              "recovery_seconds": rec["recovery"]["seconds"], "config": rec["config"]["recover"]}
             for p, rec in zip(points, finished)]}
         print(table(setting, results[setting]))
+    if not results:
+        print(f"nothing to show: no point of {args.settings} has run under {args.out}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(results, indent=2))
     (args.out / "frontier.md").write_text("\n\n".join(table(s, r) for s, r in results.items()) + "\n")
