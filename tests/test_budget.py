@@ -267,3 +267,53 @@ def test_estimate_time_on_cpu():
     p = budget.plan(cfg, s, free_host=8 * GiB, time_estimate=t)
     assert p.placement.decision == "host" and "time" in budget.render_plan(p)
     assert budget.plan_to_dict(p)["time"]["total_seconds"] == t.total_seconds
+
+
+def test_the_run_places_activations_by_the_plans_arithmetic(tiny_model_dir, text_file):
+    """ebft.pipeline.activation_placement asks ebft.budget.plan with the run's real data: a roomy GPU keeps
+    every group on it, a small one sends groups to pinned host memory, in the plan's priority order;
+    a CPU run places nothing; and the walk puts a group where it is told."""
+    from ebft import RunConfig
+    from ebft.models import load_model
+    from ebft.pipeline import activation_placement, prepare_data
+
+    cfg = RunConfig(model=str(tiny_model_dir))
+    cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = str(text_file), 8, 32
+    cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = [str(text_file)], 64, 4
+    cfg.recover.target = "dense-model"
+    model, tokenizer = load_model(cfg.model)
+    data = prepare_data(model, tokenizer, cfg)
+    assert activation_placement(cfg, model, data, "cpu") is None
+    roomy = activation_placement(cfg, model, data, "cpu", free_accelerator=80 * GiB, free_host=64 * GiB)
+    assert set(roomy) >= {"calibration chain", "dense-model stream", "evaluation streams"}
+    assert set(roomy.values()) == {"accelerator"}
+    s = budget.settings_from_run_config(cfg, load="eager")
+    s = dataclasses.replace(s, device="cuda", calib_seqlen=32, eval_seqlen=64, eval_texts=1, eval_windows=4)
+    plan = budget.plan(model.config, s, free_accelerator=80 * GiB, free_host=64 * GiB)
+    chain = plan.activations["calibration chain"]
+    tight = activation_placement(cfg, model, data, "cpu", free_host=64 * GiB,
+                                 free_accelerator=int((plan.working + chain) / 0.9) + 1)
+    assert tight["calibration chain"] == "accelerator" and tight["evaluation streams"] == "pinned host"
+
+    from ebft.walk import PruneSpec, walk
+    from ebft.masks import parse_pattern
+    from ebft.prune import get_pruner
+
+    seen = {}
+    import ebft.walk as walk_module
+
+    real = walk_module._capture_stream
+
+    def spy(model, ids, device, batch_size, shard, to=None):
+        seen[ids.shape] = to
+        return real(model, ids, device, batch_size, shard, to=to)
+
+    walk_module._capture_stream = spy
+    try:
+        spec = PruneSpec(get_pruner("magnitude"), parse_pattern("unstructured", 0.5, None, "layer"))
+        walk(model, data.calib, spec, eval_ids=data.evals, placement={"calibration chain": "host",
+                                                                      "evaluation streams": "accelerator"})
+    finally:
+        walk_module._capture_stream = real
+    assert seen[tuple(data.calib.shape)] == torch.device("cpu")
+    assert seen[tuple(next(iter(data.evals.values())).shape)] == torch.device("cpu")  # the walk's device

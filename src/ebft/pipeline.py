@@ -188,12 +188,13 @@ class Outcome:
 
 
 def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, device: str, progress=None,
-                      stages=STAGES, checkpoint=None) -> Outcome:
+                      stages=STAGES, checkpoint=None, placement: dict[str, str] | None = None) -> Outcome:
     """Plan, prune the loaded ``model`` in place, recover it, evaluate ``data.evals`` at ``stages``; then
     the optional end-to-end finish (``config.finish``), evaluated as the stage "finished".
 
     The walk's final stage is named "recovered", or "pruned" with ``--recover none``. ``checkpoint``
     (:class:`ebft.checkpoint.RunCheckpoint`): the plan and the walk continue from it and are saved to it.
+    ``placement``: where the walk keeps each activation group (:func:`activation_placement`).
     """
     from .recover.finish import finish, prepare_finish
 
@@ -201,7 +202,8 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     # the finish's windows and (kd) the dense teacher: from the dense model, before the walk prunes it
     prepared = prepare_finish(model, tokenizer, text, config.calib.nsamples, config.finish, device,
                               config.batch_size)
-    outcome = _prune_and_recover(model, tokenizer, config, pattern, data, device, progress, stages, checkpoint, text)
+    outcome = _prune_and_recover(model, tokenizer, config, pattern, data, device, progress, stages, checkpoint, text,
+                                 placement)
     if prepared is None:
         return outcome
     ctx = ModelContext(model, tokenizer, outcome.result.masks, text, torch.device(device), config.seed, progress)
@@ -213,7 +215,7 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
 
 
 def _prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, device: str, progress, stages,
-                       checkpoint, text) -> Outcome:
+                       checkpoint, text, placement) -> Outcome:
     recovery = get_recovery(config.recover.method)
     settings = config.recovery_settings()
     if checkpoint is not None and checkpoint.has_plan:
@@ -228,7 +230,7 @@ def _prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data,
     plan_record = plan.record if plan else None
     if recovery.scope == "model":  # LoRA: the walk only prunes; then the whole model trains; evaluate again
         result = walk(model, data.calib, spec, None, data.evals, stages, device, config.batch_size, progress,
-                      checkpoint=checkpoint)
+                      checkpoint=checkpoint, placement=placement)
         ppl = stage_perplexities(model, result, data.evals, device, final="pruned")
         start = time.perf_counter()
         ctx = ModelContext(model, tokenizer, result.masks, text, torch.device(device), config.seed, progress)
@@ -242,7 +244,7 @@ def _prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data,
     budget = budget_seconds(config.recover.budget) if config.recover.budget is not None else None
     recover = RecoverSpec(recovery, settings, config.seed, budget)
     result = walk(model, data.calib, spec, recover, data.evals, stages, device, config.batch_size, progress,
-                  checkpoint=checkpoint)
+                  checkpoint=checkpoint, placement=placement)
     ppl = stage_perplexities(model, result, data.evals, device, "pruned" if recovery.name == "none" else "recovered")
     return Outcome(result, ppl, block_recovery_cost(recovery.name, result.blocks, device), plan_record)
 
@@ -386,7 +388,9 @@ def _run(config: RunConfig, pattern, device: str, lazy: bool, start: float, prog
         measure = config.eval.speed if config.eval.speed is not None else (pattern.structured and shard is None)
         speed = {"dense": _once(checkpoint, "speed_dense", lambda: measure_speed(model, device))} if measure else {}
         params_dense = sum(p.numel() for p in model.parameters())
-        outcome = prune_and_recover(model, tokenizer, config, pattern, data, device, progress, checkpoint=checkpoint)
+        placement = activation_placement(config, model, data, device, lazy)
+        outcome = prune_and_recover(model, tokenizer, config, pattern, data, device, progress, checkpoint=checkpoint,
+                                    placement=placement)
         final = final_stage(config)
         zs = _zeroshot_record(suite, {"dense": zs_dense, final: _zeroshot(model, tokenizer, *zs_args)})
         if measure:
@@ -420,6 +424,31 @@ def _run(config: RunConfig, pattern, device: str, lazy: bool, start: float, prog
             checkpoint.close()
     log.info("saved %s", config.out)
     return record
+
+
+def activation_placement(config: RunConfig, model, data: Data, device: str, lazy: bool = False,
+                         free_accelerator: int | None = None, free_host: int | None = None) -> dict[str, str] | None:
+    """On a GPU, where the walk keeps each activation group (calibration chain, dense-model stream,
+    evaluation streams): on the accelerator or in pinned host memory, by the same arithmetic as
+    ``ebft plan`` (:func:`ebft.budget.plan`), with this run's real lengths and window counts and the
+    memory free now (or ``free_accelerator``/``free_host``). None on a CPU run: everything is host memory."""
+    if torch.device(device).type != "cuda" and free_accelerator is None:
+        return None
+    import dataclasses
+
+    from . import budget
+
+    s = budget.settings_from_run_config(config, load="lazy" if lazy else "eager")
+    windows = max((ids.shape[0] for ids in data.evals.values()), default=0)
+    s = dataclasses.replace(s, device=device if torch.device(device).type == "cuda" else "cuda",
+                            calib_seqlen=data.calib_seqlen, eval_seqlen=data.eval_seqlen or s.eval_seqlen,
+                            eval_texts=len(data.evals), eval_windows=windows)
+    plan = budget.plan(model.config, s, free_accelerator=free_accelerator, free_host=free_host)
+    where = dict(plan.placement.where)
+    log.info("activations: %s (%s)", ", ".join(f"{g} -> {w}" for g, w in where.items()), plan.placement.decision)
+    if plan.placement.decision == budget.REDUCE:
+        log.warning("this run may not fit: %s (ebft plan suggests what to reduce)", plan.placement.reason)
+    return where
 
 
 def _load(config: RunConfig, lazy: bool, device: str):

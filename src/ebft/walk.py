@@ -484,7 +484,8 @@ def _sparsity_counts(linears: dict[str, nn.Linear], names, prefix: str) -> dict[
 def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | None,
          recover: RecoverSpec | None = None, eval_ids: dict[str, torch.Tensor] | None = None,
          eval_stages: tuple[str, ...] = ("dense", "final"), device: str | torch.device = "cpu",
-         batch_size: int = 1, progress: Callable[..., None] | None = None, *, checkpoint=None) -> WalkResult:
+         batch_size: int = 1, progress: Callable[..., None] | None = None, *, checkpoint=None,
+         placement: dict[str, str] | None = None) -> WalkResult:
     """Prune (and recover) ``model`` in place, block by block; push eval texts through every stage.
 
     ``eval_ids`` maps a name to ``[windows, seqlen]`` token ids; the result's ``streams`` holds,
@@ -499,6 +500,12 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
 
     ``checkpoint`` (:class:`ebft.checkpoint.RunCheckpoint`): continue from its last state, and
     checkpoint as the walk goes. Restored blocks are reported to ``progress`` as done at once.
+
+    ``placement`` (:attr:`ebft.budget.Placement.where`, the plan's arithmetic): where each activation
+    group lives — ``"calibration chain"``, ``"dense-model stream"``, ``"evaluation streams"`` on the
+    ``"accelerator"``, in ``"pinned host"`` or ``"host"`` memory; a group it does not name: the
+    calibration chain on the accelerator when it fits in half its free memory, evaluation streams of a
+    pruning walk in host memory.
     """
     from .checkpoint import kill_point
     from .recover import BlockContext, get_recovery
@@ -518,9 +525,14 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
     result = WalkResult()
     progress = progress or _noop
 
+    def home(group: str, default: torch.device | None) -> torch.device | None:
+        where = (placement or {}).get(group)
+        return device if where == "accelerator" else torch.device("cpu") if where in ("pinned host", "host") else default
+
     streams: dict[str, _Stream] = {}
     for name, ids in (eval_ids or {}).items():
-        first = _capture_stream(model, ids, device, batch_size, shard, to=torch.device("cpu") if prune else None)
+        first = _capture_stream(model, ids, device, batch_size, shard,
+                                to=home("evaluation streams", torch.device("cpu") if prune else None))
         stages = eval_stages if prune else ("dense",)
         if recovery.name == "none":
             stages = tuple(s for s in stages if s != "pruned")
@@ -532,10 +544,13 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
     dense_model_targets = prune is not None and recovery.needs_targets and target == "dense-model"
     dense_block_targets = prune is not None and recovery.needs_targets and target == "dense-block"
     if prune is not None:
-        chain = _capture_stream(model, calib_ids, device, batch_size, shard)
+        chain = _capture_stream(model, calib_ids, device, batch_size, shard, to=home("calibration chain", None))
         calib, calib_calls = chain.x, chain.calls
         if dense_model_targets:  # the dense model's own activations, carried beside the sparse chain
-            streams["calib/dense"] = _Stream("dense", calib.clone(), calib_calls, chain.start, chain.total)
+            dense = calib.to(home("dense-model stream", calib.device), copy=True)
+            if dense.device.type == "cpu" and device.type == "cuda":
+                dense = dense.pin_memory()
+            streams["calib/dense"] = _Stream("dense", dense, calib_calls, chain.start, chain.total)
     needs = (set(prune.pruner.needs) | set(recovery.needs)) if prune else set()
 
     def push(stage: str, index: int, block: nn.Module) -> None:
