@@ -244,3 +244,13 @@ def test_the_finish_is_refused_where_it_cannot_run(tiny_model_dir, text_file, tm
                  "--finish", "distill"]) == 2
     assert "finish" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("train", ["weights", "lora"])
+def test_the_finish_trains_a_bfloat16_model_on_cpu(tokenizer, text_file, train):
+    """fp32 master weights under the model's own bf16 autocast (as EBFT): no dtype clash, masks exact."""
+    model = make_tiny_model("llama", vocab_size=len(tokenizer)).to(torch.bfloat16)
+    model, masks, record, _ = _run(tokenizer, text_file, _settings(method="lm", train=train, steps=4), model=model)
+    assert record["steps"] == 4 and next(model.parameters()).dtype == torch.bfloat16
+    for name, mask in masks.items():
+        check_weight(model.get_submodule(name).weight.data, mask, name)

@@ -255,3 +255,22 @@ def test_two_runs_of_one_out_do_not_share_a_checkpoint(four_blocks, tmp_path):
 
         with pytest.raises(EbftError, match="another ebft run is using the checkpoint"):
             run(config_from_args(build_parser().parse_args(_args(four_blocks, out))))
+
+
+def test_a_checkpoint_missing_a_finished_blocks_shard_is_refused(four_blocks, tmp_path, monkeypatch, capsys):
+    """A checkpoint whose shards do not match what it names (a file lost, a half-cleared folder) is refused
+    in one line before any block is walked, never resumed into a model with a block missing."""
+    root = four_blocks
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _fail_at(m, "block", 3)
+        with pytest.raises(RuntimeError, match="injected"):
+            main(_args(root, out, "--lazy"))
+    parts = sorted((tmp_path / ".run.ckpt" / "blocks").glob("*.safetensors"))
+    assert len(parts) >= 2
+    parts[1].unlink()
+    capsys.readouterr()
+    assert main(_args(root, out, "--lazy")) == 2
+    err = capsys.readouterr().err
+    assert "--no-resume" in err and err.count("\n") == 1
+    assert main(_args(root, out, "--lazy", "--no-resume")) == 0

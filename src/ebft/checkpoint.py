@@ -290,7 +290,9 @@ class RunCheckpoint:
         self._lock_fd = _take_lock(self.folder, create=True)
 
     def _clear(self) -> None:
-        """Start afresh: everything but the lock goes."""
+        """Start afresh: everything but the lock goes, ``checkpoint.json`` first (a kill in the middle
+        then leaves no checkpoint that names files already gone)."""
+        _remove(self.folder / STATE_JSON)
         for entry in self.folder.iterdir():
             if entry.name != LOCK:
                 _remove(entry)
@@ -347,6 +349,9 @@ class RunCheckpoint:
         else:
             trim_parts(blocks, progress["parts"])
         self.writer = ShardWriter(blocks, resume=True)
+        if progress is not None and self.writer.parts != progress["parts"]:
+            raise EbftError(f"resume: the checkpoint {self.folder} names {progress['parts']} finished blocks' "
+                            f"shards but holds {self.writer.parts}; pass --no-resume to start over")
 
     def restore(self) -> Progress | None:
         """The walk's state at the last checkpoint (this rank's activations), or None to start at block 0."""

@@ -189,6 +189,16 @@ def broadcast_(tensors, src: int = 0) -> None:
             dist.broadcast(t.data if isinstance(t, torch.nn.Parameter) else t, src)
 
 
+def broadcast_value(value: float, src: int = 0) -> float:
+    """Rank ``src``'s Python number, on every rank (a decision all ranks must share); unchanged outside
+    torch.distributed."""
+    if current() is None:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    broadcast_([t], src)
+    return float(t[0])
+
+
 class ShardedWindows:
     """A rank's share of a ``[windows, seqlen, hidden]`` stream, indexed by *global* window ids.
 

@@ -349,10 +349,12 @@ def prune_block(linears: dict[str, nn.Linear], stats: dict[str, LayerStats], spe
 
 @torch.no_grad()
 def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str, nn.Linear], needs,
-               keep_output: bool = True) -> tuple[dict[str, LayerStats], torch.Tensor | None]:
+               keep_output: bool = True, out_device: torch.device | None = None
+               ) -> tuple[dict[str, LayerStats], torch.Tensor | None]:
     """Run ``block`` over ``x`` once, collecting the input statistics ``needs`` of each linear.
 
-    Returns ``(statistics per linear, the block's outputs ``[N, S, H]`` or None)``. Under
+    Returns ``(statistics per linear, the block's outputs ``[N, S, H]`` or None)``, the outputs on
+    ``out_device`` (default: where ``x`` is; host memory is pinned when the block runs on a GPU). Under
     torch.distributed the statistics are summed over the ranks (each ran its own windows)."""
     stats = {n: LayerStats(l.in_features, frozenset(needs), io.device) for n, l in linears.items()}
     if not keep_output and not needs:
@@ -362,7 +364,9 @@ def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str
     try:
         out = None
         if keep_output:
-            out = io.forward(block, x)
+            where = x.device if out_device is None else out_device
+            pin = where.type == "cpu" and io.device.type == "cuda"
+            out = io.forward(block, x, out=torch.empty(x.shape, dtype=x.dtype, device=where, pin_memory=pin))
         else:
             for i in range(0, x.shape[0], io.batch_size):
                 io.call(block, x[i:i + io.batch_size].to(io.device, non_blocking=True))
@@ -502,7 +506,8 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
     checkpoint as the walk goes. Restored blocks are reported to ``progress`` as done at once.
 
     ``placement`` (:attr:`ebft.budget.Placement.where`, the plan's arithmetic): where each activation
-    group lives — ``"calibration chain"``, ``"dense-model stream"``, ``"evaluation streams"`` on the
+    group lives — ``"calibration chain"``, ``"dense-model stream"``, ``"targets"`` (the dense block's
+    outputs, ``dense-block`` target), ``"evaluation streams"`` on the
     ``"accelerator"``, in ``"pinned host"`` or ``"host"`` memory; a group it does not name: the
     calibration chain on the accelerator when it fits in half its free memory, evaluation streams of a
     pruning walk in host memory.
@@ -587,7 +592,8 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
             pattern = prune.pattern_for(index)
             linears = find_linears(block, prune.layers)
             # one dense pass over the calibration chain: every statistic anyone needs, and the targets
-            stats, targets = dense_pass(block, io, calib, linears, needs, keep_output=dense_block_targets)
+            stats, targets = dense_pass(block, io, calib, linears, needs, keep_output=dense_block_targets,
+                                        out_device=home("targets", calib.device))
             push("dense", index, block)
             if dense_model_targets:
                 targets = streams["calib/dense"].x
@@ -611,6 +617,10 @@ def walk(model: nn.Module, calib_ids: torch.Tensor | None, prune: PruneSpec | No
             if recover.budget is not None:  # what is left of the budget, shared over the blocks left
                 spent = sum(r.get("recover_seconds", 0.0) for r in result.blocks)
                 share = max(recover.budget - spent, 0.0) / (len(blocks) - index)
+                if shard is not None:  # each rank timed its own blocks: rank 0's share, so all run the same epochs
+                    from .distributed import broadcast_value
+
+                    share = broadcast_value(share)
                 record["time_share"] = round(share, 3)
             ctx = BlockContext(index=index, block=block, linears=linears, inputs=inputs, targets=targets,
                                masks=masks, stats=stats, pattern=pattern, io=io, seed=recover.seed,

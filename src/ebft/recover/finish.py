@@ -258,7 +258,7 @@ def finish(ctx: ModelContext, settings: FinishSettings, data: FinishData | None)
         raise ValueError("finish kd needs the dense teacher: call prepare_finish before the walk")
     start = time.perf_counter()
     model, masks, device = ctx.model, ctx.masks, torch.device(ctx.device)
-    amp = autocast_dtype(device, "auto")
+    amp = autocast_dtype(device, "auto", next(model.parameters()).dtype)  # a bf16 model on CPU: bf16 autocast
     mode, why = choose_training(model, settings, device)
     lr = settings.lr or DEFAULT_LR[mode]
     which = "heldout" if len(data.heldout) else "train"

@@ -156,16 +156,17 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
     Returns (mean loss of each epoch, whether a loss was non-finite).
 
     With a time share (``ctx.time_share``, from ``--recover-budget``) ``settings.epochs`` is a cap: the
-    first epoch is timed, and as many epochs as fit in the share run (at least one), the learning-rate
-    schedule stretched to end at 0 after the last of them. Under torch.distributed the slowest rank's
-    epoch decides, so every rank runs the same epochs."""
+    first few steps are timed (:data:`TIMED_STEPS`, the first of them not counted: warm-up), and as many
+    epochs as fit in the share run (at least one), the learning-rate schedule set to end at 0 after the
+    last of them (decided before the rate has moved by more than a few steps' worth). Under
+    torch.distributed the slowest rank's steps decide, so every rank runs the same epochs."""
     device = ctx.device
     steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
     epochs = settings.epochs
     total = {"steps": max(epochs * steps_per_epoch, 1)}
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total["steps"]))
     share = getattr(ctx, "time_share", None)
-    started = time.perf_counter()
+    timed = min(TIMED_STEPS, total["steps"])  # the budget's decision comes after this many steps
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     generator = torch.Generator().manual_seed(ctx.seed + ctx.index)
 
@@ -174,7 +175,7 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
         from ..distributed import all_reduce_, reduce_gradients_
     epoch_losses, failed = [], False
     ctx.block.train(False)  # no dropout: reconstruct the deterministic block
-    epoch = 0
+    epoch, step, clock = 0, 0, [_now(device)]
     while epoch < epochs:
         running = torch.zeros((), device=device)
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -191,18 +192,24 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
                 (scaler.scale(loss) if scaler else loss).backward()
                 running += loss.detach() * len(idx)
                 nonfinite |= ~torch.isfinite(loss.detach())
+            elif scaler is not None:  # a scaler must have scaled before it may unscale the (zero) gradients
+                scaler.scale(torch.zeros((), device=device))
             if sharded:
                 reduce_gradients_(params)
             optimizer_step(params, optimizer, scaler, settings.grad_clip, weight_masks)
             schedule.step()
+            step += 1
+            if share is not None and step <= timed:
+                clock.append(_now(device))
+                if step == timed:  # steps after the first (warm-up) say how long an epoch takes
+                    per_step = (clock[-1] - clock[1]) / (timed - 1) if timed > 1 else clock[1] - clock[0]
+                    epochs = epochs_within(share, per_step * steps_per_epoch, settings.epochs, device, sharded)
+                    total["steps"] = max(epochs * steps_per_epoch, 1)
         if sharded:
             all_reduce_(running)
             nonfinite = all_reduce_(nonfinite.float(), "max").bool()
         epoch_loss = running.item() / len(train_idx)  # one host sync per epoch
         epoch_losses.append(epoch_loss)
-        if share is not None and epoch == 0:  # the first epoch's time says how many fit in the share
-            epochs = epochs_within(share, time.perf_counter() - started, settings.epochs, device, sharded)
-            total["steps"] = max(epochs * steps_per_epoch, 1)
         ctx.report("epoch", epoch=epoch + 1, epochs=epochs, loss=epoch_loss)
         if nonfinite.item():
             failed = True
@@ -211,11 +218,21 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
     return epoch_losses, failed
 
 
-def epochs_within(share: float, first_epoch: float, cap: int, device, sharded: bool = False) -> int:
+TIMED_STEPS = 4  # --recover-budget: steps timed before deciding the epochs (the first is warm-up)
+
+
+def _now(device: torch.device) -> float:
+    """Wall time once the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def epochs_within(share: float, epoch_seconds: float, cap: int, device, sharded: bool = False) -> int:
     """How many epochs (at least 1, at most ``cap``) fit in ``share`` seconds when one takes
-    ``first_epoch`` seconds; under torch.distributed the slowest rank's time decides."""
+    ``epoch_seconds``; under torch.distributed the slowest rank's time decides."""
     if sharded:
         from ..distributed import all_reduce_
 
-        first_epoch = float(all_reduce_(torch.tensor(first_epoch, device=device), "max"))
-    return max(1, min(cap, int(share // max(first_epoch, 1e-9))))
+        epoch_seconds = float(all_reduce_(torch.tensor(epoch_seconds, device=device), "max"))
+    return max(1, min(cap, int(share // max(epoch_seconds, 1e-9))))
