@@ -136,10 +136,19 @@ def table(setting: str, result: dict) -> str:
     from ebft.report import markdown_table
 
     texts = list(result["dense"])
-    rows = [["dense", "", "", "", *(result["dense"][t] for t in texts)]]
+    pruned = next((p["perplexity"] for p in result["points"] if p["point"] == "none"), None)
+
+    def closed(p, t):  # the share of the pruning gap the point closed on text t
+        if pruned is None or pruned[t] <= result["dense"][t]:
+            return None
+        return f"{(pruned[t] - p['perplexity'][t]) / (pruned[t] - result['dense'][t]):.1%}"
+
+    rows = [["dense", "", "", "", *(x for t in texts for x in (result["dense"][t], ""))]]
     for p in result["points"]:
-        rows.append([p["point"], p["line"], p["tokens"], p["recovery_seconds"], *(p["perplexity"].get(t) for t in texts)])
-    return f"### {setting}\n\n" + markdown_table(["point", "line", "training tokens", "recovery s", *texts], rows)
+        rows.append([p["point"], p["line"], p["tokens"], p["recovery_seconds"],
+                     *(x for t in texts for x in (p["perplexity"].get(t), closed(p, t)))])
+    head = ["point", "line", "training tokens", "recovery s", *(x for t in texts for x in (t, "gap closed"))]
+    return f"### {setting}\n\n" + markdown_table(head, rows)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -160,7 +169,8 @@ def plot(results: dict, path: Path) -> None:
                     lines.setdefault(p["line"], []).append((p[x_key], p["perplexity"][text]))
             for line, pts in lines.items():
                 pts.sort()
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-" if len(pts) > 1 else "o", label=line)
+                joined = len(pts) > 1 and "variants" not in line  # variants are separate settings, not a budget line
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-" if joined else "o", label=line)
             ax.axhline(result["dense"][text], color="black", linestyle="--", label="dense")
             if pruned is not None:
                 ax.axhline(pruned, color="grey", linestyle=":", label="pruned, no recovery")
