@@ -111,3 +111,11 @@ def test_the_walk_shares_the_budget_over_the_blocks(budget, epochs_run, tokenize
     assert shares[0] == pytest.approx(budget / len(result.blocks), rel=1e-3, abs=1e-3)
     if budget < 1:  # every block overran its share: the later ones get nothing left
         assert shares[-1] == 0.0
+
+
+def test_a_budget_in_yaml_may_be_a_number_of_seconds():
+    from ebft.config import budget_seconds
+
+    cfg = RunConfig.from_dict({"model": "m", "recover": {"budget": 600}})
+    cfg.check_types()
+    assert budget_seconds(cfg.recover.budget) == 600.0

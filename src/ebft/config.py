@@ -223,6 +223,9 @@ class RunConfig:
     # ---- validation, before any model is loaded ---------------------------------------------
     def check_types(self) -> None:
         """Every field's type, range and choices, for YAML exactly as for flags."""
+        budget = self.recover.budget
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool):  # YAML `budget: 600`: seconds
+            self.recover.budget = f"{budget:g}"
         st.check(self)
         for name in _SECTIONS:
             st.check(getattr(self, name), f"{name}.")
