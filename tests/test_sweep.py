@@ -123,7 +123,8 @@ def test_a_cell_is_keyed_on_exactly_its_recoverys_own_settings(method):
         changed.recover.method = method
         setattr(changed.recover, f.name, _another_valid_value(getattr(changed.recover, f.name), f.name))
         # the recipe concerns a method through the settings it resolves
-        concerned = f.name in own or (f.name == "recipe" and own & set(RECIPES["best"]))
+        concerned = (f.name in own or (f.name == "recipe" and own & set(RECIPES["best"]))
+                     or (f.name == "budget" and method in ("ebft", "ebft-mask")))  # it times block training
         assert (cell_key(changed) != key) == bool(concerned), f.name
 
 
@@ -204,4 +205,8 @@ def test_the_finish_and_the_budget_change_a_cells_key_only_when_set():
     assert cell_key(base) != key
     base.finish.method = "none"
     base.recover.budget = "10m"
-    assert cell_key(base) != key
+    assert cell_key(base) != key  # ebft, the default recovery, trains blocks
+    base.recover.method = "dsnot"
+    no_budget = cell_key(base)
+    base.recover.budget = None
+    assert cell_key(base) == no_budget  # nothing to time

@@ -254,7 +254,7 @@ class RunConfig:
         pattern = self.pattern(pruner)
         if self.recover.budget is not None:
             budget_seconds(self.recover.budget)
-            if recovery.scope != "block" or not recovery.needs_targets:
+            if not recovery.trains_blocks:
                 raise ConfigError("recover.budget", self.recover.budget, "times block training: use it with "
                                   "recover ebft or ebft-mask")
         if pattern.structured and not recovery.structured:

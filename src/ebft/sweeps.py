@@ -56,6 +56,8 @@ class SweepConfig:
                     cell = copy.deepcopy(self.base)
                     cell.prune.method, cell.prune.sparsity, cell.recover.method = method, sparsity, recover
                     cell.out, cell.overwrite = None, False
+                    if not _trains_blocks(recover):  # --recover-budget times block training only
+                        cell.recover.budget = None
                     cells.append(cell)
         return cells
 
@@ -118,9 +120,17 @@ def cell_key(cell: RunConfig) -> str:
     own_prune = {f.name for f in fields_of(cell.pruner_settings())} | {f.name for f in fields_of(AllocationSettings)}
     settings["prune"] = {k: v for k, v in settings["prune"].items()
                          if k in ("method", "sparsity", "pattern", "scope", "layers") or k in own_prune}
+    budget = cell.recover.budget if _trains_blocks(cell.recover.method) else None
     settings["recover"] = {"method": cell.recover.method, **dataclasses.asdict(cell.recovery_settings()),
-                           **({"budget": cell.recover.budget} if cell.recover.budget is not None else {})}
+                           **({"budget": budget} if budget is not None else {})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _trains_blocks(method: str) -> bool:
+    from .recover import RECOVERIES
+
+    recovery = RECOVERIES.get(method)
+    return recovery is not None and recovery.trains_blocks
 
 
 def column_label(cell: RunConfig) -> str:

@@ -99,6 +99,11 @@ class Recovery:
     needs: frozenset[str] = frozenset()  # LayerStats kinds the walk must collect for it
     structured: bool = True  # False: refuses structured (shape-changing) pruning
 
+    @property
+    def trains_blocks(self) -> bool:
+        """Whether it trains each block against targets (what ``--recover-budget`` times)."""
+        return self.scope == "block" and self.needs_targets
+
     def default_settings(self):
         return self.settings()
 
