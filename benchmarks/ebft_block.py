@@ -29,7 +29,9 @@ from ebft.prune import get_pruner
 from ebft.recover import BlockContext
 from ebft.recover.ebft import EbftSettings, ebft
 from ebft.recover.training import reconstruction_loss
-from ebft.walk import BlockIO, PruneSpec, capture, dense_pass, prune_block
+from ebft.capture import BlockIO, capture
+from ebft.prune import BlockSite
+from ebft.walk import PruneSpec, dense_pass
 
 
 class _Masked(nn.Module):
@@ -136,7 +138,7 @@ def main():
     # targets + Wanda statistics from the dense block, then prune once; both loops start from here
     stats, y_cpu = dense_pass(block, io, x_cpu, linears, {"sq"})
     spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", args.sparsity, None, "row"))
-    masks = prune_block(linears, stats, spec, spec.pattern, "block")
+    masks, _ = spec.pruner.prune_block(block, linears, stats, BlockSite(0, "block", None, spec.pattern), None)
     pruned = {k: v.detach().clone() for k, v in block.state_dict().items()}
     cfg = EbftSettings(epochs=args.epochs)
 

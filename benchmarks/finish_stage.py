@@ -32,12 +32,12 @@ import yaml
 from ebft import RunConfig
 from ebft.config import resolve_device
 from ebft.models import load_model
-from ebft.pipeline import prepare_data, prune_and_recover, seed_everything, stage_perplexities
+from ebft.evaluation.perplexity import model_perplexities
+from ebft.pipeline import prepare_data, prune_and_recover, seed_everything
 from ebft.recover import ModelContext, TrainingText
 from ebft.recover.finish import FinishSettings, finish, prepare_finish
 from ebft.report import markdown_table
 from ebft.settings import check
-from ebft.walk import walk
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -98,9 +98,8 @@ def one(variant: str, args) -> dict:
     if prep is not None:
         ctx = ModelContext(model, tokenizer, outcome.result.masks, text, torch.device(device), cfg.seed)
         record["finish"] = finish(ctx, fin, prep)
-        after = walk(model, None, None, eval_ids=data.evals, device=device, batch_size=cfg.batch_size)
-        for name, by_stage in stage_perplexities(model, after, data.evals, device, final="finished").items():
-            ppl[name]["finished"] = by_stage["dense"]
+        for name, value in model_perplexities(model, data.evals, device, cfg.batch_size).items():
+            ppl[name]["finished"] = value
     record["perplexity"] = ppl
     record["wall_seconds"] = round(time.perf_counter() - start, 1)
     return record

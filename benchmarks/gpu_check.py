@@ -554,26 +554,26 @@ def training_dtype_probe(model):
 
 
 def placement_hook() -> tuple[bool, str]:
-    """Whether the calibration activations' placement can be forced: the walk's capture must still ask
-    :func:`ebft.walk.store_device` (this script replaces it for the placement check)."""
+    """Whether the calibration activations' placement can be forced: the capture must still ask
+    :func:`ebft.capture.store_device` (this script replaces it for the placement check)."""
     import inspect
 
-    import ebft.walk as W
+    import ebft.capture as W
 
     if not hasattr(W, "store_device"):
-        return False, "ebft.walk.store_device is gone: the placement can no longer be forced from outside"
+        return False, "ebft.capture.store_device is gone: the placement can no longer be forced from outside"
     if "store_device" not in inspect.getsource(W.capture):
-        return False, "ebft.walk.capture no longer calls store_device: the placement hook moved"
-    return True, "ebft.walk.capture asks ebft.walk.store_device"
+        return False, "ebft.capture.capture no longer calls store_device: the placement hook moved"
+    return True, "ebft.capture.capture asks ebft.capture.store_device"
 
 
 @contextlib.contextmanager
 def forced_store(kind: str | None, decisions: list | None = None):
-    """Force where :func:`ebft.walk.capture` keeps calibration activations: "device" or "pinned" (host);
+    """Force where :func:`ebft.capture.capture` keeps calibration activations: "device" or "pinned" (host);
     None keeps the walk's own choice. ``decisions`` collects what was asked and answered."""
     import torch
 
-    import ebft.walk as W
+    import ebft.capture as W
 
     original = W.store_device
 
@@ -610,7 +610,7 @@ def observed_recovery(observations: list):
 def tiny_walk(device: str, precision: str, dtype, *, epochs=3, n=16, seqlen=64, store=None) -> dict:
     """Wanda 50 % + EBFT through the walk on a tiny random Llama; everything a check looks at."""
     import torch
-    from ebft.pipeline import stage_perplexities
+    from ebft.evaluation.perplexity import stage_perplexities
     from ebft.prune import get_pruner
     from ebft.walk import STAGES, PruneSpec, RecoverSpec, walk
 
@@ -843,7 +843,9 @@ def check_block_benchmark(check: Check, device: str, shape: str, epochs: int = 2
     from ebft.models import find_blocks, find_linears, resolve_dtype
     from ebft.prune import get_pruner
     from ebft.recover import BlockContext, get_recovery
-    from ebft.walk import PruneSpec, capture, dense_pass, prune_block
+    from ebft.capture import capture
+    from ebft.prune import BlockSite
+    from ebft.walk import dense_pass
 
     s = SHAPES[shape]
     dev = torch.device(device)
@@ -867,7 +869,7 @@ def check_block_benchmark(check: Check, device: str, shape: str, epochs: int = 2
     pruner, recovery = get_pruner("wanda"), get_recovery("ebft")
     pattern = run.pattern()
     stats, y = dense_pass(block, io, x, linears, set(pruner.needs) | set(recovery.needs))
-    masks = prune_block(linears, stats, PruneSpec(pruner, pattern, None, run.pruner_settings()), pattern, "block")
+    masks, _ = pruner.prune_block(block, linears, stats, BlockSite(0, "block", None, pattern), run.pruner_settings())
     pruned_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
     settings = run.recovery_settings()
 
@@ -963,7 +965,7 @@ def pipeline_run(model: str, device: str, calib: str, nsamples: int, seqlen: int
                  label: str) -> dict:
     """What ``ebft run`` does minus zero-shot and saving: load -> data -> plan -> walk -> evaluate."""
     import torch
-    from ebft.export import sparsity_report
+    from ebft.output import sparsity_report
     from ebft.models import load_model
     from ebft.pipeline import check_model_fits, prepare_data, prune_and_recover, seed_everything
     from ebft.recover.training import autocast_dtype
@@ -977,7 +979,7 @@ def pipeline_run(model: str, device: str, calib: str, nsamples: int, seqlen: int
     seed_everything(cfg.seed)
     model_, tokenizer = load_model(cfg.model, cfg.dtype, device)
     times["load"] = time.monotonic() - start
-    check_model_fits(model_, pattern, cfg.prune.layers, cfg.pruner_settings())
+    check_model_fits(model_, pattern, cfg)
     data = prepare_data(model_, tokenizer, cfg)
     times["data"] = time.monotonic() - start - times["load"]
     projector = Projector(deadline, tail_s=15 if device != "cpu" else 5, label=label)

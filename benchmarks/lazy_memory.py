@@ -3,8 +3,8 @@
 Each path runs in a fresh process: load the model, run every block in order on the same token
 windows (zeroing each block's small weights just before it runs, so the output differs from the
 input), then save. Eager: ``from_pretrained`` + ``save_pretrained``. Lazy:
-:func:`ebft.lazy.load_lazy`, each block read before it runs and written + freed after it
-(:class:`ebft.lazy.ShardWriter`). Measured: the peak resident set after the imports minus the
+:func:`ebft.blockstore.load_lazy`, each block read before it runs and written + freed after it
+(:class:`ebft.weights.ShardWriter`). Measured: the peak resident set after the imports minus the
 resident set then (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``; see :func:`reset_peak`).
 
     python benchmarks/lazy_memory.py                        # hidden 512, 6 blocks: 100 MiB of fp32 weights
@@ -110,7 +110,8 @@ def run_one(mode: str, model_dir: Path, out: Path, windows: int = 4, seqlen: int
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ebft.lazy import EagerBlocks, ShardWriter, load_lazy
+    from ebft.blockstore import EagerBlocks, load_lazy
+    from ebft.weights import ShardWriter
 
     torch.set_num_threads(1)
     import transformers.models.llama.modeling_llama  # noqa: F401  (imports are not what we measure)

@@ -142,6 +142,47 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
+def tiny_run_folder(root: Path, layers: int, arch: str = "llama") -> Path:
+    """``root/model``: a tiny model of ``layers`` blocks with its tokenizer, as a local Hugging Face folder;
+    ``root/text.txt``: a text for calibration and evaluation. Returns ``root``."""
+    tok = build_tokenizer()
+    make_tiny_model(arch, vocab_size=len(tok), layers=layers).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    (root / "text.txt").write_text(TEXT)
+    return root
+
+
+@pytest.fixture(scope="module")
+def three_blocks(tmp_path_factory):
+    """A 3-block tiny Llama folder and a text (:func:`tiny_run_folder`)."""
+    return tiny_run_folder(tmp_path_factory.mktemp("three"), 3)
+
+
+@pytest.fixture(scope="module")
+def four_blocks(tmp_path_factory):
+    """A 4-block tiny Llama folder and a text (:func:`tiny_run_folder`)."""
+    return tiny_run_folder(tmp_path_factory.mktemp("four"), 4)
+
+
+def block_training(extra, *flags) -> list[str]:
+    """``flags`` (block-training settings such as ``--epochs 2``) when the command line ``extra`` trains
+    blocks (EBFT, the default, or mask tuning), else none: a setting of a recovery that does not run is
+    refused."""
+    recover = extra[list(extra).index("--recover") + 1] if "--recover" in extra else "ebft"
+    return list(flags) if recover in ("ebft", "ebft-mask") else []
+
+
+def lazy_memory_benchmark():
+    """``benchmarks/lazy_memory.py`` as a module: its wide random models and its memory measurement."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lazy_memory", Path(__file__).resolve().parents[1] / "benchmarks"
+                                                  / "lazy_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "corpus.txt"

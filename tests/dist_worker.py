@@ -13,6 +13,10 @@ import torch
 import torch.distributed as dist
 
 
+class Killed(BaseException):
+    """An injected stop at a kill point, handled by nothing of ebft's (like SIGKILL)."""
+
+
 def main(path: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -20,22 +24,21 @@ def main(path: str) -> None:
     from ebft.cli import build_parser, config_from_args
     from ebft.pipeline import run
 
-    real_kill_point = checkpoint.kill_point
     for job in json.loads(open(path).read()):
         config = config_from_args(build_parser().parse_args(["run", *job["args"]]))
         fail = job.get("fail_at")
 
         def hook(point, index=None, fail=fail):
             if fail and point == fail[0] and index == fail[1]:
-                raise RuntimeError("injected")
-        checkpoint.kill_point = hook
+                raise Killed("injected")
+        checkpoint.kill_hook = hook
         try:
             run(config)
-        except RuntimeError as exc:
+        except Killed as exc:
             if "injected" not in str(exc):
                 raise
         finally:
-            checkpoint.kill_point = real_kill_point
+            checkpoint.kill_hook = None
         dist.barrier()
     dist.destroy_process_group()
 

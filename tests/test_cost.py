@@ -10,8 +10,10 @@ def _run(model_dir, text_file, out, recover):
     cfg.prune.method, cfg.prune.sparsity = "wanda", 0.5
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = str(text_file), 4, 32
     cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = [str(text_file)], 32, 2
-    cfg.recover.method, cfg.recover.epochs, cfg.recover.batch_size = recover, 1, 2
-    cfg.recover.recipe = "paper"  # linear weights only: the count below
+    cfg.recover.method = recover
+    if recover == "ebft":  # settings of a recovery that does not run are refused
+        cfg.recover.epochs, cfg.recover.batch_size = 1, 2
+        cfg.recover.recipe = "paper"  # linear weights only: the count below
     return run(cfg)
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TEXT, build_tokenizer, make_tiny_model
+from conftest import block_training
 from ebft.cli import main
 
 TESTS = Path(__file__).resolve().parent
@@ -28,22 +28,12 @@ TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or sh
 pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
 
 
-@pytest.fixture(scope="module")
-def three_blocks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    tok = build_tokenizer()
-    make_tiny_model("llama", vocab_size=len(tok), layers=3).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "text.txt").write_text(TEXT)
-    return root
-
-
 def _args(root, out, *extra):
     # 8 calibration windows, batches of 3 (each rank holds 4: batches straddle the ranks unevenly);
     # 5 evaluation windows (3 + 2)
     return ["--model", str(root / "model"), "--calib", str(root / "text.txt"), "--nsamples", "8", "--seqlen", "32",
-            "--eval", str(root / "text.txt"), "--eval-seqlen", "64", "--eval-windows", "5", "--epochs", "2",
-            "--recover-batch-size", "3", "--out", str(out), *extra]
+            "--eval", str(root / "text.txt"), "--eval-seqlen", "64", "--eval-windows", "5",
+            *block_training(extra, "--epochs", "2", "--recover-batch-size", "3"), "--out", str(out), *extra]
 
 
 def _env():

@@ -9,7 +9,9 @@ from ebft.prune import get_pruner
 from ebft.recover import BlockContext
 from ebft.recover.ebft import EbftSettings, ebft
 from ebft.recover.training import make_adamw, optimizer_step, reconstruction_loss
-from ebft.walk import PruneSpec, RecoverSpec, capture, dense_pass, prune_block, walk
+from ebft.capture import capture
+from ebft.prune import BlockSite
+from ebft.walk import PruneSpec, RecoverSpec, dense_pass, walk
 
 
 def _ids(n=8, s=32, seed=0):
@@ -30,7 +32,7 @@ def pruned_block(pattern="unstructured", sparsity=0.5, arch="llama", seed=0):
     linears = find_linears(block)
     stats, targets = dense_pass(block, calls[0], x, linears, {"sq"})
     spec = PruneSpec(get_pruner("wanda"), parse_pattern(pattern, sparsity, None, "row"))
-    masks = prune_block(linears, stats, spec, spec.pattern, "b0")
+    masks, _ = spec.pruner.prune_block(block, linears, stats, BlockSite(0, "b0", model.config, spec.pattern), None)
     return BlockContext(index=0, block=block, linears=linears, inputs=x, targets=targets, masks=masks, stats=stats,
                         pattern=spec.pattern, io=calls[0], seed=seed)
 

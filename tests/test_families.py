@@ -8,7 +8,8 @@ import torch
 
 from conftest import FAMILIES, make_tiny_model
 from ebft.evaluation.perplexity import stream_perplexity
-from ebft.walk import capture, walk
+from ebft.capture import capture
+from ebft.walk import walk
 
 
 def _ids(n=3, s=32, vocab=320, seed=0):
@@ -57,20 +58,20 @@ def test_reusing_block_zeros_arguments_would_be_wrong():
     model = make_tiny_model("gemma2", layers=3)
     ids = _ids()
     expected = torch.tensor(plain_nll(model, ids)).exp().item()
-    import ebft.walk as walk_module
+    import ebft.streams as streams_module
 
-    real = walk_module.capture
+    real = streams_module.capture
 
     def block_zero_everywhere(*args, **kwargs):
         x, calls = real(*args, **kwargs)
         calls.ios = [calls.ios[0]] * len(calls.ios)
         return x, calls
 
-    walk_module.capture = block_zero_everywhere
+    streams_module.capture = block_zero_everywhere
     try:
         result = walk(model, None, None, eval_ids={"x": ids})
     finally:
-        walk_module.capture = real
+        streams_module.capture = real
     wrong = stream_perplexity(model, result.streams["x/dense"], ids)
     assert wrong != pytest.approx(expected, rel=1e-5)
 

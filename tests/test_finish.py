@@ -178,9 +178,9 @@ def test_auto_trains_the_weights_when_their_optimizer_state_fits_else_lora(monke
 
     model = make_tiny_model("llama")
     n = sum(p.numel() for lin in block_linears(model).values() for p in lin.parameters())
-    monkeypatch.setattr(fin, "_free_memory", lambda device: 100 * n)
+    monkeypatch.setattr(fin, "free_memory", lambda device: 100 * n)
     assert choose_training(model, FinishSettings(), torch.device("cpu"))[0] == "weights"
-    monkeypatch.setattr(fin, "_free_memory", lambda device: 10 * n)
+    monkeypatch.setattr(fin, "free_memory", lambda device: 10 * n)
     mode, why = choose_training(model, FinishSettings(), torch.device("cpu"))
     assert mode == "lora" and "GiB" in why
     assert choose_training(model, FinishSettings(train="weights"), torch.device("cpu")) == ("weights", "asked")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from ebft import export
+from ebft import atomic, output
 from ebft.errors import ConfigError, EbftError
-from ebft.export import atomic_folder, check_out, clean_stale, ebft_output_problem, is_ebft_output
+from ebft.output import atomic_folder, check_out, clean_stale, ebft_output_problem, is_ebft_output
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -479,7 +479,7 @@ def _legacy_plus_user_file(tmp):
 
 def _forged_marker(tmp):
     (tmp / "out").mkdir()
-    (tmp / "out" / export.MARKER).write_text(json.dumps({"written_by": "someone", "files": []}))
+    (tmp / "out" / output.MARKER).write_text(json.dumps({"written_by": "someone", "files": []}))
     (tmp / "out" / "a.txt").write_text("mine")
 
 
@@ -552,12 +552,25 @@ def test_out_and_the_inputs(in_tmp):
 
 
 def test_reuse_mode_for_a_sweep_folder(in_tmp):
+    """A sweep writes into its folder (and resumes there); it never writes into a folder holding a user's
+    files, the current folder, or a run's output."""
     (in_tmp / "sweep").mkdir()
     (in_tmp / "sweep" / "results.md").write_text("x")
     (in_tmp / "sweep" / "corpus.txt").write_text("text")
+    assert "did not write (corpus.txt)" in _refused("sweep", reuse=True)
+    assert "did not write" in _refused(".", reuse=True)  # the current folder holds the user's files
+    output.mark_sweep_folder(in_tmp / "sweep")  # a sweep's folder (an input beside its results is fine)
     assert check_out("sweep", reuse=True, inputs=[str(in_tmp / "sweep" / "corpus.txt")]) == in_tmp / "sweep"
     assert "is an input" in _refused("sweep", reuse=True, inputs=[str(in_tmp / "sweep")])
-    check_out(".", reuse=True)
+    (in_tmp / "legacy" / "cells").mkdir(parents=True)  # a sweep folder from before the marker: only its files
+    (in_tmp / "legacy" / "results.json").write_text("{}")
+    assert check_out("legacy", reuse=True) == in_tmp / "legacy"
+    (in_tmp / "empty").mkdir()
+    assert check_out("empty", reuse=True) == in_tmp / "empty"
+    (in_tmp / "run").mkdir()  # a run's output (its marker lists its files)
+    (in_tmp / "run" / "config.json").write_text("{}")
+    (in_tmp / "run" / output.MARKER).write_text(json.dumps({"written_by": "ebft", "files": ["config.json"]}))
+    assert "output folder of an ebft run" in _refused("run", reuse=True)
     assert _refused("sweep", field="sweep.out").startswith("sweep.out: ")
 
 
@@ -572,12 +585,12 @@ def _as_nobody():
 
 
 def _unprivileged_python() -> str | None:
-    """An interpreter that user nobody may run (ebft.export needs nothing beyond the standard library)."""
+    """An interpreter that user nobody may run (ebft.output needs nothing beyond the standard library)."""
     for candidate in dict.fromkeys([sys.executable, shutil.which("python3"), "/usr/bin/python3"]):
         if not candidate:
             continue
         try:
-            probe = subprocess.run([candidate, "-c", f"import sys; sys.path.insert(0, {SRC!r}); import ebft.export"],
+            probe = subprocess.run([candidate, "-c", f"import sys; sys.path.insert(0, {SRC!r}); import ebft.output"],
                                    cwd="/", preexec_fn=_as_nobody, capture_output=True, timeout=60)
         except (OSError, subprocess.SubprocessError):
             continue
@@ -591,7 +604,7 @@ def _unwritable_check(parent: Path) -> subprocess.CompletedProcess:
     code = f"""
         import sys
         sys.path.insert(0, {SRC!r})
-        from ebft.export import check_out
+        from ebft.output import check_out
         from ebft.errors import ConfigError
         try:
             check_out({str(parent / 'out')!r})
@@ -646,12 +659,12 @@ def test_saved_files_get_normal_permissions(tmp_path, tiny_model_dir):
         try:
             out = tmp_path / f"out-{umask:o}"
             with atomic_folder(out / "inner") as tmp:
-                export.save_pretrained(model, tokenizer, tmp)
+                output.save_pretrained(model, tokenizer, tmp)
                 fd = os.open(tmp / "private.bin", os.O_WRONLY | os.O_CREAT, 0o600)
                 os.close(fd)
                 (tmp / "sub").mkdir(mode=0o700)
                 (tmp / "sub" / "f").write_text("x")
-                export.write_json(tmp / "run.json", {"config": {}, "versions": {"ebft": "0"}})
+                atomic.write_json(tmp / "run.json", {"config": {}, "versions": {"ebft": "0"}})
         finally:
             os.umask(previous)
         inner = out / "inner"
@@ -665,7 +678,7 @@ def test_saved_files_get_normal_permissions(tmp_path, tiny_model_dir):
 
 def test_marker_lists_every_file(tmp_path):
     out = make_output(tmp_path / "out")
-    marker = json.loads((out / export.MARKER).read_text())
+    marker = json.loads((out / output.MARKER).read_text())
     assert marker["written_by"] == "ebft"
     assert set(marker["files"]) == {"part0.bin", "part1.bin", "part2.bin", "version.txt", "run.json"}
     (out / "part1.bin").unlink()
@@ -675,7 +688,7 @@ def test_marker_lists_every_file(tmp_path):
 @pytest.mark.parametrize("exchange", [True, False])
 def test_overwrite_replaces_an_output(exchange, tmp_path, monkeypatch):
     if not exchange:
-        monkeypatch.setattr(export, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(output, "_exchange", lambda a, b: False)
     out = make_output(tmp_path / "out", "old")
     make_output(out, "new", parts=2)
     assert_complete(out, "new", parts=2)
@@ -688,7 +701,7 @@ def test_exchange_is_used_where_the_filesystem_has_it(tmp_path):
     a.mkdir()
     b.mkdir()
     (a / "x").write_text("a")
-    if not export._exchange(a, b):
+    if not output._exchange(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) not available here")
     assert (b / "x").read_text() == "a" and not (a / "x").exists()
 
@@ -715,7 +728,7 @@ def test_failed_first_save_leaves_no_trace(tmp_path):
 def test_nohup_keeps_sighup_ignored():
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        with export.interrupt_on_signals():
+        with output.interrupt_on_signals():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
             os.kill(os.getpid(), signal.SIGHUP)
             time.sleep(0.1)
@@ -771,11 +784,11 @@ def test_clean_stale_does_not_restore_a_half_deleted_old_output(tmp_path):
 def test_write_json_is_atomic_and_cleans_dead_leftovers(tmp_path):
     dead = dead_pid()
     (tmp_path / f".cell.json.tmp-{dead}").write_text("{half")
-    export.write_json(tmp_path / "cell.json", {"a": 1, "p": tmp_path})
+    atomic.write_json(tmp_path / "cell.json", {"a": 1, "p": tmp_path})
     assert json.loads((tmp_path / "cell.json").read_text()) == {"a": 1, "p": str(tmp_path)}
     assert sorted(os.listdir(tmp_path)) == ["cell.json"]
     with pytest.raises(TypeError):
-        export.write_json(tmp_path / "cell.json", {"a": object()})
+        atomic.write_json(tmp_path / "cell.json", {"a": object()})
     assert sorted(os.listdir(tmp_path)) == ["cell.json"]
     assert json.loads((tmp_path / "cell.json").read_text())["a"] == 1
 
@@ -783,18 +796,18 @@ def test_write_json_is_atomic_and_cleans_dead_leftovers(tmp_path):
 def test_sigterm_becomes_keyboard_interrupt_and_handler_is_restored():
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt) as err:
-        with export.interrupt_on_signals():
+        with output.interrupt_on_signals():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
-    assert isinstance(err.value, export.Interrupted) and err.value.signum == signal.SIGTERM
+    assert isinstance(err.value, output.Interrupted) and err.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_ctrl_c_during_the_swap_waits_for_it(tmp_path, monkeypatch):
     """SIGINT between the two renames of the fallback swap is delivered once the swap is done."""
     out = make_output(tmp_path / "out", "old")
-    monkeypatch.setattr(export, "_exchange", lambda a, b: False)
-    rename = export._rename
+    monkeypatch.setattr(output, "_exchange", lambda a, b: False)
+    rename = output._rename
 
     def rename_then_sigint(src, dst):
         rename(src, dst)
@@ -802,7 +815,7 @@ def test_ctrl_c_during_the_swap_waits_for_it(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.2)
 
-    monkeypatch.setattr(export, "_rename", rename_then_sigint)
+    monkeypatch.setattr(output, "_rename", rename_then_sigint)
     with pytest.raises(KeyboardInterrupt):
         make_output(out, "new")
     assert_complete(out, "new")
@@ -814,7 +827,7 @@ def test_ctrl_c_during_the_swap_waits_for_it(tmp_path, monkeypatch):
 KILL_SCRIPT = """
 import os, sys, time
 from pathlib import Path
-from ebft import export
+from ebft import output
 
 out, stage, tag, fallback = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 HELD = 1.0  # a signal held during the swap waits this long
@@ -825,8 +838,8 @@ def pause(name, seconds=60.0):
         time.sleep(seconds)
 
 if fallback:
-    export._exchange = lambda a, b: False
-rename, remove, seal = export._rename, export._remove_tree, export._seal
+    output._exchange = lambda a, b: False
+rename, remove, seal = output._rename, output._remove_tree, output._seal
 
 def slow_rename(src, dst):
     rename(src, dst)
@@ -836,7 +849,7 @@ def slow_rename(src, dst):
 def slow_remove(path):
     path = Path(path)
     if (path / "version.txt").exists() and (path / "version.txt").read_text() == "old":
-        for name in (export.MARKER, "run.json", "part0.bin"):  # what a deletion removes first
+        for name in (output.MARKER, "run.json", "part0.bin"):  # what a deletion removes first
             (path / name).unlink(missing_ok=True)
         pause("deleting-old", HELD)
     remove(path)
@@ -845,10 +858,10 @@ def slow_seal(folder):
     seal(folder)
     pause("sealed")
 
-export._rename, export._remove_tree, export._seal = slow_rename, slow_remove, slow_seal
+output._rename, output._remove_tree, output._seal = slow_rename, slow_remove, slow_seal
 try:
-    with export.interrupt_on_signals():
-        with export.atomic_folder(out, overwrite=True) as tmp:
+    with output.interrupt_on_signals():
+        with output.atomic_folder(out, overwrite=True) as tmp:
             for i in range(3):
                 (tmp / f"part{i}.bin").write_bytes(bytes([i]) * 1000)
                 if i == 1:

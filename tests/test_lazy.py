@@ -1,7 +1,6 @@
-"""Lazy, block-by-block loading and writing (ebft.lazy): same tensors, same outputs, less memory."""
+"""Lazy, block-by-block loading and writing (ebft.blockstore, ebft.weights): same tensors, same outputs, less memory."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -10,15 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import FAMILIES, make_tiny_model
+from conftest import FAMILIES, lazy_memory_benchmark, make_tiny_model
 from ebft.errors import EbftError
-from ebft.lazy import (INDEX_NAME, Checkpoint, EagerBlocks, LazyBlocks, ShardWriter, build_skeleton, load_lazy,
-                       save_names)
+from ebft.blockstore import EagerBlocks, LazyBlocks, build_skeleton, load_lazy
+from ebft.weights import INDEX_NAME, ShardWriter, WeightFiles, save_names
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "lazy_memory.py"
-_spec = importlib.util.spec_from_file_location("lazy_memory", BENCH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = lazy_memory_benchmark()
 
 
 def _plain(folder, dtype=torch.float32):
@@ -52,7 +48,7 @@ def _lazy_store(folder, dtype=torch.float32):
     from transformers import AutoConfig
 
     skeleton = build_skeleton(AutoConfig.from_pretrained(folder), dtype)
-    return skeleton, LazyBlocks(skeleton, Checkpoint(folder))
+    return skeleton, LazyBlocks(skeleton, WeightFiles(folder))
 
 
 # ----------------------------------------------------------------------------- the skeleton, per family
@@ -256,7 +252,7 @@ def test_hub_id_fetches_index_first_and_each_shard_when_needed(wide, monkeypatch
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    checkpoint = Checkpoint("org/wide", revision="main")
+    checkpoint = WeightFiles("org/wide", revision="main")
     assert fetched == [INDEX_NAME]
     index = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
     keys = [k for k in index if k.startswith("model.layers.0.")]

@@ -2,7 +2,6 @@
 activations while the eager run holds the model; the same tensors, perplexities and sparsity."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,12 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TEXT
+from conftest import TEXT, lazy_memory_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("lazy_memory", ROOT / "benchmarks" / "lazy_memory.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = lazy_memory_benchmark()
 
 # One `ebft run` in a fresh process, its peak resident set measured from after the imports (the
 # run resets Linux's VmHWM at its start and records the peak in run.json).
@@ -110,16 +107,16 @@ def test_lazy_refuses_what_needs_the_whole_model(tmp_path, tiny_model_dir, text_
 
 
 def test_auto_lazy_only_when_the_weights_do_not_fit(tiny_model_dir, monkeypatch):
-    from ebft import lazy, pipeline
+    from ebft import blockstore, pipeline
     from ebft.config import RunConfig
 
     config = RunConfig(model=str(tiny_model_dir), out="x")
     pattern = config.pattern()
-    size = lazy.weights_bytes(str(tiny_model_dir))
+    size = blockstore.weights_bytes(str(tiny_model_dir))
     assert size == sum(f.stat().st_size for f in Path(tiny_model_dir).glob("*.safetensors"))
-    monkeypatch.setattr(lazy, "available_memory", lambda: 4 * size)
+    monkeypatch.setattr(pipeline, "host_available", lambda: 4 * size)
     assert not pipeline.decide_lazy(config, pattern)
-    monkeypatch.setattr(lazy, "available_memory", lambda: size)
+    monkeypatch.setattr(pipeline, "host_available", lambda: size)
     assert pipeline.decide_lazy(config, pattern)
     assert not pipeline.decide_lazy(config, pattern.__class__(0.5, structured=True))  # needs the whole model
     config.lazy = False

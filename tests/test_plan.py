@@ -1,4 +1,4 @@
-"""The planning pass and OWL: per-block sparsities from the dense model, same overall sparsity."""
+"""The allocation pass and OWL: per-block sparsities from the dense model, same overall sparsity."""
 import pytest
 import torch
 
@@ -6,9 +6,9 @@ from conftest import make_tiny_model, recover_spec
 from ebft.errors import ConfigError
 from ebft.masks import Pattern, check_mask, parse_pattern
 from ebft.models import find_blocks, find_linears
-from ebft.plan import AllocationSettings, check_allocation, make_plan, outlier_ratio, owl_sparsities
+from ebft.allocation import AllocationSettings, allocator, check_allocation, outlier_ratio, owl_sparsities
 from ebft.prune import get_pruner
-from ebft.walk import PruneSpec, walk
+from ebft.walk import PruneSpec, planning_pass, walk
 
 
 def _ids(n=8, s=32, seed=0):
@@ -53,7 +53,7 @@ def test_owl_composes_with_every_pruner_and_recovery(pruner, recover):
     model = make_tiny_model("llama", layers=3)
     pattern = parse_pattern("unstructured", 0.6, None, get_pruner(pruner).default_scope)
     settings = AllocationSettings(allocation="owl", owl_lambda=0.1, owl_threshold=2.0)
-    plan = make_plan(model, _ids(), pattern, settings, None, "cpu", 4)
+    plan = planning_pass(model, _ids(), allocator(pattern, settings, None), "cpu", 4)
     assert len(plan.patterns) == 3 and len({p.sparsity for p in plan.patterns}) == 3
     assert sum(p.sparsity for p in plan.patterns) / 3 == pytest.approx(0.6)
     kw = {"epochs": 1, "batch_size": 4} if recover in ("ebft", "ebft-mask") else {}

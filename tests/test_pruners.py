@@ -5,7 +5,7 @@ import torch
 import ebft.prune as prune
 from ebft.errors import ConfigError
 from ebft.masks import Pattern, check_mask, check_weight
-from ebft.prune import PRUNERS, PruneResult, get_pruner, register_pruner
+from ebft.prune import PRUNERS, PruneResult, get_pruner, register_pruner, unregister_pruner
 from ebft.prune.sparsegpt import sparsegpt
 from ebft.stats import LayerStats
 
@@ -202,12 +202,15 @@ def test_unknown_pruner_is_a_config_error():
     assert "magnitude" in str(info.value) and "sparsegpt" in str(info.value) and "wanda" in str(info.value)
 
 
-def test_register_pruner_validates(monkeypatch):
-    monkeypatch.setattr(prune, "PRUNERS", dict(PRUNERS))  # keep the real registry clean
+def test_register_pruner_validates():
     register_pruner("toy", needs=("mean",))(lambda w, s, p: PruneResult(w != 0))
-    assert prune.get_pruner("toy").needs == frozenset({"mean"})
-    with pytest.raises(ValueError, match="twice"):
-        register_pruner("toy")(lambda w, s, p: None)
+    try:
+        assert prune.get_pruner("toy").needs == frozenset({"mean"})
+        with pytest.raises(ValueError, match="twice"):
+            register_pruner("toy")(lambda w, s, p: None)
+    finally:
+        unregister_pruner("toy")  # keep the real registry clean
+    assert "toy" not in PRUNERS
     with pytest.raises(ValueError, match="unknown statistics"):
         register_pruner("bad", needs=("fisher",))
     with pytest.raises(ValueError, match="default_scope"):

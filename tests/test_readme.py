@@ -94,7 +94,10 @@ def _tiny_argv(command: str, model: str, text: str, root: Path) -> list[str]:
         out.append(arg)
     if argv[0] in ("run", "sweep"):
         out += ["--model", model, "--calib", text, *(x for k, v in TINY.items() if k in (
-            "--nsamples", "--seqlen", "--epochs") for x in (k, v))]
+            "--nsamples", "--seqlen") for x in (k, v))]
+        recover = argv[argv.index("--recover") + 1] if "--recover" in argv else "ebft"
+        if any(r in ("ebft", "ebft-mask") for r in recover.split(",")):  # block training: fewer epochs
+            out += ["--epochs", TINY["--epochs"]]
     if argv[0] in ("run", "sweep", "eval") and "--tasks" not in argv:
         out += ["--eval", text, "--eval-seqlen", "32", "--eval-windows", "2"]
     return out

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TEXT, build_tokenizer, make_tiny_model
+from conftest import TEXT, block_training
 from ebft import checkpoint as ckpt
 from ebft.cli import main
 
@@ -21,21 +21,10 @@ TIMES = {"seconds", "recover_seconds", "train_seconds", "wall_seconds", "peak_me
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(scope="module")
-def four_blocks(tmp_path_factory):
-    """A 4-block tiny Llama with its tokenizer, and a text file."""
-    root = tmp_path_factory.mktemp("resume")
-    tok = build_tokenizer()
-    make_tiny_model("llama", vocab_size=len(tok), layers=4).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    (root / "text.txt").write_text(TEXT)
-    return root
-
-
 def _args(root, out, *extra):
     return ["run", "--model", str(root / "model"), "--calib", str(root / "text.txt"), "--nsamples", "8",
             "--seqlen", "32", "--eval", str(root / "text.txt"), "--eval-seqlen", "64", "--eval-windows", "4",
-            "--epochs", "2", "--recover-batch-size", "4", "--out", str(out), *extra]
+            *block_training(extra, "--epochs", "2", "--recover-batch-size", "4"), "--out", str(out), *extra]
 
 
 def _tensors(folder) -> dict[str, torch.Tensor]:
@@ -71,12 +60,17 @@ def _assert_same_run(a, b, ignore=("config.out",)):
     assert json.dumps(_untimed(ra)) == json.dumps(_untimed(rb))
 
 
+class SimulatedKill(BaseException):
+    """What the in-process tests raise at a kill point: like SIGKILL, nothing of ebft's handles it (an
+    error, an ``Exception``, would make the run clean up a checkpoint without finished blocks)."""
+
+
 def _fail_at(monkeypatch, point, index=None):
     """Make the run raise at a kill point: in-process stand-in for a SIGKILL (the checkpoint stays)."""
     def hook(p, i=None):
         if p == point and (index is None or i == index):
-            raise RuntimeError(f"injected failure at {p}:{i}")
-    monkeypatch.setattr(ckpt, "kill_point", hook)
+            raise SimulatedKill(f"injected failure at {p}:{i}")
+    monkeypatch.setattr(ckpt, "kill_hook", hook)
 
 
 # ----------------------------------------------------------------------------- a real SIGKILL
@@ -130,7 +124,7 @@ def test_resumed_run_equals_uninterrupted(four_blocks, tmp_path, monkeypatch, ca
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         _fail_at(m, point, index)
-        with pytest.raises(RuntimeError, match="injected"):
+        with pytest.raises(SimulatedKill, match="injected"):
             main(_args(root, out, *extra))
     saved = json.loads((tmp_path / ".run.ckpt" / "checkpoint.json").read_text())
     assert saved["progress"]["next_block"] == 2  # "state 3": block 3's state file, not its checkpoint.json
@@ -149,7 +143,7 @@ def test_checkpoint_every_interval_resumes_from_the_last_one(four_blocks, tmp_pa
     args = _args(root, out, "--checkpoint-every", "3600")
     with monkeypatch.context() as m:
         _fail_at(m, "block", 3)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(SimulatedKill):
             main(args)
     folder = tmp_path / ".run.ckpt"
     assert json.loads((folder / "checkpoint.json").read_text())["progress"] is None
@@ -163,7 +157,7 @@ def test_checkpoint_every_interval_resumes_from_the_last_one(four_blocks, tmp_pa
 def _leave_checkpoint(root, out, monkeypatch, *extra):
     with monkeypatch.context() as m:
         _fail_at(m, "block", 2)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(SimulatedKill):
             main(_args(root, out, *extra))
 
 
@@ -213,7 +207,7 @@ def test_no_checkpoint_writes_none_and_a_finished_run_leaves_none(four_blocks, t
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         _fail_at(m, "block", 2)
-        with pytest.raises(RuntimeError):
+        with pytest.raises(SimulatedKill):
             main(_args(four_blocks, out, "--no-checkpoint"))
     assert not (tmp_path / ".run.ckpt").exists()
     assert main(_args(four_blocks, out)) == 0
@@ -264,7 +258,7 @@ def test_a_checkpoint_missing_a_finished_blocks_shard_is_refused(four_blocks, tm
     out = tmp_path / "run"
     with monkeypatch.context() as m:
         _fail_at(m, "block", 3)
-        with pytest.raises(RuntimeError, match="injected"):
+        with pytest.raises(SimulatedKill, match="injected"):
             main(_args(root, out, "--lazy"))
     parts = sorted((tmp_path / ".run.ckpt" / "blocks").glob("*.safetensors"))
     assert len(parts) >= 2

@@ -400,7 +400,7 @@ def test_head_count_the_family_refuses_is_padded_to_one_it_accepts(tmp_path):
 def test_family_without_a_bias_flag_says_so():
     model = tiny("mistral")
     flap(model, 0.3, "uniform", compensate=True)
-    with pytest.raises(EbftError, match="without bias compensation"):
+    with pytest.raises(EbftError, match="--no-bias-compensation"):
         save_shape(model)
 
 

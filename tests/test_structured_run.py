@@ -4,13 +4,14 @@ import json
 import pytest
 import torch
 
+from conftest import block_training
 from ebft.cli import main
 
 
 def _args(model_dir, text_file, out, *extra):
     return ["run", "--model", str(model_dir), "--calib", str(text_file), "--nsamples", "8", "--seqlen", "32",
-            "--eval", str(text_file), "--eval-seqlen", "64", "--eval-windows", "3", "--epochs", "2",
-            "--recover-batch-size", "4", "--out", str(out), *extra]
+            "--eval", str(text_file), "--eval-seqlen", "64", "--eval-windows", "3",
+            *block_training(extra, "--epochs", "2", "--recover-batch-size", "4"), "--out", str(out), *extra]
 
 
 @pytest.mark.parametrize("structure", ["adaptive", "uniform"])
@@ -73,16 +74,17 @@ def test_structured_misuse_is_one_line(tiny_model_dir, text_file, tmp_path, caps
 def test_walk_ebft_trains_the_shrunk_blocks():
     from conftest import make_tiny_model, recover_spec
     from ebft.masks import Pattern
-    from ebft.plan import flap_plan
+    from ebft.allocation import flap_allocator
     from ebft.prune import get_pruner
     from ebft.prune.flap import FlapSettings
     from ebft.structured import block_layout
-    from ebft.walk import PruneSpec, walk
+    from ebft.walk import PruneSpec, planning_pass, walk
 
     model = make_tiny_model("llama", layers=2)
     ids = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
     pattern = Pattern(0.3, structured=True)
-    plan = flap_plan(model, ids, pattern, FlapSettings(flap_structure="uniform"), "cpu", 4)
+    plan = planning_pass(model, ids, flap_allocator(pattern, FlapSettings(flap_structure="uniform"), model.config),
+                         "cpu", 4)
     spec = PruneSpec(get_pruner("flap"), plan.patterns, None, FlapSettings(flap_structure="uniform"), plan.structures)
     result = walk(model, ids, spec, recover_spec("ebft", epochs=3, batch_size=4, lr=1e-3), batch_size=4)
     assert result.masks == {}

@@ -67,11 +67,11 @@ def test_sweep_writes_results_and_rerun_skips_finished_cells(tiny_model_dir, tex
     assert again["cells"] == results["cells"]
     monkeypatch.undo()
 
-    # another method's options do not concern these cells: nothing reruns, the model is not loaded
+    # another method's options concern no cell of this grid: refused before anything runs (they would do
+    # nothing); a grid with that method keys only its own cells on them (tests/test_plugin.py)
     monkeypatch.setattr(ebft.models, "load_model", lambda *a, **k: pytest.fail("model loaded for nothing"))
-    events = _Events()
-    sweep(_config(tiny_model_dir, text_file, out, recover__lora_steps=7, recover__dsnot_cycles=3), progress=events)
-    assert events.count("cell_skip") == 4
+    with pytest.raises(ConfigError, match="applies only with --recover (lora|dsnot), which no cell of this sweep has"):
+        sweep(_config(tiny_model_dir, text_file, out, recover__lora_steps=7, recover__dsnot_cycles=3))
     monkeypatch.undo()
 
     # one changed EBFT setting is a different EBFT cell: rerun, not mistaken for the finished one;

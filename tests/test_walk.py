@@ -9,7 +9,8 @@ from ebft.evaluation.perplexity import eval_windows, perplexity
 from ebft.masks import parse_pattern
 from ebft.models import find_blocks, find_linears
 from ebft.prune import get_pruner
-from ebft.walk import PruneSpec, capture, tail_nll, walk
+from ebft.capture import capture, tail_nll
+from ebft.walk import PruneSpec, walk
 
 
 def _ids(n=3, s=32, vocab=320, seed=0):

@@ -4,6 +4,8 @@ The public API, importable as written in the README::
 
     from ebft import RunConfig, run, evaluate, SweepConfig, sweep
 """
+import importlib
+
 __version__ = "0.1.0"
 
 __all__ = ["RunConfig", "CalibConfig", "PruneConfig", "RecoverConfig", "EvalConfig", "run", "evaluate",
@@ -16,7 +18,5 @@ _HOMES = {"run": "pipeline", "evaluate": "pipeline", "sweep": "sweeps", "SweepCo
 
 def __getattr__(name):  # lazy: `import ebft.masks` must not pull in transformers
     if name in _HOMES:
-        import importlib
-
         return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(name)

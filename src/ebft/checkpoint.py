@@ -7,7 +7,7 @@ the run continues from the last checkpoint; it ends with exactly the result of a
 
 What the folder holds::
 
-    checkpoint.json          what the run is (its settings, versions, data), the plan, the progress
+    checkpoint.json          what the run is (its settings, versions, data), the allocation, the progress
     state-<k>[-rank<r>].pt   the walk before block k: calibration chain, evaluation streams, the
                              dense-model stream, random state (one file per rank under torchrun)
     blocks/model-part-*.safetensors   every finished block's tensors, one shard per block
@@ -33,7 +33,6 @@ line naming the first difference; ``--no-resume`` discards the checkpoint and st
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import json
@@ -48,18 +47,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from . import distributed
+from .allocation import Allocation
+from .atomic import fsync_folder, write_atomic, write_json
 from .errors import EbftError
+from .models import check_safetensors, model_files_fingerprint
+from .system import versions
+from .weights import FLOAT_CODES, SAFETENSORS_DTYPES, ShardWriter, read_safetensors_header, trim_parts, write_safetensors
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: the allocation under its own name
 STATE_JSON = "checkpoint.json"
 LOCK = "lock"
 # settings that never change what the walk computes
-IGNORED = ("resume", "checkpoint", "checkpoint_every", "overwrite", "save_dtype")
+IGNORED = ("resume", "checkpoint", "checkpoint_every", "overwrite", "save_dtype", "rank_timeout")
 _OURS = {STATE_JSON, LOCK, "blocks", "masks"}  # what a checkpoint folder may hold (besides state files)
-_STATE_FILE = re.compile(r"\.?state-\d+(-rank\d+)?\.pt(\.tmp)?")
+_STATE_FILE = re.compile(r"\.?state-\d+(-rank\d+)?\.pt(\.tmp(-\d+)?)?")
 
 
 def folder_for(out: str | os.PathLike) -> Path:
@@ -70,6 +77,9 @@ def folder_for(out: str | os.PathLike) -> Path:
 
 # ----------------------------------------------------------------------------- test hook
 
+kill_hook = None  # tests: a function (point, index) called at every kill point
+
+
 def kill_point(point: str, index: int | None = None) -> None:
     """Tests only: SIGKILL this process when ``EBFT_TEST_KILL`` names this point (``"<point>"`` or
     ``"<point>:<index>"``), so a kill-and-resume test stops the run at a known instant, not by timing.
@@ -77,7 +87,10 @@ def kill_point(point: str, index: int | None = None) -> None:
     Points: ``block`` (block ``index`` loaded, nothing of it done), ``parts`` (block ``index``'s shard
     written, its checkpoint not), ``state`` (state file of the checkpoint before block ``index`` written,
     checkpoint.json not), ``saved`` (checkpoint before block ``index`` complete), ``output`` (the walk
-    done and evaluated, the output folder being written)."""
+    done and evaluated, the output folder being written). ``kill_hook``, when set, is called at every
+    point first (in-process tests make it raise)."""
+    if kill_hook is not None:
+        kill_hook(point, index)
     wanted = os.environ.get("EBFT_TEST_KILL")
     if not wanted:
         return
@@ -99,13 +112,38 @@ def _flatten(obj, prefix: str = "") -> dict:
 
 def fingerprint(config, resolved: dict) -> dict:
     """What must be equal for a checkpoint to resume: the settings (but those that never change the
-    result), what was resolved from them (device, lazy loading, ranks) and the package versions."""
-    from .pipeline import versions
-
-    settings = {k: v for k, v in config.to_dict().items() if k not in IGNORED}
+    result; local paths resolved, so that ``runs/x`` and its absolute path are one run), what was resolved
+    from them (device, lazy loading, ranks) and the package versions. The model's files are compared
+    apart (:func:`ebft.models.model_files_fingerprint`)."""
     found = versions()
     found.pop("python", None)
-    return {"config": json.loads(json.dumps(settings)), "resolved": resolved, "versions": found}
+    return {"config": settings_of(config.to_dict()), "resolved": resolved, "versions": found}
+
+
+def settings_of(config: dict) -> dict:
+    """A run's settings as a checkpoint compares them: ``IGNORED`` left out, local paths made absolute."""
+    settings = json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED}))
+    settings["model"] = _absolute_if_local(settings.get("model"))
+    settings["out"] = os.path.abspath(os.path.expanduser(settings["out"])) if settings.get("out") else None
+    calib, ev = settings.get("calib") or {}, settings.get("eval") or {}
+    if "source" in calib:
+        calib["source"] = _absolute_if_local(calib["source"])
+    if isinstance(ev.get("sources"), list):
+        ev["sources"] = [_absolute_if_local(src) for src in ev["sources"]]
+    if isinstance(ev.get("task_data"), str):
+        ev["task_data"] = ",".join(_task_item(item) for item in ev["task_data"].split(","))
+    return settings
+
+
+def _absolute_if_local(value):
+    if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
+        return os.path.realpath(os.path.expanduser(value))
+    return value
+
+
+def _task_item(item: str) -> str:
+    task, eq, path = item.strip().rpartition("=")
+    return f"{task}={_absolute_if_local(path.strip())}" if eq else _absolute_if_local(path.strip())
 
 
 def data_hashes(calib: torch.Tensor | None, evals: dict[str, torch.Tensor]) -> dict:
@@ -141,29 +179,6 @@ def _shown(value) -> str:
     return "unset" if value is None else repr(value)
 
 
-# ----------------------------------------------------------------------------- the plan as JSON
-
-def plan_to_json(plan) -> dict | None:
-    if plan is None:
-        return None
-    return {"patterns": [dataclasses.asdict(p) for p in plan.patterns], "record": plan.record,
-            "structures": None if plan.structures is None else [dataclasses.asdict(s) for s in plan.structures]}
-
-
-def plan_from_json(data: dict | None):
-    if data is None:
-        return None
-    from .masks import Pattern
-    from .plan import Plan
-    from .structured.flap import Structure
-
-    structures = None
-    if data["structures"] is not None:
-        structures = [Structure(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-                      for s in data["structures"]]
-    return Plan([Pattern(**p) for p in data["patterns"]], data["record"], structures)
-
-
 # ----------------------------------------------------------------------------- the walk's state
 
 @dataclass
@@ -196,24 +211,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_folder(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class RunCheckpoint:
     """The checkpoint folder of one run (see the module docstring), as the pipeline and the walk use it.
 
@@ -226,68 +223,65 @@ class RunCheckpoint:
         self.folder, self.every, self.saves, self.shard = folder, every, saves, shard
         self.main = shard is None or shard.main
         self.info = info  # checkpoint.json
-        self.writer = None  # ShardWriter of the finished blocks (rank 0)
+        self.writer: ShardWriter | None = None  # the finished blocks' shards (rank 0)
         self._lock_fd: int | None = None
         self._fresh = True
         self._last_save = time.monotonic()
 
     # ---- opening ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, config, resolved: dict, lazy: bool, shard=None) -> "RunCheckpoint | None":
+    def open(cls, config, resolved: dict, lazy: bool, shard=None) -> "RunCheckpoint | NoCheckpoint":
         """The checkpoint of ``config``'s run: a resumable one found beside ``config.out`` (checked
-        against this run), or a new one; None when the run needs none (no ``--checkpoint``, not lazy).
-        Fails with one line when a checkpoint of different settings is there, or ``--resume`` finds none.
-        Nothing is written until :meth:`begin` (a checkpoint the run does not resume is discarded then);
-        without ``--checkpoint`` a leftover checkpoint stays until a run with checkpoints replaces it."""
+        against this run), or a new one; :data:`NO_CHECKPOINT` when the run needs none (no
+        ``--checkpoint``, not lazy). Fails with one line when a checkpoint of different settings is
+        there, or ``--resume`` finds none. Nothing is written until :meth:`begin` (a checkpoint the run
+        does not resume is discarded then); without ``--checkpoint`` a leftover checkpoint stays until a
+        run with checkpoints replaces it."""
         folder = folder_for(config.out)
         main = shard is None or shard.main
         if config.resume and not config.checkpoint:
             raise EbftError("resume: --resume continues from a checkpoint, and --no-checkpoint turns them off; "
                             "drop one of the two")
-        found = _read_json(folder / STATE_JSON) if folder.is_dir() else None
-        if found is not None and found.get("format") != FORMAT:
-            found = None
+        found = _found_checkpoint(folder, config.resume is not False)
         info = {"format": FORMAT, "written_by": "ebft", "fingerprint": fingerprint(config, resolved),
-                "data": None, "plan_done": False, "plan": None, "extras": {}, "progress": None}
+                "model_files": model_files_fingerprint(config.model), "data": None, "allocation_done": False,
+                "allocation": None, "extras": {}, "progress": None}
         resuming = bool(found) and config.checkpoint and config.resume is not False
         if resuming:
             diff = first_difference(found["fingerprint"], info["fingerprint"])
             if diff is not None:
                 raise _refuse(folder, "", diff)
+            _check_model_files(folder, found.get("model_files"), info["model_files"])
             info = found
         elif config.resume:
+            if _read_json_plain(Path(config.out) / "run.json") is not None:
+                raise EbftError(f"resume: the run in {config.out} is finished: nothing to resume (drop --resume; "
+                                "--overwrite runs it again)")
             raise EbftError(f"resume: there is no checkpoint of this run to resume ({folder} "
                             f"{'holds none' if folder.exists() else 'does not exist'}); drop --resume to start it")
         if folder.exists() and main:
             _check_ours(folder)
             _check_unlocked(folder)  # before the model loads: another run of this --out holds it
         if not (config.checkpoint or lazy):
-            return None
+            return NO_CHECKPOINT
         ckpt = cls(folder, info, float(config.checkpoint_every), bool(config.checkpoint), shard)
         ckpt._fresh = not resuming
-        from .distributed import barrier
-
-        barrier()  # every rank has read the checkpoint before rank 0 may clear it (begin)
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 may clear it (begin)
         return ckpt
 
     def begin(self) -> None:
         """Take the folder (once the run's input checked out: a refused run writes nothing): lock it,
         empty it unless resuming, record what the run is."""
-        from .distributed import barrier
-
         if self.main:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock()
+            self._lock_fd = _take_lock(self.folder, create=True)
             if self._fresh:
                 self._clear()
             self._write_info()
-        barrier()
+        distributed.barrier()
         if not self._fresh:
             done = (self.info.get("progress") or {}).get("next_block", 0)
             log.warning("resuming from the checkpoint %s (%d blocks done)", self.folder, done)
-
-    def _lock(self) -> None:
-        self._lock_fd = _take_lock(self.folder, create=True)
 
     def _clear(self) -> None:
         """Start afresh: everything but the lock goes, ``checkpoint.json`` first (a kill in the middle
@@ -298,10 +292,8 @@ class RunCheckpoint:
                 _remove(entry)
 
     def _write_info(self) -> None:
-        from .export import write_json
-
         write_json(self.folder / STATE_JSON, self.info)
-        _fsync_folder(self.folder)
+        fsync_folder(self.folder)
 
     def check_data(self, calib: torch.Tensor | None, evals: dict[str, torch.Tensor]) -> None:
         """The token windows must be the checkpoint's (a changed text file changes the run)."""
@@ -314,32 +306,31 @@ class RunCheckpoint:
         else:
             self.info["data"] = hashes  # written by begin()
 
-    # ---- what is decided once: the plan, the dense model's zero-shot and speed -------------
-    @property
-    def has_plan(self) -> bool:
-        return bool(self.info.get("plan_done"))
-
-    def plan(self):
-        return plan_from_json(self.info.get("plan"))
-
-    def save_plan(self, plan) -> None:
-        self.info["plan"], self.info["plan_done"] = plan_to_json(plan), True
+    # ---- what is decided once: the allocation, the dense model's zero-shot and speed ---------
+    def allocation(self, decide):
+        """The allocation the checkpoint holds, else ``decide()`` (kept in the checkpoint)."""
+        if self.info.get("allocation_done"):
+            data = self.info.get("allocation")
+            return None if data is None else Allocation.from_json(data)
+        allocation = decide()
+        self.info["allocation"] = None if allocation is None else allocation.to_json()
+        self.info["allocation_done"] = True
         if self.main and self.saves:
             self._write_info()
+        return allocation
 
-    def extra(self, key: str, default=None):
-        return self.info.get("extras", {}).get(key, default)
-
-    def save_extra(self, key: str, value) -> None:
-        self.info.setdefault("extras", {})[key] = json.loads(json.dumps(value))
-        if self.main and self.saves:
-            self._write_info()
+    def once(self, key: str, compute):
+        """``compute()``, kept in the checkpoint so that a resumed run does not redo it."""
+        extras = self.info.setdefault("extras", {})
+        if key not in extras:
+            extras[key] = json.loads(json.dumps(compute()))
+            if self.main and self.saves:
+                self._write_info()
+        return extras[key]
 
     # ---- the walk ------------------------------------------------------------------------
     def open_writer(self) -> None:
         """The shard writer of the finished blocks (rank 0), continuing after the last checkpoint."""
-        from .lazy import ShardWriter, trim_parts
-
         if not self.main:
             return
         blocks = self.folder / "blocks"
@@ -348,6 +339,11 @@ class RunCheckpoint:
             _remove(blocks)
         else:
             trim_parts(blocks, progress["parts"])
+        for part in sorted(blocks.glob("model-part-*.safetensors")):
+            try:
+                check_safetensors(part)  # header and size: a shard cut short is found now, not in the output
+            except EbftError as exc:
+                raise _damaged(part, exc) from None
         self.writer = ShardWriter(blocks, resume=True)
         if progress is not None and self.writer.parts != progress["parts"]:
             raise EbftError(f"resume: the checkpoint {self.folder} names {progress['parts']} finished blocks' "
@@ -361,40 +357,48 @@ class RunCheckpoint:
         path = self.folder / self._state_name(progress["next_block"])
         if not path.exists():
             raise EbftError(f"resume: the checkpoint {self.folder} lacks {path.name}; pass --no-resume to start over")
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            tensors, rng = data["tensors"], data.get("rng", {})
+        except Exception as exc:  # truncated, empty, not a torch file, not what ebft writes
+            raise _damaged(path, exc) from None
         return Progress(progress["next_block"], progress["records"], progress["sparsity_counts"],
-                        progress["returns_tuple"], data["tensors"], data.get("rng", {}))
+                        progress["returns_tuple"], tensors, rng)
 
     def block_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors written for the block whose names start with ``prefix`` (e.g. ``model.layers.3.``)."""
-        from safetensors import safe_open
-
         parts = (self.info.get("progress") or {}).get("parts", 0)
         out = {}
         for k in range(1, parts + 1):
-            with safe_open(self.folder / "blocks" / f"model-part-{k:05d}.safetensors", "pt") as f:
-                for key in f.keys():
-                    if key.startswith(prefix):
-                        out[key] = f.get_tensor(key).clone()
+            path = self.folder / "blocks" / f"model-part-{k:05d}.safetensors"
+            try:
+                with safe_open(path, "pt") as f:
+                    for key in f.keys():
+                        if key.startswith(prefix):
+                            out[key] = f.get_tensor(key).clone()
+            except Exception as exc:  # SafetensorError: truncated or not safetensors
+                raise _damaged(path, exc) from None
         return out
 
     def save_masks(self, index: int, masks: dict[str, torch.Tensor]) -> None:
         if not (self.main and self.saves) or not masks:
             return
-        from safetensors.torch import save_file
-
         folder = self.folder / "masks"
         folder.mkdir(exist_ok=True)
-        path = folder / f"block-{index:05d}.safetensors"
-        tmp = folder / f".{path.name}.tmp"
-        save_file({k: m.detach().to("cpu", torch.bool).contiguous() for k, m in masks.items()}, tmp)
-        os.replace(tmp, path)
+        tensors = {k: m.detach().to("cpu", torch.bool).contiguous() for k, m in masks.items()}
+        write_atomic(folder / f"block-{index:05d}.safetensors", lambda tmp: save_file(tensors, tmp), durable=False)
 
     def masks(self, index: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         path = self.folder / "masks" / f"block-{index:05d}.safetensors"
-        return load_file(path) if path.exists() else {}
+        if not path.exists():
+            return {}
+        try:
+            masks = load_file(path)
+        except Exception as exc:
+            raise _damaged(path, exc) from None
+        if any(m.dtype != torch.bool for m in masks.values()):
+            raise _damaged(path, ValueError("masks that are not boolean"))
+        return masks
 
     def due(self, next_block: int, total: int) -> bool:
         """Whether to checkpoint now, after block ``next_block - 1``: every block with
@@ -404,32 +408,25 @@ class RunCheckpoint:
             return False
         due = self.every <= 0 or next_block == total or time.monotonic() - self._last_save >= self.every
         if self.shard is not None:
-            from .distributed import broadcast_
-
-            flag = torch.tensor([1 if due else 0], dtype=torch.int32, device=_device_of_group())
-            broadcast_([flag])
+            flag = torch.tensor([1 if due else 0], dtype=torch.int32, device=distributed.collective_device())
+            distributed.broadcast_([flag])
             due = bool(flag.item())
         return due
 
     def save(self, progress: Progress) -> None:
         """Checkpoint the walk before block ``progress.next_block`` (see the module docstring)."""
-        from .distributed import barrier
-
         k = progress.next_block
         name = self._state_name(k)
-        path, tmp = self.folder / name, self.folder / f".{name}.tmp"
-        torch.save({"tensors": progress.tensors, "rng": progress.rng}, tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
+        write_atomic(self.folder / name, lambda tmp: torch.save({"tensors": progress.tensors, "rng": progress.rng}, tmp))
         kill_point("state", k)
-        barrier()  # every rank's state file is in place before checkpoint.json names it
+        distributed.barrier()  # every rank's state file is in place before checkpoint.json names it
         self.info["progress"] = {"next_block": k, "records": progress.records,
                                  "sparsity_counts": progress.sparsity_counts,
                                  "returns_tuple": progress.returns_tuple,
                                  "parts": self.writer.parts if self.writer is not None else 0}
         if self.main:
             self._write_info()
-        barrier()
+        distributed.barrier()
         self._drop_states(keep=name)
         self._last_save = time.monotonic()
         kill_point("saved", k)
@@ -449,10 +446,6 @@ class RunCheckpoint:
         """Put the finished blocks' shards into ``folder`` (the output being written) as hard links
         (copies where the filesystem has none); the checkpoint keeps its own until :meth:`remove`.
         With a ``dtype`` other than theirs, each shard is rewritten cast instead (one block in memory)."""
-        from safetensors.torch import load_file
-
-        from .lazy import FLOAT_CODES, SAFETENSORS_DTYPES, read_safetensors_header, write_safetensors
-
         for k in range(1, self.writer.parts + 1):
             name = f"model-part-{k:05d}.safetensors"
             src, dst = self.folder / "blocks" / name, Path(folder) / name
@@ -468,6 +461,19 @@ class RunCheckpoint:
             except OSError:
                 shutil.copyfile(src, dst)
 
+    def failed(self) -> None:
+        """The run failed (an error, not an interruption): a checkpoint with no finished block is of no use
+        and would only make a corrected rerun refuse to start, so it goes; one with finished blocks stays,
+        for the same command to resume (``--no-resume`` discards it)."""
+        if not self.main or not self.folder.exists():
+            return
+        done = (self.info.get("progress") or {}).get("next_block", 0)
+        if done == 0:
+            _remove(self.folder)
+        else:
+            log.warning("the checkpoint %s keeps %d finished blocks: rerun the same command to resume them, or "
+                        "pass --no-resume to start over", self.folder, done)
+
     def remove(self) -> None:
         """The run is saved: the checkpoint goes (rank 0)."""
         if self.main:
@@ -478,6 +484,49 @@ class RunCheckpoint:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class NoCheckpoint:
+    """The run keeps no checkpoint (``--no-checkpoint`` on a run loaded whole): the same interface, doing nothing."""
+
+    writer = None
+    saves = False
+
+    def begin(self) -> None:
+        pass
+
+    def check_data(self, calib, evals) -> None:
+        pass
+
+    def allocation(self, decide):
+        return decide()
+
+    def once(self, key: str, compute):
+        return compute()
+
+    def open_writer(self) -> None:
+        pass
+
+    def restore(self) -> None:
+        return None
+
+    def save_masks(self, index: int, masks) -> None:
+        pass
+
+    def due(self, next_block: int, total: int) -> bool:
+        return False
+
+    def failed(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+NO_CHECKPOINT = NoCheckpoint()
 
 
 def _take_lock(folder: Path, create: bool) -> int | None:
@@ -505,12 +554,36 @@ def _check_unlocked(folder: Path) -> None:
         os.close(fd)
 
 
-def _device_of_group() -> torch.device:
-    import torch.distributed as dist
+def _found_checkpoint(folder: Path, resuming: bool) -> dict | None:
+    """The checkpoint.json in ``folder`` (None: there is none, or one of another format, discarded with a
+    warning). An empty or unreadable one is an error unless the run starts over anyway (``--no-resume``)."""
+    path = folder / STATE_JSON
+    if not folder.is_dir() or not path.exists():
+        return None
+    found = _read_json(path)
+    if found is None:
+        if resuming:
+            raise EbftError(f"resume: {path} is empty or damaged; pass --no-resume to discard the checkpoint and "
+                            "start over")
+        return None
+    if found.get("format") != FORMAT:
+        log.warning("discarding the checkpoint %s: it was written by another version of ebft", folder)
+        return None
+    return found
 
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+
+def _check_model_files(folder: Path, saved: dict | None, now: dict) -> None:
+    if saved is None or saved == now:
+        return
+    changed = sorted(set(saved) ^ set(now)) or sorted(k for k in now if saved.get(k) != now[k])
+    what = "files added or removed" if set(saved) != set(now) else "size, time or content"
+    raise EbftError(f"resume: the model's files changed since the checkpoint {folder} was made ({changed[0]}: "
+                    f"{what}); pass --no-resume to start over with the model as it is now")
+
+
+def _damaged(path: Path, exc: BaseException) -> EbftError:
+    return EbftError(f"resume: the checkpoint file {path} is damaged ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}); pass --no-resume to start over")
 
 
 def _read_json(path: Path):
@@ -544,9 +617,8 @@ def discard_if_finished(out: str | os.PathLike) -> None:
         return
     if (Path(out) / "run.json").stat().st_mtime < (folder / STATE_JSON).stat().st_mtime:
         return  # the checkpoint is newer: a rerun with --overwrite in progress, not a finished one
-    saved = {k: v for k, v in found["fingerprint"]["config"].items()}
-    done = {k: v for k, v in (record.get("config") or {}).items() if k not in IGNORED}
-    if json.loads(json.dumps(done)) == saved:
+    saved = found["fingerprint"]["config"]
+    if isinstance(record.get("config"), dict) and settings_of(record["config"]) == saved:
         log.info("removing %s, the checkpoint of the finished run in %s", folder, out)
         _remove(folder)
 

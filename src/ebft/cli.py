@@ -2,12 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import signal
 import sys
+from pathlib import Path
 
-from .errors import EbftError
+import torch
+from tqdm import tqdm
+
+from . import distributed
+from .atomic import write_json
+from .config import CalibConfig, EvalConfig, RunConfig, prune_config_class, recover_config_class
+from .errors import ConfigError, EbftError
+from .estimate import RunSizes, estimate_time, load_config, plan_resources, plan_to_dict, render_plan
+from .hub import download_progress, reason
+from .models import BUILTIN_MODELS, builtin_model_path
+from .output import interrupt_on_signals
+from .pipeline import evaluate, run
+from .prune import PRUNERS
+from .recover import RECOVERIES
+from .recover.finish import FinishSettings
 from .report import markdown_table as format_table
+from .report import sweep_markdown
+from .settings import add_flags
+from .sweeps import SweepConfig, parse_list, sweep
+from .system import parse_bytes
 
 EXAMPLES_RUN = """examples:
   ebft run --config configs/demo.yaml             # the offline demo: SmolLM2-135M, Wanda 50 %, EBFT; ~5 min on 2 CPU cores
@@ -43,14 +64,11 @@ EXAMPLES_EVAL = """examples:
 
 def _run_flags(parser, skip=frozenset()) -> dict[str, str]:
     """The flags of every RunConfig setting, generated from the declarations (see :mod:`ebft.settings`)."""
-    from .config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig, RunConfig
-    from .recover.finish import FinishSettings
-    from .settings import add_flags
-
     dests = {}
-    groups = [("model and output", RunConfig, ""), ("pruning", PruneConfig, "prune"),
+    groups = [("model and output", RunConfig, ""), ("pruning", prune_config_class(), "prune"),
               ("calibration", CalibConfig, "calib"), ("evaluation", EvalConfig, "eval"),
-              ("recovery", RecoverConfig, "recover"), ("end-to-end finish, after the walk", FinishSettings, "finish")]
+              ("recovery", recover_config_class(), "recover"),
+              ("end-to-end finish, after the walk", FinishSettings, "finish")]
     for title, cls, path in groups:
         dests.update(add_flags(parser.add_argument_group(title), cls, path, skip))
     return dests
@@ -83,9 +101,6 @@ def _verbose(parser, default) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import EvalConfig, RunConfig
-    from .settings import add_flags
-
     parser = _Parser(prog="ebft", description="Prune a Hugging Face LLM and recover it block by block.")
     _verbose(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -99,11 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _verbose(sw, argparse.SUPPRESS)
     sw.add_argument("--config", help="YAML file with the shared settings (as for run); flags override it")
-    sw.add_argument("--methods", default="wanda", help="comma list of pruners: magnitude, wanda, sparsegpt (default: wanda)")
+    sw.add_argument("--methods", default="wanda", help="comma list of pruners: "
+                    f"{', '.join(n for n, p in PRUNERS.items() if not p.structured)}, or one structured: "
+                    f"{', '.join(n for n, p in PRUNERS.items() if p.structured)} (default: wanda)")
     sw.add_argument("--sparsities", help="comma list of sparsities in [0, 1) (default: 0.5; with an N:M "
                     "--pattern: implied)")
-    sw.add_argument("--recover", default="none,ebft", help="comma list of recoveries: none, ebft, ebft-mask, "
-                    "dsnot, lora (default: none,ebft)")
+    sw.add_argument("--recover", default="none,ebft", help="comma list of recoveries: "
+                    f"{', '.join(RECOVERIES)} (default: none,ebft)")
     sw.add_argument("--out", help="folder for cells/*.json and results.md/.json/.png; rerun it to resume (required)")
     sw.add_argument("--save-models", action="store_true", help="also save each cell's model under out/models/")
     sw.set_defaults(dests=_run_flags(sw, skip=SWEEP_GRID_FLAGS | RUN_ONLY_FLAGS))
@@ -140,39 +157,54 @@ def _plan_flags(parser) -> None:
 
 def show_plan(config, args) -> dict:
     """Print what ``config`` needs (memory per phase, placement, time) without loading a weight."""
-    import json
-
-    from . import budget
-    from .models import BUILTIN_MODELS, builtin_model_path, check_model_source
-
     config.validate(need_out=False, need_device=False)
-    check_model_source(config.model)
+    free_acc = _size_flag("--free-accelerator", args.free_accelerator)
+    free_host = _size_flag("--free-host", args.free_host)
+    plan_json = _plan_json_path(args.plan_json)
     source = builtin_model_path(config.model) if config.model in BUILTIN_MODELS else config.model
     try:
-        model_config = budget.load_config(str(source))
+        model_config = load_config(str(source), config.trust_remote_code)
     except (OSError, ValueError) as exc:
-        from .hub import reason
-
-        raise EbftError(f"model: could not read the config of {config.model!r} ({reason(exc)})") from None
+        hint = ("; it ships its own model code: pass --trust-remote-code (only for models you trust)"
+                if "trust_remote_code" in str(exc) else "")
+        raise EbftError(f"model: could not read the config of {config.model!r} ({reason(exc)}){hint}") from None
     context = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions")
                     if isinstance(getattr(model_config, k, None), int)), 2048)
-    settings = budget.settings_from_run_config(config, context)
-    free_acc = budget.parse_bytes(args.free_accelerator) if args.free_accelerator else None
-    free_host = budget.parse_bytes(args.free_host) if args.free_host else None
-    import torch
-
+    sizes = RunSizes.of(config, context)
     # time one block only where the run's device is here (a 7B block trained on a CPU takes minutes)
-    measure = args.measure if args.measure is not None else (settings.device.startswith("cuda")
+    measure = args.measure if args.measure is not None else (sizes.device.startswith("cuda")
                                                               and torch.cuda.is_available())
-    timing = budget.estimate_time(model_config, settings, measure=measure)
-    plan = budget.plan(model_config, settings, free_accelerator=free_acc, free_host=free_host, time_estimate=timing,
-                       name=config.model)
-    print(budget.render_plan(plan))
-    data = budget.plan_to_dict(plan)
-    if args.plan_json:
-        with open(args.plan_json, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
+    timing = estimate_time(model_config, sizes, measure=measure)
+    plan = plan_resources(model_config, sizes, free_accelerator=free_acc, free_host=free_host, time_estimate=timing,
+                          name=config.model)
+    print(render_plan(plan))
+    data = plan_to_dict(plan)
+    if plan_json is not None:
+        write_json(plan_json, data)
     return data
+
+
+def _size_flag(flag: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise ConfigError(flag, text, f"{exc}".split(": ", 1)[-1]) from None
+
+
+def _plan_json_path(text: str | None) -> Path | None:
+    """``--plan-json``: a file to write, in a folder that exists (checked before any work)."""
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if not text.strip() or path.is_dir():
+        raise ConfigError("--plan-json", text, "must name a file to write, not a folder")
+    if not path.parent.is_dir():
+        raise ConfigError("--plan-json", text, f"its folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError("--plan-json", text, f"its folder {path.parent} is not writable")
+    return path
 
 
 def _task_list(text: str) -> list[str]:
@@ -189,9 +221,6 @@ TASK_DATA_HELP = ("run zero-shot tasks offline: 'builtin' (piqa, arc_easy, arc_c
 def _saved_eval_settings(model: str, args) -> dict | None:
     """A saved ebft run's evaluation settings (text, window length, windows), used by ``ebft eval`` when
     none of --eval, --eval-seqlen, --eval-windows is given; None otherwise."""
-    import json
-    from pathlib import Path
-
     given = (args.eval__sources, args.eval__seqlen, args.eval__windows)
     record = Path(model).expanduser() / "run.json"
     if any(v is not None for v in given) or args.tasks or not record.is_file():
@@ -208,8 +237,6 @@ def _saved_eval_settings(model: str, args) -> dict | None:
 
 def config_from_args(args):
     """A RunConfig from ``--config`` (if given) with every typed flag on top."""
-    from .config import RunConfig
-
     config = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
     for dest, path in args.dests.items():
         value = getattr(args, dest, None)
@@ -230,14 +257,19 @@ class _Progress:
         self.bar, self.desc = None, desc
 
     def __call__(self, event, **info):
-        from tqdm import tqdm
-
         if event == "task_start":  # lm-eval draws its own bar over the task's requests below this line
             items = f"{info['items']} item{'s' * (info['items'] != 1)}"
             tqdm.write(f"zero-shot {info['index'] + 1}/{info['total']}: {info['name']}, {items}", file=sys.stderr)
         elif event == "block_start":
             if self.bar is None:
                 self.bar = tqdm(total=info["total"], desc=self.desc, unit="block", file=sys.stderr)
+        elif event == "work_start":
+            self.bar = tqdm(total=info["total"], desc=info["name"], unit="window", file=sys.stderr, leave=False)
+        elif event == "work_step" and self.bar is not None:
+            self.bar.update(info["done"] - self.bar.n)
+            if self.bar.n >= self.bar.total:
+                self.bar.close()
+                self.bar = None
         elif event in ("lora_start", "finish_start"):
             desc = "LoRA" if event == "lora_start" else "finish"
             self.bar = tqdm(total=info["steps"], desc=desc, unit="step", file=sys.stderr)
@@ -263,8 +295,6 @@ class _DownloadBar:
         self.bar = None
 
     def __call__(self, event, **info):
-        from tqdm import tqdm
-
         if event == "download_start":
             self.bar = tqdm(total=info["total"], desc=f"downloading {info['name']}", unit="B", unit_scale=True,
                             unit_divisor=1024, file=sys.stderr)
@@ -329,8 +359,6 @@ class _SweepProgress:
         self.bar, self.cell = None, ""
 
     def __call__(self, event, **info):
-        from tqdm import tqdm
-
         if event.startswith("cell_") and self.bar is None:
             self.bar = tqdm(total=info["total"], desc="cells", unit="cell", file=sys.stderr)
         if event == "cell_start":
@@ -349,12 +377,10 @@ class _SweepProgress:
 
 SWEEP_GRID_FLAGS = frozenset({"--method", "--sparsity", "--recover", "--out", "--overwrite"})  # lists in sweep
 # settings of one `ebft run` (its checkpoint, lazy loading): sweeps resume per cell and load eagerly
-RUN_ONLY_FLAGS = frozenset({"--lazy", "--resume", "--checkpoint", "--checkpoint-every"})
+RUN_ONLY_FLAGS = frozenset({"--lazy", "--resume", "--checkpoint", "--checkpoint-every", "--rank-timeout"})
 
 
 def sweep_config_from_args(args):
-    from .sweeps import SweepConfig, parse_list
-
     base = config_from_args(args)
     nm = ":" in str(base.prune.pattern)
     return SweepConfig(base=base, methods=parse_list(args.methods, "methods"),
@@ -377,17 +403,13 @@ def main(argv=None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    from .export import interrupt_on_signals
-    from .hub import download_progress
-
     try:
         # SIGTERM/SIGHUP take the same clean path as Ctrl-C; wheels from PyPI download with a bar
         with interrupt_on_signals(), download_progress(_DownloadBar()):
             _dispatch(args)
     except EbftError as exc:
-        from .distributed import env_rank
-
-        print(f"ebft{f'[rank {env_rank()}]' if env_rank() else ''}: error: {exc}", file=sys.stderr)
+        rank = distributed.env_rank()
+        print(f"ebft{f'[rank {rank}]' if rank else ''}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         code = 128 + int(getattr(exc, "signum", signal.SIGINT))
@@ -407,11 +429,8 @@ def _dispatch(args) -> None:
     if args.command == "plan" or (args.command == "run" and args.dry_run):
         show_plan(config_from_args(args), args)
     elif args.command == "run":
-        from .distributed import is_main_process
-        from .pipeline import run
-
         config = config_from_args(args)
-        main_rank = is_main_process()  # under torchrun the other ranks are quiet
+        main_rank = distributed.is_main_process()  # under torchrun the other ranks are quiet
         if not main_rank:
             logging.getLogger().setLevel(logging.ERROR)
         record = run(config, progress=_Progress() if main_rank else None)  # validates before anything is loaded
@@ -419,11 +438,7 @@ def _dispatch(args) -> None:
             print(run_table(record))
             print(f"saved to {config.out}")
     elif args.command == "sweep":
-        from .distributed import env_world_size
-        from .report import sweep_markdown
-        from .sweeps import sweep
-
-        if env_world_size() > 1:  # every rank would run every cell and write the same files
+        if distributed.env_world_size() > 1:  # every rank would run every cell and write the same files
             raise EbftError("sweep runs in one process: start it without torchrun (ebft run shares its "
                             "windows among torchrun's ranks)")
         config = sweep_config_from_args(args)
@@ -431,8 +446,6 @@ def _dispatch(args) -> None:
         print(sweep_markdown(results))
         print(f"wrote {config.out}/results.md, results.json, results.png")
     elif args.command == "eval":
-        from .pipeline import evaluate
-
         config = config_from_args(args)
         saved = _saved_eval_settings(config.model, args)
         if saved:

@@ -3,10 +3,15 @@
 Sections and where their fields are declared (with :func:`ebft.settings.option`):
 
 - ``calib`` / ``eval``: here;
-- ``prune``: the method, pattern and scope here, the allocation's in :mod:`ebft.plan`, each pruner's
-  own in its module (e.g. ``sparsegpt_damp``);
+- ``prune``: the method, pattern and scope here, the allocation's in :mod:`ebft.allocation`, each
+  pruner's own in its module (e.g. ``sparsegpt_damp``);
 - ``recover``: the method here, each recovery's own settings in its module (EBFT's ``lr``, DSnoT's
-  ``dsnot_cycles``, LoRA's ``lora_rank`` ...), composed into one flat section.
+  ``dsnot_cycles``, LoRA's ``lora_rank`` ...), composed into one flat section;
+- ``finish``: the optional end-to-end stage's, in :mod:`ebft.recover.finish`.
+
+The ``prune`` and ``recover`` sections are composed from the registries when they are first asked
+for, and again whenever a pruner or recovery was registered since (a method of your own, registered
+before the run, gets its flags and YAML keys like the built-in ones).
 
 The CLI's flags, their ``--help`` and the validation come from those declarations. A YAML file holds
 the same nested keys, e.g.::
@@ -19,17 +24,24 @@ the same nested keys, e.g.::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from . import settings as st
+from .allocation import AllocationSettings, check_allocation
 from .errors import ConfigError
-from .plan import AllocationSettings
-from .prune import PRUNERS
-from .recover import RECOVERIES
+from .evaluation.zeroshot import plan_tasks
+from .masks import parse_pattern
+from .models import DTYPE_CHOICES, check_model_source
+from .output import check_out
+from .prune import PRUNERS, get_pruner
+from .recover import RECOVERIES, get_recovery
 from .recover.finish import FinishSettings
 from .recover.recipes import DEFAULT_RECIPE, RECIPES, recipe_fields
 from .recover.recipes import value as recipe_value
@@ -87,14 +99,8 @@ _PRUNE_BASE = [
     ("layers", str | None, option(None, "regex on linear names inside a block, e.g. mlp (never embeddings or "
                                   "lm_head)", default_text="all linears")),
 ]
-PruneConfig = st.compose("PruneConfig", _PRUNE_BASE,
-                         [AllocationSettings, *(p.settings for p in PRUNERS.values())],
-                         "What to prune: the pruner, the pattern, the allocation over blocks, each pruner's options.")
-
 _RECOVER_BASE = [
-    ("method", str, option("ebft", "recovery: {choices} — ebft trains the kept weights of each block; ebft-mask "
-                           "learns the masks, weights frozen; dsnot: training-free prune-and-grow; lora: LoRA on the "
-                           "whole pruned model, merged and re-masked; none: prune only", flag="--recover",
+    ("method", str, option("ebft", "recovery: {choices} — {summaries}", flag="--recover",
                            choices=lambda: tuple(sorted(RECOVERIES)))),
     ("recipe", str, option(DEFAULT_RECIPE, "block-training settings not given explicitly come from: {choices} "
                            "(best: what ebft measured to recover the most; paper: the EBFT reference code's values, "
@@ -104,11 +110,45 @@ _RECOVER_BASE = [
                                   "run (--epochs becomes a cap; at least one); not bit-reproducible",
                                   flag="--recover-budget", metavar="TIME", default_text="none: the epochs decide")),
 ]
-RecoverConfig = st.compose("RecoverConfig", _RECOVER_BASE, [r.settings for r in RECOVERIES.values()],
-                           "Recovery after pruning; each method's own settings, composed into one section.",
-                           defaults_from=recipe_fields())
+_COMPOSED: dict[str, tuple[tuple, type]] = {}
 
-from .models import DTYPE_CHOICES  # noqa: E402
+
+def _composed(name: str, registry: dict, build) -> type:
+    """The section class for the registry as it is now (rebuilt after a registration)."""
+    key = tuple((n, id(entry.settings)) for n, entry in registry.items())
+    if name not in _COMPOSED or _COMPOSED[name][0] != key:
+        _COMPOSED[name] = (key, build())
+    return _COMPOSED[name][1]
+
+
+def prune_config_class() -> type:
+    """``prune:``: the method, pattern, scope, layers, the allocation's and every pruner's settings."""
+    return _composed("PruneConfig", PRUNERS, lambda: st.compose(
+        "PruneConfig", _PRUNE_BASE, [AllocationSettings, *(p.settings for p in PRUNERS.values())],
+        "What to prune: the pruner, the pattern, the allocation over blocks, each pruner's options."))
+
+
+def recover_config_class() -> type:
+    """``recover:``: the method, recipe, budget and every recovery's settings, composed into one section."""
+    summaries = "; ".join(r.summary for r in RECOVERIES.values() if r.summary)
+    base = [(n, t, _with_help(f, f.metadata["help"].replace("{summaries}", summaries))) for n, t, f in _RECOVER_BASE]
+    return _composed("RecoverConfig", RECOVERIES, lambda: st.compose(
+        "RecoverConfig", base, [r.settings for r in RECOVERIES.values()],
+        "Recovery after pruning; each method's own settings, composed into one section.",
+        defaults_from=recipe_fields()))
+
+
+def _with_help(f: dataclasses.Field, text: str) -> dataclasses.Field:
+    copy = field(default=f.default, metadata={**f.metadata, "help": text})
+    return copy
+
+
+def __getattr__(name: str):  # ``from ebft.config import PruneConfig``: the class as the registries are now
+    if name == "PruneConfig":
+        return prune_config_class()
+    if name == "RecoverConfig":
+        return recover_config_class()
+    raise AttributeError(name)
 
 
 @dataclass
@@ -142,9 +182,12 @@ class RunConfig:
                               "resumes (removed when the run completes)")
     checkpoint_every: float = option(0.0, "seconds between checkpoints of the walk's activations (0: after every "
                                      "block; always after the last)", low=0, metavar="SECONDS")
+    rank_timeout: float = option(600.0, "torchrun: seconds a rank waits for the others to start before it stops "
+                                 "with one line", low=1, high=7 * 86400, metavar="SECONDS")
     calib: CalibConfig = field(default_factory=CalibConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    # composed from the registries (prune_config_class(), recover_config_class()): no static type to name
+    prune: object = field(default_factory=lambda: prune_config_class()())
+    recover: object = field(default_factory=lambda: recover_config_class()())
     eval: EvalConfig = field(default_factory=EvalConfig)
     finish: FinishSettings = field(default_factory=FinishSettings)
 
@@ -179,17 +222,20 @@ class RunConfig:
 
     # ---- the parts of one section that belong to one method -------------------------------
     def pruner_settings(self):
-        from .prune import get_pruner
+        """The pruner's own settings, with any ``auto`` value the loaded model decided (:meth:`resolve`)."""
+        settings = st.subset(self.prune, get_pruner(self.prune.method).settings)
+        return dataclasses.replace(settings, **getattr(self, "_resolved", {}))
 
-        return st.subset(self.prune, get_pruner(self.prune.method).settings)
+    def resolve(self, **values) -> None:
+        """Values of ``auto`` pruner settings decided from the loaded model (FLAP's bias compensation): used
+        by :meth:`pruner_settings` (and recorded in run.json's ``resolved``); the settings as given stay."""
+        self._resolved = {**getattr(self, "_resolved", {}), **values}
 
     def allocation_settings(self) -> AllocationSettings:
         return st.subset(self.prune, AllocationSettings)
 
     def recovery_settings(self):
         """The recovery's own settings: each value as given, else the recipe's, else the method's default."""
-        from .recover import get_recovery
-
         cls = get_recovery(self.recover.method).settings
         values = {}
         for f in dataclasses.fields(cls):
@@ -203,9 +249,6 @@ class RunConfig:
     def pattern(self, pruner=None):
         """The sparsity :class:`~ebft.masks.Pattern` these settings ask for. A structured pruner (FLAP)
         implies the structured pattern; the default sparsity is 0.5 (0.2 for structured pruning)."""
-        from .masks import parse_pattern
-        from .prune import get_pruner
-
         pruner = pruner or get_pruner(self.prune.method)
         text = str(self.prune.pattern).strip().lower()
         if pruner.structured and text == "unstructured":  # the default: FLAP prunes structure
@@ -227,24 +270,64 @@ class RunConfig:
         if isinstance(budget, (int, float)) and not isinstance(budget, bool):  # YAML `budget: 600`: seconds
             self.recover.budget = f"{budget:g}"
         st.check(self)
-        for name in _SECTIONS:
+        for name in sections():
             st.check(getattr(self, name), f"{name}.")
 
-    def validate(self, need_out: bool = True, need_device: bool = True):
-        """Check every field; return the parsed sparsity :class:`~ebft.masks.Pattern`. ``need_device=False``
-        (``ebft plan``): the run may be planned for a device this machine does not have."""
-        from .models import check_model_source
-        from .plan import check_allocation
-        from .prune import get_pruner
-        from .recover import get_recovery
+    def unused_settings(self) -> dict[str, tuple[object, str]]:
+        """Settings given (set to other than their default) for a stage this run does not have:
+        ``{"section.field": (value, what it applies to)}``. A flag that would do nothing is refused, like
+        ``--recover-budget`` for a recovery that does not train."""
+        unused: dict[str, tuple[object, str]] = {}
+        pruner, recovery = get_pruner(self.prune.method), get_recovery(self.recover.method)
+        own = {f.name for f in dataclasses.fields(pruner.settings)} | {b[0] for b in _PRUNE_BASE} | {"allocation"}
+        if self.prune.allocation == "owl":
+            own |= {"owl_lambda", "owl_threshold"}
+        for f in st.fields_of(self.prune):
+            if f.name not in own and getattr(self.prune, f.name) != st.default_of(f):
+                owners = [n for n, p in PRUNERS.items() if f.name in {g.name for g in dataclasses.fields(p.settings)}]
+                unused[f"prune.{f.name}"] = (getattr(self.prune, f.name),
+                                             f"--method {' or '.join(owners)}" if owners else "--allocation owl")
+        own = {f.name for f in dataclasses.fields(recovery.settings)} | {"method", "budget"}
+        if any(name in RECIPES[self.recover.recipe] for name in own):
+            own.add("recipe")
+        for f in st.fields_of(self.recover):
+            if f.name not in own and getattr(self.recover, f.name) != st.default_of(f):
+                owners = [n for n, r in RECOVERIES.items() if f.name in {g.name for g in dataclasses.fields(r.settings)}
+                          or (f.name == "recipe" and any(k in RECIPES[self.recover.recipe]
+                                                         for k in (g.name for g in dataclasses.fields(r.settings))))]
+                unused[f"recover.{f.name}"] = (getattr(self.recover, f.name), f"--recover {' or '.join(owners)}")
+        if self.finish.method == "none":
+            for f in st.fields_of(self.finish):
+                if f.name != "method" and getattr(self.finish, f.name) != st.default_of(f):
+                    unused[f"finish.{f.name}"] = (getattr(self.finish, f.name), "--finish kd or lm")
+        if not self.eval.zeroshot:
+            for name in ("task_data", "zeroshot_limit"):
+                if getattr(self.eval, name) is not None:
+                    unused[f"eval.{name}"] = (getattr(self.eval, name), "--zeroshot")
+        if not self.checkpoint and self.checkpoint_every != 0:
+            unused["checkpoint_every"] = (self.checkpoint_every, "--checkpoint")
+        return unused
 
+    def check_unused(self, unused: dict | None = None, where: str = "this run") -> None:
+        """Refuse, in one line, the first setting that would do nothing in this run."""
+        unused = self.unused_settings() if unused is None else unused
+        if unused:
+            key, (value, needs) = next(iter(unused.items()))
+            have = "does not have" if where == "this run" else "has"
+            raise ConfigError(f"{flag_of_key(key)} ({key})", value, f"it applies only with {needs}, which {where} "
+                              f"{have}: drop it" + (f" (and {len(unused) - 1} more such setting"
+                                                         f"{'s' if len(unused) > 2 else ''})" if len(unused) > 1 else ""))
+
+    def validate(self, need_out: bool = True, need_device: bool = True, check_unused: bool = True):
+        """Check every field; return the parsed sparsity :class:`~ebft.masks.Pattern`. ``need_device=False``
+        (``ebft plan``): the run may be planned for a device this machine does not have;
+        ``check_unused=False``: settings of stages this run does not have are let through (a sweep's cells
+        share settings that only some of them use)."""
         self.check_types()
         if not self.model:
             raise ConfigError("model", self.model, "required: a hub id, a local folder or a .gguf file")
         if need_device:
             check_device(self.device)
-        from .evaluation.zeroshot import plan_tasks
-
         plan_tasks(self.eval.zeroshot, self.eval.task_data)  # names, files and their fields
         pruner = get_pruner(self.prune.method)
         recovery = get_recovery(self.recover.method)
@@ -256,16 +339,17 @@ class RunConfig:
             budget_seconds(self.recover.budget)
             if not recovery.trains_blocks:
                 raise ConfigError("recover.budget", self.recover.budget, "times block training: use it with "
-                                  "recover ebft or ebft-mask")
+                                  f"recover {' or '.join(n for n, r in RECOVERIES.items() if r.trains_blocks)}")
         if pattern.structured and not recovery.structured:
             raise ConfigError("recover", self.recover.method, "changes masks, and structured pruning has none: "
-                              "use ebft, lora or none")
+                              f"use {', '.join(n for n, r in RECOVERIES.items() if r.structured)}")
         if pattern.structured and self.prune.layers is not None:
             raise ConfigError("prune.layers", self.prune.layers, "structured pruning chooses heads and channels "
                               "over whole blocks; leave layers unset")
         check_allocation(self.allocation_settings(), pattern)
+        if check_unused:
+            self.check_unused()
         if self.prune.layers is not None:
-            import re
             try:
                 re.compile(self.prune.layers)
             except re.error as exc:
@@ -275,31 +359,33 @@ class RunConfig:
             check_source(src, "eval")
         check_model_source(self.model)
         if need_out:
-            from .export import check_out
-
             check_out(self.out, self.overwrite, inputs=self.inputs())
         return pattern
 
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+MAX_BUDGET_SECONDS = 366 * 86400  # longer is a typo (and would overflow the schedule's arithmetic)
 
 
 def budget_seconds(text) -> float:
     """``--recover-budget`` in seconds: a number of seconds, or a number with s, m (min) or h."""
-    import math
-    import re
-
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|m|min|h)?\s*", str(text), flags=re.I)
     seconds = float(match[1]) * _UNITS[(match[2] or "s").lower()] if match else math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigError("recover.budget", text, "a positive time: seconds, or a number with s, m or h "
-                          "(e.g. 90s, 10m, 1.5h)")
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_BUDGET_SECONDS:
+        raise ConfigError("recover.budget", text, "a positive time of at most 366 days: seconds, or a number "
+                          "with s, m or h (e.g. 90s, 10m, 1.5h)")
     return seconds
 
 
-def check_device(device: str) -> None:
-    import torch
+def flag_of_key(key: str) -> str:
+    """The command-line flag of a setting named ``section.field`` (or ``field``)."""
+    section, _, name = key.rpartition(".")
+    cls = sections().get(section, RunConfig) if section else RunConfig
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return st.flag_of(fields[name]) if name in fields else key
 
+
+def check_device(device: str) -> None:
     if device in ("auto", "cpu"):
         return
     if device.startswith("cuda"):
@@ -310,8 +396,6 @@ def check_device(device: str) -> None:
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -340,10 +424,12 @@ def _build(cls, data, prefix: str):
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(f"{prefix}{key}", value, f"unknown setting; known: {', '.join(fields)}")
-        sub = _SECTIONS.get(key) if cls is RunConfig else None
+        sub = sections().get(key) if cls is RunConfig else None
         kwargs[key] = _build(sub, value, f"{key}.") if sub else value
     return cls(**kwargs)
 
 
-_SECTIONS = {"calib": CalibConfig, "prune": PruneConfig, "recover": RecoverConfig, "eval": EvalConfig,
-             "finish": FinishSettings}
+def sections() -> dict[str, type]:
+    """The settings class of each section of a :class:`RunConfig`, as the registries are now."""
+    return {"calib": CalibConfig, "prune": prune_config_class(), "recover": recover_config_class(),
+            "eval": EvalConfig, "finish": FinishSettings}

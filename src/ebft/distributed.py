@@ -28,11 +28,17 @@ Backends: NCCL on CUDA (rank r uses ``cuda:LOCAL_RANK``), gloo on the CPU. Outsi
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+
+from .errors import EbftError
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +105,111 @@ def rank_device(device: str) -> str:
     return device
 
 
-def setup(device: str) -> bool:
+def check_environment() -> None:
+    """What torchrun (or another launcher) put in the environment makes sense, before anything starts:
+    integer ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``, and a rank below the world size."""
+    values = {}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        text = os.environ.get(key)
+        if text is None:
+            continue
+        try:
+            values[key] = int(text)
+        except ValueError:
+            raise EbftError(f"{key}: got {text!r} in the environment; it must be an integer (set by torchrun)") from None
+    world, rank = values.get("WORLD_SIZE", 1), values.get("RANK", 0)
+    if world < 1:
+        raise EbftError(f"WORLD_SIZE: got {world} in the environment; it must be at least 1")
+    if not 0 <= rank < world:
+        raise EbftError(f"RANK: got {rank} in the environment with WORLD_SIZE {world}; a rank is in [0, {world})")
+
+
+def setup(device: str, timeout: float = 600.0) -> bool:
     """Start the process group when torchrun started several ranks (NCCL for CUDA devices, gloo
-    otherwise); return True when this call started it (and :func:`teardown` should end it)."""
+    otherwise); return True when this call started it (and :func:`teardown` should end it).
+
+    The ranks meet within ``timeout`` seconds, or this one stops with one line (a peer that never comes:
+    ``WORLD_SIZE`` 2 with one process, a wrong address). The meeting runs in a helper thread so that
+    SIGINT and SIGTERM stop a waiting rank at once, as any other stage; once met, collectives wait up to
+    :data:`TIMEOUT` (a rank may wait hours while rank 0 writes a 70B checkpoint)."""
     import torch.distributed as dist
 
     if env_world_size() < 2 or (dist.is_available() and dist.is_initialized()):
         return False
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
-        dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device(device))
-    else:
-        dist.init_process_group("gloo", timeout=TIMEOUT)
+    rank, world = env_rank(), env_world_size()
+    outcome: dict = {}
+
+    def meet() -> None:
+        try:
+            if torch.device(device).type == "cuda":
+                torch.cuda.set_device(torch.device(device))
+                dist.init_process_group("nccl", timeout=TIMEOUT, device_id=torch.device(device))
+            else:
+                dist.init_process_group("gloo", timeout=TIMEOUT)
+            outcome["ok"] = True
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    helper = threading.Thread(target=meet, name="ebft-rendezvous", daemon=True)
+    helper.start()
+    start, told = time.monotonic(), False
+    while helper.is_alive():
+        helper.join(0.2)  # short waits: the main thread keeps handling signals
+        waited = time.monotonic() - start
+        if helper.is_alive() and not told and waited > 5:
+            log.warning("rank %d of %d: waiting for the other ranks (MASTER_ADDR=%s, MASTER_PORT=%s; at most %.0f s)",
+                        rank, world, os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"), timeout)
+            told = True
+        if helper.is_alive() and waited > timeout:
+            raise EbftError(f"rank {rank} of {world}: the other ranks did not join within {timeout:g} s "
+                            f"(MASTER_ADDR={os.environ.get('MASTER_ADDR')}, MASTER_PORT={os.environ.get('MASTER_PORT')}); "
+                            "start every rank (torchrun --nproc-per-node N), or raise --rank-timeout")
+    if "error" in outcome:
+        exc = outcome["error"]
+        raise EbftError(f"rank {rank} of {world}: could not join the other ranks ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
     log.info("rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), dist.get_backend())
     return True
+
+
+@contextmanager
+def process_group(device: str, timeout: float = 600.0):
+    """Within the block, the process group of torchrun's ranks (started here, ended on the way out);
+    nothing outside torchrun."""
+    started = setup(device, timeout)
+    try:
+        yield
+    finally:
+        if started:
+            teardown()
+
+
+def agree(what: dict) -> None:
+    """Every rank must run the same thing: ``what`` (the resolved settings, the model's files, the
+    versions) is compared with rank 0's, and every rank stops with one line naming the first difference.
+    Ranks started by hand (several nodes, another launcher) with different flags would otherwise train
+    different things, or hang in a collective. Nothing outside torch.distributed."""
+    if current() is None:
+        return
+    import torch.distributed as dist
+
+    mine = json.dumps(what, sort_keys=True, default=str)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    reference = json.loads(everyone[0])
+    for rank, text in enumerate(everyone):
+        if text != everyone[0]:
+            key, ours, theirs = _first_difference(reference, json.loads(text))
+            raise EbftError(f"rank {rank} runs {key} = {theirs!r} where rank 0 runs {ours!r}: every rank must be "
+                            "started with the same settings and model files")
+
+
+def _first_difference(a, b, prefix: str = ""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip("."), a, b
 
 
 def teardown() -> None:
@@ -143,11 +240,11 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
 
 def all_reduce_sums(*values: float) -> list[float]:
     """Python numbers summed over the ranks in float64 (losses, NLL sums, counts)."""
-    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     return [float(v) for v in all_reduce_(t).cpu()]
 
 
-def _collective_device() -> torch.device:
+def collective_device() -> torch.device:
     import torch.distributed as dist
 
     if current() is not None and dist.get_backend() == "nccl":
@@ -163,7 +260,7 @@ def reduce_gradients_(params) -> None:
     if current() is None:
         return
     params = list(params)
-    device = params[0].device if params else _collective_device()
+    device = params[0].device if params else collective_device()
     present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
     all_reduce_(present, "max")
     for p, anywhere in zip(params, present.tolist()):
@@ -194,7 +291,7 @@ def broadcast_value(value: float, src: int = 0) -> float:
     torch.distributed."""
     if current() is None:
         return value
-    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     broadcast_([t], src)
     return float(t[0])
 

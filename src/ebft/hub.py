@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from http.client import HTTPException
 from pathlib import Path
 
+from .atomic import write_atomic
 from .errors import EbftError
 
 log = logging.getLogger(__name__)
@@ -175,32 +176,35 @@ def _download_from_index(name: str, version: str, purpose: str, folder: Path, sh
     want = sha256 or entry.get("hashes", {}).get("sha256")
     url = urllib.parse.urljoin(listing_url, entry["url"])
     target = folder / entry["filename"]
-    part = folder / f".{entry['filename']}.{os.getpid()}.part"
     total = entry.get("size") or None
     log.info("downloading %s (%s) into %s", entry["filename"], purpose, folder)
     _report("download_start", name=entry["filename"], total=total, purpose=purpose)
-    ok = False
-    try:
-        digest, done = hashlib.sha256(), 0
+    got = {"done": 0}
+
+    def fetch(part: Path) -> None:
+        digest, done, size = hashlib.sha256(), 0, total
         with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
-            total = total or int(response.headers.get("Content-Length") or 0) or None
+            size = size or int(response.headers.get("Content-Length") or 0) or None
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
                 done += len(chunk)
-                _report("download", name=entry["filename"], done=done, total=total)
-        if total is not None and done != total:
-            raise _DownloadError(f"{_shown(url)}: got {done} bytes of {total}")
+                _report("download", name=entry["filename"], done=done, total=size)
+        if size is not None and done != size:
+            raise _DownloadError(f"{_shown(url)}: got {done} bytes of {size}")
         if want is not None and digest.hexdigest() != want:
             raise _DownloadError(f"{_shown(url)}: sha256 {digest.hexdigest()} is not the expected {want}")
-        os.replace(part, target)
+        got["done"] = done
+
+    ok = False
+    try:
+        write_atomic(target, fetch, durable=False)
         ok = True
     except (OSError, HTTPException) as error:  # a connection lost midway: IncompleteRead
         raise _DownloadError(f"{_shown(url)}: {reason(error)}") from None
     finally:
-        if not ok:
-            part.unlink(missing_ok=True)
         _report("download_end", name=entry["filename"], ok=ok)
+    done = got["done"]
     log.info("downloaded %s (%.1f MiB)", target.name, done / 2**20)
     return target
 

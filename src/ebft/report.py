@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .atomic import write_atomic
+
 
 def plot_block_losses(blocks: list[dict], path: Path, title: str = "") -> Path | None:
     """Two panels per block: the reconstruction loss before/after recovery (log scale), and their ratio
@@ -133,8 +135,6 @@ def plot_sweep(results: dict, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(results["model"])
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), durable=False)
     plt.close(fig)
-    tmp.replace(path)
     return path

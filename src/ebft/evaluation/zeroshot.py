@@ -32,11 +32,13 @@ import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .. import hub
 from ..errors import ConfigError, EbftError
 from . import builtin_tasks
+from .tasks.local_docs import read_records
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +207,6 @@ def _offline_hint(task: str) -> str:
 def check_task_file(task: str, path: str) -> None:
     """Every record of a local file parses and holds the fields the task's config reads; an error names
     the file and the record's line (``.jsonl``) or index (``.json``)."""
-    from .tasks.local_docs import read_records
-
     try:
         records = read_records(path)
     except (OSError, UnicodeDecodeError) as exc:
@@ -218,11 +218,39 @@ def check_task_file(task: str, path: str) -> None:
         raise ConfigError("eval.task_data", path, f"holds no {task} records")
     lines = _record_lines(path) if not path.endswith(".json") else None
     for i, record in enumerate(records):
+        where = f"line {lines[i]}" if lines else f"item {i}"
         if not isinstance(record, dict) or any(k not in record for k in need):
             got = sorted(record) if isinstance(record, dict) else type(record).__name__
-            where = f"line {lines[i]}" if lines else f"item {i}"
             raise ConfigError("eval.task_data", path, f"{where}: {task} records need the fields "
                               f"{', '.join(need)}; got {got}")
+        problem = record_problem(record)
+        if problem is not None:
+            raise ConfigError("eval.task_data", path, f"{where}: {problem}")
+
+
+def record_problem(record: dict) -> str | None:
+    """What is wrong with one task record's fields (types, an out-of-range gold index), or None: a string
+    where a list of choices belongs would otherwise be scored one character per choice."""
+    for key in ("query", "context", "continuation"):
+        if key in record and not (isinstance(record[key], str) and record[key]):
+            return f"{key} must be a non-empty string, not {_shown(record[key])}"
+    options = record.get("choices", record.get("context_options"))
+    name = "choices" if "choices" in record else "context_options"
+    if options is not None:
+        if not (isinstance(options, list) and len(options) >= 2 and all(isinstance(c, str) and c for c in options)):
+            return f"{name} must be a list of at least two non-empty strings, not {_shown(options)}"
+    if "gold" in record:
+        gold = record["gold"]
+        if isinstance(gold, bool) or not isinstance(gold, int):
+            return f"gold must be an integer index into {name}, not {_shown(gold)}"
+        if options is not None and not 0 <= gold < len(options):
+            return f"gold {gold} is not an index into the {len(options)} {name}"
+    return None
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
 def _record_lines(path: str) -> list[int]:
@@ -320,8 +348,6 @@ def _quiet_lm_eval():
     terminal, and collects torch's environment report, a second or more per call, for fields ebft does
     not read); and its unlabelled bar over building a task's requests hidden (well under a second; the
     task's line says how many items). Its bar over the model's requests stays: that is the long part."""
-    from functools import partial
-
     import lm_eval.api.task as task_module
     import lm_eval.evaluator as evaluator
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ebft.prune import register_pruner
+from ebft.prune.base import register_pruner
 from ebft.settings import option
 from ebft.structured import METRICS, MODES, STATS_NEEDED, shrink_block_
 
@@ -23,8 +23,10 @@ class FlapSettings:
     flap_structure: str = option("adaptive", "FLAP: {choices} (adaptive: one global ranking of heads and channels "
                                  "weighted by the parameters they remove, the paper's AL-AM; uniform: the same "
                                  "ratio in every block and module)", choices=MODES)
-    bias_compensation: bool = option(True, "FLAP adds the removed channels' mean contribution to the output "
-                                     "projections' bias")
+    bias_compensation: bool | None = option(None, "FLAP adds the removed channels' mean contribution to the "
+                                            "output projections' bias (auto: where the family's config can hold "
+                                            "those biases, so that the model saves; off otherwise, said in one line)",
+                                            default_text="auto")
 
 
 @register_pruner("flap", needs=STATS_NEEDED, settings=FlapSettings, structured=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ebft.masks import Pattern, mask_from_scores
-from ebft.prune import PruneResult, register_pruner
+from ebft.prune.base import PruneResult, register_pruner
 
 
 @register_pruner("magnitude", needs=(), default_scope="layer")

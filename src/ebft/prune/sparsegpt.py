@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ebft.masks import Pattern, keep_dropping_lowest, mask_from_scores, n_pruned, validate_width
-from ebft.prune import PruneResult, register_pruner, require_stats
+from ebft.prune.base import PruneResult, register_pruner, require_stats
 from ebft.settings import option
 from ebft.stats import LayerStats
 

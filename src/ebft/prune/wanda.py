@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ebft.masks import Pattern, mask_from_scores
-from ebft.prune import PruneResult, register_pruner, require_stats
+from ebft.prune.base import PruneResult, register_pruner, require_stats
 from ebft.stats import LayerStats
 
 

@@ -47,7 +47,7 @@ import torch
 from ..masks import Pattern
 from ..settings import option
 from ..stats import LayerStats
-from . import BlockContext, register_recovery
+from .base import BlockContext, register_recovery
 
 _MLP = re.compile(r"(^|\.)(mlp|ffn|feed_forward|fc\d*)(\.|$)")
 _VAR_FLOOR = 1e-10  # a constant input feature has zero variance: the most reliable one to grow
@@ -143,8 +143,8 @@ def dsnot_layer(dense: torch.Tensor, sparse: torch.Tensor, keep: torch.Tensor, s
                   "error_after": error.abs().mean().item()}
 
 
-@register_recovery("dsnot", settings=DsnotSettings, needs_targets=False, changes_masks=True, needs=("mean", "sq"),
-                   structured=False)
+@register_recovery("dsnot", settings=DsnotSettings, target=None, changes_masks=True, needs=("mean", "sq"),
+                   structured=False, summary="dsnot: training-free prune-and-grow")
 @torch.no_grad()
 def dsnot(ctx: BlockContext, settings: DsnotSettings) -> dict:
     """Refine every linear's mask with DSnoT (skipping MLPs with ``dsnot_skip_mlp``); record swaps."""

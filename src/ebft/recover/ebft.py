@@ -25,8 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models import norm_modules
 from ..settings import option
-from . import BlockContext, register_recovery
+from .base import BlockContext, register_recovery
 from .training import (BlockTrainingSettings, autocast_dtype, evaluate_loss, make_adamw, rejection,
                        split_holdout, train_epochs)
 
@@ -47,13 +48,12 @@ def trainable_parameters(block: nn.Module, linears: dict[str, nn.Linear], train_
     for lin in linears.values():
         params += [p for p in (lin.weight, lin.bias) if p is not None]
     if train_norms:
-        for name, module in block.named_modules():
-            if "norm" in type(module).__name__.lower() or "norm" in name.split(".")[-1].lower():
-                params += [p for p in module.parameters(recurse=False)]
+        params += [p for module in norm_modules(block) for p in module.parameters(recurse=False)]
     return params
 
 
-@register_recovery("ebft", settings=EbftSettings)
+@register_recovery("ebft", settings=EbftSettings, target=lambda settings: settings.target, state_bytes=20,
+                   summary="ebft trains the kept weights of each block")
 def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     """Train the kept weights of ``ctx.block`` to reproduce ``ctx.targets``; return the block's record."""
     block, linears, masks = ctx.block, ctx.linears, ctx.masks

@@ -53,7 +53,8 @@ from torch import nn
 
 from ..models import find_blocks, find_linears
 from ..settings import option
-from . import ModelContext, TrainingText
+from ..system import free_memory
+from .base import ModelContext, TrainingText
 from .lora import LOG_EVERY, add_adapters, check_masks, freeze, remove_adapters, train_steps
 from .training import autocast_dtype, rejection
 
@@ -117,6 +118,14 @@ class TeacherTargets:
         return pick(self.logprobs), pick(self.indices), pick(self.rest)
 
 
+def _counter(progress, what: str, total: int):
+    """``report(done)``: ``work_start`` once, then ``work_step`` events for a progress bar over ``total``."""
+    if progress is None:
+        return lambda done: None
+    progress("work_start", name=what, total=total)
+    return lambda done: progress("work_step", name=what, done=done, total=total)
+
+
 def _log_rest(logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """log Σ p over the tokens *not* in ``indices`` (exact: a logsumexp with the top-k set to -inf)."""
     return logprobs.scatter(-1, indices, float("-inf")).logsumexp(-1)
@@ -124,7 +133,7 @@ def _log_rest(logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_targets(model: nn.Module, windows: torch.Tensor, temperature: float = 1.0, topk: int = 64,
-                    device: str | torch.device = "cpu", batch_size: int = 1) -> TeacherTargets:
+                    device: str | torch.device = "cpu", batch_size: int = 1, progress=None) -> TeacherTargets:
     """The (dense) ``model``'s distributions on ``windows`` ``[N, S]``: call before the walk prunes it.
 
     The whole model goes to ``device`` for one forward per batch (the finish trains it there anyway)
@@ -135,7 +144,9 @@ def teacher_targets(model: nn.Module, windows: torch.Tensor, temperature: float 
     model.to(device)
     outs: list[tuple] = []
     try:
+        report = _counter(progress, "finish: dense teacher", len(windows))
         for i in range(0, len(windows), batch_size):
+            report(i + len(windows[i:i + batch_size]))
             logits = model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits
             logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
             if topk and topk < logprobs.shape[-1]:
@@ -185,7 +196,7 @@ class FinishData:
 
 
 def prepare_finish(model: nn.Module, tokenizer, text: TrainingText, nsamples: int, settings: FinishSettings,
-                   device: str | torch.device = "cpu", batch_size: int = 1) -> FinishData | None:
+                   device: str | torch.device = "cpu", batch_size: int = 1, progress=None) -> FinishData | None:
     """Draw the windows (the ``nsamples`` calibration windows, then ``settings.holdout`` more) and, for
     ``kd``, the dense teacher's targets on all of them. Call on the *dense* model, before the walk."""
     if settings.method == "none":
@@ -193,7 +204,7 @@ def prepare_finish(model: nn.Module, tokenizer, text: TrainingText, nsamples: in
     windows = text.windows(tokenizer, nsamples + settings.holdout)
     teacher = None
     if settings.method == "kd":
-        teacher = teacher_targets(model, windows, settings.temperature, settings.topk, device, batch_size)
+        teacher = teacher_targets(model, windows, settings.temperature, settings.topk, device, batch_size, progress)
         log.info("finish: dense teacher on %d windows, top-%s, %.1f MiB in %.1f s", len(windows),
                  settings.topk or "all", teacher.nbytes / 2**20, teacher.seconds)
     return FinishData(windows[:nsamples], windows[nsamples:], teacher)
@@ -207,17 +218,6 @@ def block_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {f"{prefix}.{i}.{name}": lin for i, block in enumerate(blocks) for name, lin in find_linears(block).items()}
 
 
-def _free_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-
-
 def choose_training(model: nn.Module, settings: FinishSettings, device: torch.device) -> tuple[str, str]:
     """``(weights | lora, why)``: ``auto`` trains the kept weights when AdamW's state for them fits."""
     if settings.train != "auto":
@@ -225,7 +225,7 @@ def choose_training(model: nn.Module, settings: FinishSettings, device: torch.de
     n = sum(p.numel() for lin in block_linears(model).values() for p in lin.parameters())
     moving = next(model.parameters()).device != device
     need = BYTES_PER_WEIGHT * n + (sum(p.numel() * p.element_size() for p in model.parameters()) if moving else 0)
-    free = _free_memory(device)
+    free = free_memory(device)
     if free is None or need <= MEMORY_FRACTION * free:
         return "weights", f"auto: ≈{need / 2**30:.2f} GiB needed, {'?' if free is None else f'{free / 2**30:.1f}'} GiB free"
     return "lora", f"auto: the kept weights' AdamW state needs ≈{need / 2**30:.2f} GiB, {free / 2**30:.1f} GiB free"
@@ -233,12 +233,14 @@ def choose_training(model: nn.Module, settings: FinishSettings, device: torch.de
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: FinishData, which: str, device: torch.device, batch_size: int,
-             amp) -> dict[str, float]:
+             amp, progress=None) -> dict[str, float]:
     """``{"lm": mean LM loss, "kd": mean KD loss (with a teacher)}`` on the train or held-out windows."""
     windows = data.train if which == "train" else data.heldout
     totals = {"lm": 0.0, **({"kd": 0.0} if data.teacher is not None else {})}
+    report = _counter(progress, f"finish: loss on the {which} windows", len(windows))
     for i in range(0, len(windows), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(windows)))
+        report(int(idx[-1]) + 1)
         x = windows[idx].to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out = model(input_ids=x, labels=x, use_cache=False)
@@ -247,6 +249,27 @@ def evaluate(model: nn.Module, data: FinishData, which: str, device: torch.devic
             totals["kd"] += kd_loss(out.logits, *data.teacher_batch(which, idx, device),
                                     data.teacher.temperature).item() * len(idx)
     return {k: v / max(len(windows), 1) for k, v in totals.items()}
+
+
+def _trainable(model: nn.Module, masks: dict, mode: str, settings: FinishSettings, device: torch.device):
+    """What the finish trains: ``(params, adapters, saved copies, dtypes, weight masks, trainable count)``.
+    ``lora``: masked adapters on every block linear; ``weights``: the kept weights in fp32 (master
+    weights under autocast), their pre-finish values saved on the CPU to restore."""
+    if mode == "lora":
+        adapters = add_adapters(model, list(find_linears(find_blocks(model)[1][0])), masks, settings.lora_rank,
+                                2.0 * settings.lora_rank)
+        params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
+        return params, adapters, [], [], [], sum(p.numel() for p in params)
+    linears = block_linears(model)
+    params = [p for lin in linears.values() for p in lin.parameters()]
+    saved = [p.detach().to("cpu", copy=True) for p in params]  # the pre-finish model, to restore
+    dtypes = [p.dtype for p in params]
+    for p in params:  # fp32 master weights under autocast
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    weight_masks = [(linears[name].weight, m.to(device)) for name, m in masks.items()]  # bool: 1 byte each
+    trainable = sum(p.numel() for p in params) - sum(int((~m).sum()) for m in masks.values())
+    return params, {}, saved, dtypes, weight_masks, trainable
 
 
 def finish(ctx: ModelContext, settings: FinishSettings, data: FinishData | None) -> dict:
@@ -267,22 +290,7 @@ def finish(ctx: ModelContext, settings: FinishSettings, data: FinishData | None)
     unfreeze = freeze(model)
     model.eval()  # deterministic: the model's own dropout (if any) stays off, as in EBFT
     torch.manual_seed(ctx.seed)  # LoRA's initialisation
-    linears = block_linears(model)
-    adapters, saved, dtypes, weight_masks = {}, [], [], []
-    if mode == "lora":
-        adapters = add_adapters(model, list(find_linears(find_blocks(model)[1][0])), masks, settings.lora_rank,
-                                2.0 * settings.lora_rank)
-        params = [p for a in adapters.values() for p in (a.lora_A, a.lora_B)]
-        trainable = sum(p.numel() for p in params)
-    else:
-        params = [p for lin in linears.values() for p in lin.parameters()]
-        saved = [p.detach().to("cpu", copy=True) for p in params]  # the pre-finish model, to restore
-        dtypes = [p.dtype for p in params]
-        for p in params:  # fp32 master weights under autocast
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        weight_masks = [(linears[name].weight, m.to(device)) for name, m in masks.items()]  # bool: 1 byte each
-        trainable = sum(p.numel() for p in params) - sum(int((~m).sum()) for m in masks.values())
+    params, adapters, saved, dtypes, weight_masks, trainable = _trainable(model, masks, mode, settings, device)
     record = {"method": settings.method, "train": mode, "train_reason": why, "lr": lr, "steps": settings.steps,
               "batch_size": settings.batch_size, "trainable_params": trainable, "train_windows": len(data.train),
               "heldout_windows": len(data.heldout), "checked_on": which}
@@ -293,7 +301,7 @@ def finish(ctx: ModelContext, settings: FinishSettings, data: FinishData | None)
     log.info("finish %s: %s (%s), %d trainable parameters, %d steps of %d windows, lr %g", settings.method, mode,
              why, trainable, settings.steps, settings.batch_size, lr)
     try:
-        before = evaluate(model, data, which, device, settings.batch_size, amp)
+        before = evaluate(model, data, which, device, settings.batch_size, amp, ctx.progress)
         order = _order(len(data.train), settings.steps * settings.batch_size, ctx.seed)
 
         def step_loss(step: int) -> torch.Tensor:
@@ -311,7 +319,7 @@ def finish(ctx: ModelContext, settings: FinishSettings, data: FinishData | None)
         record["train_seconds"] = round(time.perf_counter() - train_start, 3)
         for p, dt in zip(params if mode == "weights" else [], dtypes):
             p.data = p.data.to(dt)  # the model's own dtype again, before it is judged
-        after = evaluate(model, data, which, device, settings.batch_size, amp)
+        after = evaluate(model, data, which, device, settings.batch_size, amp, ctx.progress)
         restored = rejection(failed, after[settings.method], before[settings.method])
         if restored:
             log.warning("finish: %s loss on the %s windows %.4g -> %.4g (%s); keeping the model from before "

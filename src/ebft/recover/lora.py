@@ -50,7 +50,7 @@ from .. import masks as masklib
 from ..errors import ConfigError
 from ..models import find_blocks, find_linears
 from ..settings import option
-from . import ModelContext, register_recovery
+from .base import ModelContext, register_recovery
 from .training import autocast_dtype, make_adamw, optimizer_step, precision_option
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,8 @@ def train_steps(params: list[nn.Parameter], step_loss: Callable[[int], torch.Ten
     return curve, bool(nonfinite.item())
 
 
-@register_recovery("lora", settings=LoraSettings, needs_targets=False, scope="model")
+@register_recovery("lora", settings=LoraSettings, target=None, scope="model",
+                   summary="lora: LoRA on the whole pruned model, merged with its masks kept exact")
 def lora(ctx: ModelContext, settings: LoraSettings) -> dict:
     """Train LoRA adapters on the pruned model and merge them, keeping every mask exact; return the record."""
     model, masks, device = ctx.model, ctx.masks, torch.device(ctx.device)

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from ..masks import Pattern, mask_from_scores
 from ..settings import option
-from . import BlockContext, register_recovery
+from .base import BlockContext, register_recovery
 from .training import BlockTrainingSettings, autocast_dtype, evaluate_loss, rejection, split_holdout, train_epochs
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,9 @@ class _MaskedDense(nn.Module):
         return (self.frozen * mask).to(self.out_dtype)
 
 
-@register_recovery("ebft-mask", settings=MaskTuningSettings, changes_masks=True, needs=("sq",), structured=False)
+@register_recovery("ebft-mask", settings=MaskTuningSettings, target=lambda settings: settings.target,
+                   changes_masks=True, needs=("sq",), structured=False, state_bytes=24,
+                   summary="ebft-mask learns the masks, weights frozen")
 def ebft_mask(ctx: BlockContext, settings: MaskTuningSettings) -> dict:
     """Learn the masks of ``ctx.block`` with its weights frozen (pruner's values where kept, dense values
     elsewhere); return its record."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_, reduce_gradients_
 from ..settings import option
 
 LOSSES = ("mse", "token-norm")
@@ -143,8 +144,6 @@ def evaluate_loss(ctx, index: torch.Tensor, settings: BlockTrainingSettings, amp
         with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
             total += reconstruction_loss(ctx.forward(x), y, settings.loss) * len(x)
     if _sharded(ctx):
-        from ..distributed import all_reduce_
-
         all_reduce_(total)
     return total.item() / max(len(index), 1)
 
@@ -171,8 +170,6 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
     generator = torch.Generator().manual_seed(ctx.seed + ctx.index)
 
     sharded = _sharded(ctx)
-    if sharded:
-        from ..distributed import all_reduce_, reduce_gradients_
     epoch_losses, failed = [], False
     ctx.block.train(False)  # no dropout: reconstruct the deterministic block
     epoch, step, clock = 0, 0, [_now(device)]
@@ -182,21 +179,10 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
         order = train_idx[torch.randperm(len(train_idx), generator=generator)]
         for i in range(0, len(order), settings.batch_size):
             idx = order[i:i + settings.batch_size]
-            x = ctx.inputs[idx].to(device, non_blocking=True)
-            y = ctx.targets[idx].to(device, non_blocking=True)
-            if len(x):  # under torch.distributed a rank may hold none of the batch
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    loss = reconstruction_loss(ctx.forward(x), y, settings.loss)
-                if sharded:  # this rank's share of the batch mean
-                    loss = loss * (len(x) / len(idx))
-                (scaler.scale(loss) if scaler else loss).backward()
-                running += loss.detach() * len(idx)
-                nonfinite |= ~torch.isfinite(loss.detach())
-            elif scaler is not None:  # a scaler must have scaled before it may unscale the (zero) gradients
-                scaler.scale(torch.zeros((), device=device))
-            if sharded:
-                reduce_gradients_(params)
-            optimizer_step(params, optimizer, scaler, settings.grad_clip, weight_masks)
+            loss = training_step(ctx, idx, params, optimizer, scaler, settings, amp, weight_masks, sharded)
+            if loss is not None:
+                running += loss * len(idx)
+                nonfinite |= ~torch.isfinite(loss)
             schedule.step()
             step += 1
             if share is not None and step <= timed:
@@ -218,6 +204,30 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
     return epoch_losses, failed
 
 
+def training_step(ctx, idx: torch.Tensor, params, optimizer, scaler, settings: BlockTrainingSettings, amp,
+                  weight_masks=(), sharded: bool = False) -> torch.Tensor | None:
+    """One optimiser step on the windows ``idx``: the block loss under autocast, backward, (torch.distributed:
+    gradients summed over the ranks), then :func:`optimizer_step`. Returns the loss (detached), or None
+    when this rank held none of the windows. What ``ebft plan`` times is this function."""
+    device = ctx.device
+    x = ctx.inputs[idx].to(device, non_blocking=True)
+    y = ctx.targets[idx].to(device, non_blocking=True)
+    loss = None
+    if len(x):  # under torch.distributed a rank may hold none of the batch
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = reconstruction_loss(ctx.forward(x), y, settings.loss)
+        if sharded:  # this rank's share of the batch mean
+            loss = loss * (len(x) / len(idx))
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss = loss.detach()
+    elif scaler is not None:  # a scaler must have scaled before it may unscale the (zero) gradients
+        scaler.scale(torch.zeros((), device=device))
+    if sharded:
+        reduce_gradients_(params)
+    optimizer_step(params, optimizer, scaler, settings.grad_clip, weight_masks)
+    return loss
+
+
 TIMED_STEPS = 4  # --recover-budget: steps timed before deciding the epochs (the first is warm-up)
 
 
@@ -232,7 +242,5 @@ def epochs_within(share: float, epoch_seconds: float, cap: int, device, sharded:
     """How many epochs (at least 1, at most ``cap``) fit in ``share`` seconds when one takes
     ``epoch_seconds``; under torch.distributed the slowest rank's time decides."""
     if sharded:
-        from ..distributed import all_reduce_
-
         epoch_seconds = float(all_reduce_(torch.tensor(epoch_seconds, device=device), "max"))
     return max(1, min(cap, int(share // max(epoch_seconds, 1e-9))))

@@ -22,7 +22,7 @@ The pure core, in the order a run uses it (the walk owns blocks, devices and the
 from ebft.structured.flap import (METRICS, MODES, STATS_NEEDED, Structure, UnitScores, block_scores,
                                   channel_scores, removed_fraction, select_structure, standardise)
 from ebft.structured.layout import ATTENTION, MLP, BlockLayout, Section, Units, block_layout
-from ebft.structured.saving import SaveShape, make_saveable_, save_shape
+from ebft.structured.saving import SaveShape, bias_slot_problem, check_layouts, make_saveable_, save_shape
 from ebft.structured.surgery import compensate_bias_, resize_units_, shrink_block_
 
 __all__ = [
@@ -31,5 +31,5 @@ __all__ = [
     "UnitScores", "Structure", "channel_scores", "standardise", "block_scores", "select_structure",
     "removed_fraction",
     "shrink_block_", "compensate_bias_", "resize_units_",
-    "SaveShape", "save_shape", "make_saveable_",
+    "SaveShape", "save_shape", "make_saveable_", "bias_slot_problem", "check_layouts",
 ]

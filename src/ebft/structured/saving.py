@@ -185,8 +185,29 @@ def _bias_flags(model, config, needed: set[str], family: str) -> dict[str, bool]
             have |= gained
     if not needed <= have:
         raise EbftError(f"structured pruning: a {family} config cannot give {sorted(needed - have)} a bias, which "
-                        "bias compensation needs to be saved; prune without bias compensation for this family")
+                        "bias compensation needs to be saved; pass --no-bias-compensation for this family")
     return flags
+
+
+def bias_slot_problem(model: nn.Module) -> str | None:
+    """Before any work: why the family's config cannot give the output projections (o_proj, down_proj)
+    the biases FLAP's compensation puts there (the pruned model could then not be saved), or None."""
+    _, blocks = find_blocks(model)
+    layout = block_layout(blocks[0], model.config)
+    needed = {layout.attention.out_proj, layout.mlp.out_proj}
+    family = getattr(model.config, "model_type", type(model).__name__)
+    try:
+        _bias_flags(model, model.config, needed, family)
+    except EbftError:
+        return f"a {family} config has no bias slot for {' and '.join(sorted(needed))}"
+    return None
+
+
+def check_layouts(model: nn.Module) -> None:
+    """Before any work: every block's units can be found (a clear error for a layout ebft does not know)."""
+    _, blocks = find_blocks(model)
+    for block in blocks:
+        block_layout(block, model.config)
 
 
 def _check_matches(model: nn.Module) -> None:

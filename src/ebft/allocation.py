@@ -1,9 +1,12 @@
-"""The planning pass: what global methods decide from the whole dense model before any block is pruned.
+"""The allocation: what global methods decide from the whole dense model before any block is pruned.
 
-An *allocation* turns the run's one target pattern into a pattern per block. ``uniform`` gives every
-block the target (no planning pass). ``owl`` needs statistics from every block first: the walk's
-dense planning pass (:func:`ebft.walk.plan_pass`) runs the *dense* model over the calibration windows
-block by block, and each block is summarised into one number before its statistics are dropped.
+An *allocation* turns the run's one target pattern into a pattern per block (and, for structured
+pruning, what each block keeps). ``uniform`` gives every block the target (no pass). ``owl`` and FLAP
+need statistics from every block first: the walk's dense planning pass
+(:func:`ebft.walk.planning_pass`) runs the *dense* model over the calibration chain block by block,
+each block is summarised by :meth:`Allocator.summarise` into something small before its statistics
+are dropped, and :meth:`Allocator.decide` turns the summaries into the :class:`Allocation`. Nothing
+here runs a model: the pipeline drives the pass (:func:`ebft.pipeline.allocate`).
 
 **OWL** (Yin et al., ICML 2024, "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce
 for Pruning LLMs to High Sparsity", arXiv:2310.05175). For block ℓ, with Wanda's score
@@ -24,18 +27,21 @@ group keeps N of M whatever the block.
 **FLAP** (structured patterns): the same pass collects the means and variances of the inputs of
 each block's output projections; :mod:`ebft.structured` scores every KV group and MLP channel and
 chooses what each block keeps, over the whole model (``flap_structure=adaptive``) or block by block
-(``uniform``). The plan then carries one :class:`~ebft.structured.Structure` per block.
+(``uniform``). The allocation then carries one :class:`~ebft.structured.Structure` per block.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .errors import ConfigError
 from .masks import Pattern
 from .settings import option
+from .structured import STATS_NEEDED, Structure, block_layout, block_scores, removed_fraction, select_structure
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +59,37 @@ class AllocationSettings:
 
 
 @dataclass
-class Plan:
+class Allocation:
     """A pattern for every block (and, for structured pruning, what each block keeps), and what decided
     it (for run.json)."""
 
     patterns: list[Pattern]
     record: dict = field(default_factory=dict)
-    structures: list | None = None  # ebft.structured.Structure per block, for structured patterns
+    structures: list[Structure] | None = None  # what each block keeps, for structured patterns
+
+    def to_json(self) -> dict:
+        return {"patterns": [dataclasses.asdict(p) for p in self.patterns], "record": self.record,
+                "structures": None if self.structures is None else [dataclasses.asdict(s) for s in self.structures]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Allocation":
+        structures = None
+        if data["structures"] is not None:
+            structures = [Structure(**{k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+                          for s in data["structures"]]
+        return cls([Pattern(**p) for p in data["patterns"]], data["record"], structures)
+
+
+@dataclass(frozen=True)
+class Allocator:
+    """How one allocation is decided from a dense pass: the statistics it needs (``needs``) of the
+    linears matching ``layers``; ``summarise(index, block, linears, stats)`` keeps what it needs of
+    each block; ``decide(summaries)`` makes the :class:`Allocation`."""
+
+    needs: tuple[str, ...]
+    layers: str | None
+    summarise: Callable
+    decide: Callable[[list], Allocation]
 
 
 def check_allocation(settings: AllocationSettings, pattern: Pattern) -> None:
@@ -101,15 +131,13 @@ def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: fl
     return [float(v) for v in s]
 
 
-def make_plan(model, calib_ids, pattern: Pattern, settings: AllocationSettings, layers: str | None,
-              device, batch_size: int = 1, progress=None, pruner_settings=None) -> Plan | None:
-    """The allocation's patterns per block (and FLAP's structures for a structured pattern); None for
-    ``uniform`` unstructured pruning (every block gets ``pattern``)."""
-    from .walk import plan_pass
-
+def allocator(pattern: Pattern, settings: AllocationSettings, layers: str | None, pruner_settings=None,
+              model_config=None) -> Allocator | None:
+    """The allocator of this run: FLAP's for a structured pattern, OWL's, or None for a uniform
+    unstructured allocation (every block gets ``pattern``, no pass)."""
     check_allocation(settings, pattern)
     if pattern.structured:
-        return flap_plan(model, calib_ids, pattern, pruner_settings, device, batch_size, progress)
+        return flap_allocator(pattern, pruner_settings, model_config)
     if settings.allocation == "uniform":
         return None
 
@@ -117,35 +145,37 @@ def make_plan(model, calib_ids, pattern: Pattern, settings: AllocationSettings, 
         return {"outlier_ratio": outlier_ratio(linears, stats, settings.owl_threshold),
                 "params": sum(l.weight.numel() for l in linears.values())}
 
-    summaries = plan_pass(model, calib_ids, layers, ("sq",), summarise, device, batch_size, progress)
-    ratios = [s["outlier_ratio"] for s in summaries]
-    sparsities = owl_sparsities(ratios, [s["params"] for s in summaries], pattern.sparsity, settings.owl_lambda)
-    patterns = [Pattern(min(max(s, 0.0), 1 - 1e-9), scope=pattern.scope) for s in sparsities]
-    log.info("OWL: block sparsities %s", ", ".join(f"{s:.3f}" for s in sparsities))
-    record = {"allocation": "owl", "owl_lambda": settings.owl_lambda, "owl_threshold": settings.owl_threshold,
-              "blocks": [{"index": i, "outlier_ratio": round(r, 6), "sparsity": round(s, 6)}
-                         for i, (r, s) in enumerate(zip(ratios, sparsities))]}
-    return Plan(patterns, record)
+    def decide(summaries) -> Allocation:
+        ratios = [s["outlier_ratio"] for s in summaries]
+        sparsities = owl_sparsities(ratios, [s["params"] for s in summaries], pattern.sparsity, settings.owl_lambda)
+        patterns = [Pattern(min(max(s, 0.0), 1 - 1e-9), scope=pattern.scope) for s in sparsities]
+        log.info("OWL: block sparsities %s", ", ".join(f"{s:.3f}" for s in sparsities))
+        record = {"allocation": "owl", "owl_lambda": settings.owl_lambda, "owl_threshold": settings.owl_threshold,
+                  "blocks": [{"index": i, "outlier_ratio": round(r, 6), "sparsity": round(s, 6)}
+                             for i, (r, s) in enumerate(zip(ratios, sparsities))]}
+        return Allocation(patterns, record)
+
+    return Allocator(("sq",), layers, summarise, decide)
 
 
-def flap_plan(model, calib_ids, pattern: Pattern, settings, device, batch_size: int = 1, progress=None) -> Plan:
+def flap_allocator(pattern: Pattern, settings, model_config) -> Allocator:
     """FLAP: score every unit of the dense model, choose what each block keeps (see the module docstring)."""
-    from .structured import STATS_NEEDED, block_layout, block_scores, removed_fraction, select_structure
-    from .walk import plan_pass
 
     def summarise(index, block, linears, stats):
-        return block_scores(block, block_layout(block, model.config), stats, settings.flap_metric)
+        return block_scores(block, block_layout(block, model_config), stats, settings.flap_metric)
 
-    scores = plan_pass(model, calib_ids, None, STATS_NEEDED, summarise, device, batch_size, progress)
-    structures = select_structure(scores, pattern.sparsity, settings.flap_structure)
-    blocks = [{"index": i, "kv_groups": s.attention_units, "kv_groups_kept": len(s.attention_keep),
-               "channels": s.mlp_units, "channels_kept": len(s.mlp_keep),
-               "removed_fraction": round(s.removed_params / max(s.total_params, 1), 6)}
-              for i, s in enumerate(structures)]
-    removed = removed_fraction(structures)
-    log.info("FLAP %s: %.2f%% of block parameters removed (asked %.2f%%)", settings.flap_structure,
-             100 * removed, 100 * pattern.sparsity)
-    record = {"allocation": f"flap-{settings.flap_structure}", "flap_metric": settings.flap_metric,
-              "bias_compensation": settings.bias_compensation, "removed_fraction": round(removed, 6),
-              "blocks": blocks}
-    return Plan([pattern] * len(structures), record, structures)
+    def decide(scores) -> Allocation:
+        structures = select_structure(scores, pattern.sparsity, settings.flap_structure)
+        blocks = [{"index": i, "kv_groups": s.attention_units, "kv_groups_kept": len(s.attention_keep),
+                   "channels": s.mlp_units, "channels_kept": len(s.mlp_keep),
+                   "removed_fraction": round(s.removed_params / max(s.total_params, 1), 6)}
+                  for i, s in enumerate(structures)]
+        removed = removed_fraction(structures)
+        log.info("FLAP %s: %.2f%% of block parameters removed (asked %.2f%%)", settings.flap_structure,
+                 100 * removed, 100 * pattern.sparsity)
+        record = {"allocation": f"flap-{settings.flap_structure}", "flap_metric": settings.flap_metric,
+                  "bias_compensation": settings.bias_compensation, "removed_fraction": round(removed, 6),
+                  "blocks": blocks}
+        return Allocation([pattern] * len(structures), record, structures)
+
+    return Allocator(tuple(sorted(STATS_NEEDED)), None, summarise, decide)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import glob
 import json
 import logging
 import os
@@ -37,6 +36,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from . import __version__
+from .atomic import fsync_file, fsync_folder, pid_alive, write_json
 from .errors import ConfigError, EbftError
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,40 @@ def ebft_output_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
+SWEEP_MARKER = ".ebft-sweep"  # JSON: {"written_by": "ebft", "kind": "sweep", "version": ..}
+# what a sweep writes into its folder (a folder holding only these, written before the marker existed, is one)
+_SWEEP_FILES = re.compile(r"(cells|models|results\.(json|md|png)|\.results\.(json|md|png)\.tmp-\d+)")
+
+
+def sweep_folder_problem(folder: str | os.PathLike) -> str | None:
+    """Why ``folder`` cannot take (or go on taking) a sweep's cells and results, or None when it can:
+    it is missing or empty, or a sweep made it (its marker, or only what a sweep writes)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    entries = sorted(e.name for e in os.scandir(folder) if e.name not in _IGNORED)
+    if not entries:
+        return None
+    marker = _read_json(folder / SWEEP_MARKER)
+    if isinstance(marker, dict) and marker.get("written_by") == "ebft" and marker.get("kind") == "sweep":
+        return None
+    if ebft_output_problem(folder) is None:
+        return "is the output folder of an ebft run, not a sweep's"
+    foreign = [name for name in entries if not _SWEEP_FILES.fullmatch(name)]
+    if foreign:
+        return f"holds files an ebft sweep did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
+    return None
+
+
+def mark_sweep_folder(folder: str | os.PathLike) -> None:
+    """Create a sweep's folder (if needed) and mark it as a sweep's, so that later sweeps may resume in it
+    and runs never replace it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / SWEEP_MARKER).exists():
+        write_json(folder / SWEEP_MARKER, {"written_by": "ebft", "kind": "sweep", "version": __version__})
+
+
 def is_ebft_output(folder: str | os.PathLike) -> bool:
     """True when ``folder`` is a complete output that ebft wrote (see :func:`ebft_output_problem`)."""
     return ebft_output_problem(folder) is None
@@ -214,6 +249,10 @@ def check_out(out, overwrite: bool = False, inputs=(), *, reuse: bool = False, f
         if source.is_dir() and _within(real, source):
             raise ConfigError(field, out, f"is inside an input folder of this run ({given}); write the output elsewhere")
 
+    if path.is_dir() and reuse:
+        problem = sweep_folder_problem(path)
+        if problem is not None:
+            raise ConfigError(field, out, f"{problem}; give the sweep a new folder (or an empty one)")
     if path.is_dir() and not reuse:
         empty = not any(os.scandir(path))
         if not empty and not overwrite:
@@ -275,18 +314,6 @@ def _stale_name(out: Path) -> re.Pattern:
     return re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)")
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError, OverflowError):
-        return True  # someone else's process, or cannot tell: leave its folders alone
-    return True
-
-
 def clean_stale(out: str | os.PathLike) -> list[Path]:
     """Remove the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders of dead processes beside ``out``.
 
@@ -301,7 +328,7 @@ def clean_stale(out: str | os.PathLike) -> list[Path]:
                    for e in os.scandir(out.parent) if (m := pattern.fullmatch(e.name))]
     except OSError:
         return []
-    stale = [(kind, path) for kind, pid, path in entries if not _alive(pid)]
+    stale = [(kind, path) for kind, pid, path in entries if not pid_alive(pid)]
     touched = []
     if not os.path.lexists(out):
         olds = [p for kind, p in stale if kind == "old" and is_ebft_output(p) and any(os.scandir(p))]
@@ -375,8 +402,6 @@ def atomic_folder(out: str | os.PathLike, overwrite: bool = False):
 
 def _seal(folder: Path) -> None:
     """Normal permissions, the marker listing every file, everything flushed to disk."""
-    from . import __version__
-
     mask = _umask()
     files, others = _files_in(folder)
     if others:
@@ -391,9 +416,9 @@ def _seal(folder: Path) -> None:
     for rel in [*files, MARKER]:
         path = folder / rel
         os.chmod(path, 0o666 & ~mask)
-        _fsync(path)
+        fsync_file(path)
     for root, _, _ in os.walk(folder, topdown=False):
-        _fsync(Path(root), folder=True)
+        fsync_folder(Path(root))
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -403,7 +428,7 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
         except OSError as error:
             raise EbftError(f"could not save to {out} ({error.strerror or error}); "
                             "did something else write there during the run?") from None
-        _fsync(out.parent, folder=True)
+        fsync_folder(out.parent)
         return
     if not overwrite:
         raise EbftError(f"{out} appeared while the run was going; not replacing it (pass --overwrite)")
@@ -411,7 +436,7 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     if problem is not None:
         raise EbftError(f"not replacing {out}: ebft did not write it ({problem})")
     if _exchange(tmp, out):  # out is the new output now; tmp holds the old one
-        _fsync(out.parent, folder=True)
+        fsync_folder(out.parent)
         _remove_tree(tmp)
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -422,7 +447,7 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
     except BaseException:
         _rename(old, out)
         raise
-    _fsync(out.parent, folder=True)
+    fsync_folder(out.parent)
     _remove_tree(old)
 
 
@@ -458,19 +483,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
         return False
     raise OSError(err, os.strerror(err), str(a), None, str(b))
-
-
-def _fsync(path: Path, folder: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a folder
-    finally:
-        os.close(fd)
 
 
 def _umask() -> int:
@@ -599,33 +611,3 @@ def save_pretrained(model, tokenizer, folder: Path, dtype=None) -> None:
         path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write ``path`` atomically (through ``.<name>.tmp-<pid>``, removing those of dead processes)."""
-    path = Path(path)
-    for entry in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        pid = entry.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            entry.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, default=_jsonable))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _jsonable(obj):
-    import torch
-
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, torch.dtype):
-        return str(obj).removeprefix("torch.")
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

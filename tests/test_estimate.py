@@ -1,4 +1,4 @@
-"""`ebft plan` arithmetic: exact parameter counts from configs, bytes, placement, the saved-activation formula."""
+"""`ebft plan` (ebft.estimate): exact parameter counts from configs, bytes, placement, the saved-activation formula, timing."""
 import dataclasses
 import json
 from pathlib import Path
@@ -7,8 +7,11 @@ import pytest
 import torch
 import transformers as tf
 
-from ebft import budget
-from ebft.budget import GiB, PlanSettings, place
+from ebft import estimate
+from ebft.estimate import RunSizes, place
+from ebft.estimate import memory as mem
+from ebft.estimate.timing import block_inputs, measure_saved_bytes, one_block, prepare_training
+from ebft.system import GiB, parse_bytes
 
 from conftest import make_tiny_model
 
@@ -45,7 +48,7 @@ def test_parameter_counts_equal_the_real_model(arch):
     from ebft.models import find_blocks, find_linears
 
     model = _real(arch)
-    shape = budget.model_shape(model.config)  # meta device: no weights
+    shape = estimate.model_shape(model.config)  # meta device: no weights
     _, blocks = find_blocks(model)
     total = sum(p.numel() for p in model.parameters())
     assert shape.params_total == total
@@ -59,8 +62,8 @@ def test_parameter_counts_equal_the_real_model(arch):
 
 def test_layers_regex_selects_the_masked_linears():
     cfg = make_tiny_model("llama").config
-    everything = budget.model_shape(cfg)
-    mlp = budget.model_shape(cfg, layers=r"mlp\.")
+    everything = estimate.model_shape(cfg)
+    mlp = estimate.model_shape(cfg, layers=r"mlp\.")
     assert mlp.mask_params[0] == 3 * 64 * 128 < everything.mask_params[0]
     assert mlp.qkv_params == 0 and everything.qkv_params == 64 * 64 + 2 * 64 * 32
 
@@ -71,7 +74,7 @@ def test_layers_regex_selects_the_masked_linears():
 def test_published_configs(name, billions, exact):
     cfg = tf.AutoConfig.from_pretrained(CONFIGS / name)
     assert cfg.model_type == "llama" and cfg.dtype == torch.bfloat16
-    shape = budget.model_shape(cfg)
+    shape = estimate.model_shape(cfg)
     assert shape.params_total == pytest.approx(billions * 1e9, rel=0.005)
     assert shape.params_total == exact  # the published checkpoints' own count
 
@@ -80,53 +83,53 @@ def test_published_configs(name, billions, exact):
 
 @pytest.fixture(scope="module")
 def llama7b():
-    return budget.model_shape(CONFIGS / "llama-2-7b")
+    return estimate.model_shape(CONFIGS / "llama-2-7b")
 
 
 def test_weight_and_activation_bytes(llama7b):
-    s = PlanSettings(device="cuda", calib_nsamples=256, calib_seqlen=1024, eval_windows=83, eval_seqlen=4096)
-    w = budget.weight_bytes(llama7b, s)
+    s = RunSizes(device="cuda", calib_nsamples=256, calib_seqlen=1024, eval_windows=83, eval_seqlen=4096)
+    w = mem.weight_bytes(llama7b, s)
     assert w["total"] == 2 * 6_738_415_616  # bf16 on cuda
     assert w["block"] == 2 * 202_383_360 and w["outside blocks"] == 2 * 2 * 32000 * 4096 + 2 * 4096
     assert w["lazy"] == w["block"] + w["outside blocks"]
     chain = 256 * 1024 * 4096 * 2
-    assert budget.activation_bytes(llama7b, s) == {
+    assert mem.activation_bytes(llama7b, s) == {
         "calibration chain": chain, "targets": chain, "evaluation streams": 3 * 83 * 4096 * 4096 * 2}
-    model = budget.activation_bytes(llama7b, dataclasses.replace(s, target="dense-model"))
+    model = mem.activation_bytes(llama7b, dataclasses.replace(s, target="dense-model"))
     assert model["dense-model stream"] == chain and "targets" not in model
-    cpu = budget.activation_bytes(llama7b, dataclasses.replace(s, device="cpu", recovery="none", eval_texts=2))
+    cpu = mem.activation_bytes(llama7b, dataclasses.replace(s, device="cpu", recovers=False, trains=False, target=None, eval_texts=2))
     assert cpu["calibration chain"] == 2 * chain  # fp32
     assert cpu["evaluation streams"] == 2 * 2 * 83 * 4096 * 4096 * 4  # 2 texts, 2 stages without recovery
 
 
 def test_a_lazy_walk_keeps_no_masks_on_the_host(llama7b):
     """The walk writes each finished block out when it loads lazily, masks and all: the host holds none."""
-    s = PlanSettings(device="cuda", calib_nsamples=256, calib_seqlen=1024)
-    eager, lazy = budget.host_fixed_bytes(llama7b, s, "eager"), budget.host_fixed_bytes(llama7b, s, "lazy")
+    s = RunSizes(device="cuda", calib_nsamples=256, calib_seqlen=1024)
+    eager, lazy = mem.host_fixed_bytes(llama7b, s, "eager"), mem.host_fixed_bytes(llama7b, s, "lazy")
     assert eager["masks of finished blocks (bool)"] == sum(llama7b.mask_params)
     assert "masks of finished blocks (bool)" not in lazy
 
 
 def test_optimizer_state_bytes(llama7b):
-    s = PlanSettings(device="cuda")
+    s = RunSizes(device="cuda")
     lin = 4 * 4096 * 4096 + 3 * 4096 * 11008
-    assert budget.optimizer_bytes(llama7b, s) == {
+    assert mem.optimizer_bytes(llama7b, s) == {
         "fp32 master weights": 4 * lin, "fp32 gradients": 4 * lin, "AdamW moments": 8 * lin,
-        "fp32 restore snapshot": 4 * lin, "masks (bool + fp32)": 5 * lin}
-    norms = budget.optimizer_bytes(llama7b, dataclasses.replace(s, train_norms=True))
+        "other state (restore snapshot, frozen weights)": 4 * lin, "masks (bool + fp32)": 5 * lin}
+    norms = mem.optimizer_bytes(llama7b, dataclasses.replace(s, train_norms=True))
     assert norms["AdamW moments"] == 8 * (lin + 2 * 4096)
-    assert budget.optimizer_bytes(llama7b, dataclasses.replace(s, recovery="none")) == {}
+    assert mem.optimizer_bytes(llama7b, dataclasses.replace(s, trains=False, target=None)) == {}
 
 
 def test_training_step_bytes_at_the_papers_setting(llama7b):
     """T·(a(H + 2q + 2kv) + 4·heads + 4H + aH + 4aI + 4H) with a = 2 (bf16), T = 8 × 1024."""
-    s = PlanSettings(device="cuda", calib_seqlen=1024, recovery_batch=8)
+    s = RunSizes(device="cuda", calib_seqlen=1024, recovery_batch=8)
     H, I = 4096, 11008
     per_token = 2 * (H + 2 * H + 2 * H) + 4 * 32 + 4 * H + 2 * H + 4 * 2 * I + 4 * H
-    step = budget.training_step_bytes(llama7b, s)
+    step = mem.training_step_bytes(llama7b, s)
     assert step["saved activations"] == 8 * 1024 * per_token
     assert step["autocast weight copies"] == 2 * (H * H + 3 * H * I)  # o, gate, up, down: not q/k/v
-    assert budget.training_step_bytes(llama7b, dataclasses.replace(s, device="cpu"))["autocast weight copies"] == 0
+    assert mem.training_step_bytes(llama7b, dataclasses.replace(s, device="cpu"))["autocast weight copies"] == 0
 
 
 # ---- placement -----------------------------------------------------------------------------------
@@ -157,63 +160,69 @@ def test_place_boundaries():
 
 
 def test_plan_places_and_reduces(llama7b):
-    s = PlanSettings(device="cuda", calib_nsamples=256, calib_seqlen=1024, eval_windows=83, eval_seqlen=4096)
-    big = budget.plan(CONFIGS / "llama-2-7b", s, free_accelerator=80 * GiB, free_host=128 * GiB)
+    s = RunSizes(device="cuda", calib_nsamples=256, calib_seqlen=1024, eval_windows=83, eval_seqlen=4096)
+    big = estimate.plan_resources(CONFIGS / "llama-2-7b", s, free_accelerator=80 * GiB, free_host=128 * GiB)
     assert big.placement.decision == "accelerator" and big.load == "eager"
-    small = budget.plan(CONFIGS / "llama-2-7b", s, free_accelerator=16 * GiB, free_host=128 * GiB)
+    small = estimate.plan_resources(CONFIGS / "llama-2-7b", s, free_accelerator=16 * GiB, free_host=128 * GiB)
     assert small.placement.decision == "pinned host"
     assert small.placement.where["calibration chain"] == "accelerator"
     assert small.placement.where["evaluation streams"] == "pinned host"
     # a small host: lazy loading, then the calibration windows must shrink
-    tight = budget.plan(CONFIGS / "llama-2-7b", dataclasses.replace(s, keep_masks=False, calib_nsamples=2048),
+    tight = estimate.plan_resources(CONFIGS / "llama-2-7b", dataclasses.replace(s, keep_masks=False, calib_nsamples=2048),
                         free_accelerator=16 * GiB, free_host=24 * GiB)
     assert tight.placement.decision == "reduce" and tight.load == "lazy"
     fits = {r.setting: r.fits_at for r in tight.reductions}
     n = fits["calib_nsamples"]
     assert 256 < n < 2048
     for value, ok in ((n, True), (n + 1, False)):
-        again = budget.plan(CONFIGS / "llama-2-7b", dataclasses.replace(s, keep_masks=False, calib_nsamples=value),
+        again = estimate.plan_resources(CONFIGS / "llama-2-7b", dataclasses.replace(s, keep_masks=False, calib_nsamples=value),
                             free_accelerator=16 * GiB, free_host=24 * GiB)
         assert (again.placement.decision != "reduce") == ok
     # a 70B block's optimiser state alone exceeds a 16 GB GPU: nothing but a bigger one helps
-    huge = budget.plan(CONFIGS / "llama-2-70b", s, free_accelerator=16 * GiB, free_host=128 * GiB)
+    huge = estimate.plan_resources(CONFIGS / "llama-2-70b", s, free_accelerator=16 * GiB, free_host=128 * GiB)
     assert huge.placement.decision == "reduce" and huge.load == "lazy"
     assert all(r.fits_at is None for r in huge.reductions if r.setting != "load")
     assert any("smallest accelerator" in note for note in huge.notes)
 
 
 def test_render_and_json():
-    s = PlanSettings(device="cuda", calib_nsamples=256, calib_seqlen=1024, eval_windows=83, eval_seqlen=4096)
-    p = budget.plan(CONFIGS / "llama-3-8b", s, free_accelerator=80 * GiB, free_host=128 * GiB, name="llama-3-8b")
-    text = budget.render_plan(p)
+    s = RunSizes(device="cuda", calib_nsamples=256, calib_seqlen=1024, eval_windows=83, eval_seqlen=4096)
+    p = estimate.plan_resources(CONFIGS / "llama-3-8b", s, free_accelerator=80 * GiB, free_host=128 * GiB, name="llama-3-8b")
+    text = estimate.render_plan(p)
     for needle in ("8.03 B", "fp32 master weights", "calibration chain", "placement", "ACCELERATOR"):
         assert needle in text
-    data = json.loads(json.dumps(budget.plan_to_dict(p)))
+    data = json.loads(json.dumps(estimate.plan_to_dict(p)))
     assert data["parameters"]["total"] == 8_030_261_248
     assert data["placement"]["decision"] == "accelerator" and data["time"] is None
-    unknown = budget.plan(CONFIGS / "llama-3-8b", s, free_accelerator=None if not torch.cuda.is_available() else 0,
+    unknown = estimate.plan_resources(CONFIGS / "llama-3-8b", s, free_accelerator=None if not torch.cuda.is_available() else 0,
                           free_host=128 * GiB)
     assert unknown.placement.decision in ("unknown", "reduce")
 
 
 def test_parse_bytes():
-    assert budget.parse_bytes("80GB") == 80 * 10 ** 9
-    assert budget.parse_bytes("16GiB") == 16 * GiB
-    assert budget.parse_bytes("512M") == 512 * 10 ** 6 and budget.parse_bytes(7) == 7
+    assert parse_bytes("80GB") == 80 * 10 ** 9
+    assert parse_bytes("16GiB") == 16 * GiB
+    assert parse_bytes("512M") == 512 * 10 ** 6 and parse_bytes(7) == 7
     with pytest.raises(ValueError):
-        budget.parse_bytes("lots")
+        parse_bytes("lots")
 
 
-def test_settings_from_run_config():
+def test_sizes_come_from_the_run_config_and_the_methods_declarations():
     from ebft.config import RunConfig
 
     cfg = RunConfig(model="x", device="cpu")
     cfg.calib.nsamples, cfg.calib.seqlen, cfg.recover.batch_size = 256, 1024, 8
-    s = budget.settings_from_run_config(cfg, context=4096)
+    s = RunSizes.of(cfg, context=4096)
     assert (s.calib_nsamples, s.calib_seqlen, s.recovery_batch, s.eval_texts) == (256, 1024, 8, 1)
     assert s.eval_windows == 341_469 // 2048  # WikiText-2 at min(4096, 2048)
+    assert (s.needs, s.state_bytes, s.target, s.trains) == ({"sq"}, 20, "dense-model", True)  # wanda + ebft, best
     cfg.eval.windows = 8
-    assert budget.settings_from_run_config(cfg).eval_windows == 8
+    assert RunSizes.of(cfg).eval_windows == 8
+    cfg.prune.method, cfg.recover.method = "sparsegpt", "dsnot"
+    s = RunSizes.of(cfg)
+    assert s.needs == {"hessian", "sq", "mean"} and (s.trains, s.target, s.state_bytes) == (False, None, 0)
+    cfg.recover.method = "lora"
+    assert RunSizes.of(cfg).whole_model == "lora"
 
 
 # ---- the saved-activation formula against a measurement ------------------------------------------
@@ -229,48 +238,48 @@ def test_saved_activation_formula_matches_measurement(arch, precision, attention
     if arch == "gemma2" and attention == "sdpa":
         pytest.skip("Gemma 2 runs eager attention only")
     device = "cpu" if precision == "fp32" else "cuda"  # a cuda plan means bf16 weights + bf16 autocast
-    s = PlanSettings(device=device, calib_seqlen=48, recovery_batch=3, attention=attention)
-    shape = budget.model_shape(cfg, attention=attention)
+    s = RunSizes(device=device, calib_seqlen=48, recovery_batch=3, attention=attention)
+    shape = estimate.model_shape(cfg, attention=attention)
     assert shape.attention == attention
-    model, block = budget.one_block(cfg, "cpu", getattr(torch, s.run_dtype()), attention)
-    x, kwargs = budget.block_inputs(model, block, 3, 48)
-    budget.prepare_training(block, s)
+    model, block = one_block(cfg, "cpu", getattr(torch, s.run_dtype()), attention)
+    x, io = block_inputs(model, 3, 48)
+    prepare_training(block, s.train_norms)
     amp = getattr(torch, s.autocast_dtype()) if s.autocast_dtype() else None
-    measured = budget.measure_saved_bytes(block, x, kwargs, amp)
-    step = budget.training_step_bytes(shape, s)
+    measured = measure_saved_bytes(block, x, io, amp)
+    step = mem.training_step_bytes(shape, s)
     predicted = step["saved activations"] + step["autocast weight copies"]
     assert measured / FORMULA_FACTOR <= predicted <= measured * FORMULA_FACTOR, (predicted, measured)
 
 
 def test_eager_attention_grows_with_the_square_of_the_window(llama7b):
     eager = dataclasses.replace(llama7b, attention="eager")
-    short, long = (budget.saved_bytes_per_token(eager, 2, s) for s in (1024, 4096))
+    short, long = (mem.saved_bytes_per_token(eager, 2, s) for s in (1024, 4096))
     assert long - short == (4 + 2) * 32 * (4096 - 1024)  # fp32 softmax + its bf16 cast, per head
-    assert budget.saved_bytes_per_token(llama7b, 2, 1024) == budget.saved_bytes_per_token(llama7b, 2, 4096)
+    assert mem.saved_bytes_per_token(llama7b, 2, 1024) == mem.saved_bytes_per_token(llama7b, 2, 4096)
 
 
 # ---- time ----------------------------------------------------------------------------------------
 
 def test_estimate_time_on_cpu():
     cfg = make_tiny_model("llama").config
-    s = PlanSettings(device="cpu", calib_nsamples=16, calib_seqlen=32, recovery_batch=4, epochs=2,
+    s = RunSizes(device="cpu", calib_nsamples=16, calib_seqlen=32, recovery_batch=4, epochs=2,
                      eval_windows=3, eval_seqlen=64)
-    assert budget.estimate_time(cfg, s, measure=False) is None
+    assert estimate.estimate_time(cfg, s, measure=False) is None
     rng = torch.get_rng_state()
-    t = budget.estimate_time(cfg, s, "cpu", iters=1, warmup=0)
+    t = estimate.estimate_time(cfg, s, "cpu", iters=1, warmup=0)
     assert torch.equal(torch.get_rng_state(), rng)  # a dry run leaves the run's random state alone
     assert "ESTIMATE" in t.label and t.measured_batch == 4
     assert t.step_seconds > 0 and t.forward_seconds_per_window > 0 and t.eval_forward_seconds_per_window > 0
     assert set(t.per_block) == {"stats + targets pass", "loss checks", "training", "propagation", "evaluation streams"}
     assert t.per_block["training"] == pytest.approx(2 * 4 * t.step_seconds)
     assert t.total_seconds == pytest.approx(2 * sum(t.per_block.values()))
-    p = budget.plan(cfg, s, free_host=8 * GiB, time_estimate=t)
-    assert p.placement.decision == "host" and "time" in budget.render_plan(p)
-    assert budget.plan_to_dict(p)["time"]["total_seconds"] == t.total_seconds
+    p = estimate.plan_resources(cfg, s, free_host=8 * GiB, time_estimate=t)
+    assert p.placement.decision == "host" and "time" in estimate.render_plan(p)
+    assert estimate.plan_to_dict(p)["time"]["total_seconds"] == t.total_seconds
 
 
 def test_the_run_places_activations_by_the_plans_arithmetic(tiny_model_dir, text_file):
-    """ebft.pipeline.activation_placement asks ebft.budget.plan with the run's real data: a roomy GPU keeps
+    """ebft.pipeline.activation_placement asks ebft.estimate.plan_resources with the run's real data: a roomy GPU keeps
     every group on it, a small one sends groups to pinned host memory, in the plan's priority order;
     a CPU run places nothing; and the walk puts a group where it is told."""
     from ebft import RunConfig
@@ -287,9 +296,8 @@ def test_the_run_places_activations_by_the_plans_arithmetic(tiny_model_dir, text
     roomy = activation_placement(cfg, model, data, "cpu", free_accelerator=80 * GiB, free_host=64 * GiB)
     assert set(roomy) >= {"calibration chain", "dense-model stream", "evaluation streams"}
     assert set(roomy.values()) == {"accelerator"}
-    s = budget.settings_from_run_config(cfg, load="eager")
-    s = dataclasses.replace(s, device="cuda", calib_seqlen=32, eval_seqlen=64, eval_texts=1, eval_windows=4)
-    plan = budget.plan(model.config, s, free_accelerator=80 * GiB, free_host=64 * GiB)
+    s = RunSizes.of(cfg, load="eager", device="cuda", calib_seqlen=32, eval_seqlen=64, eval_texts=1, eval_windows=4)
+    plan = estimate.plan_resources(model.config, s, free_accelerator=80 * GiB, free_host=64 * GiB)
     chain = plan.activations["calibration chain"]
     tight = activation_placement(cfg, model, data, "cpu", free_host=64 * GiB,
                                  free_accelerator=int((plan.working + chain) / 0.9) + 1)
@@ -300,20 +308,23 @@ def test_the_run_places_activations_by_the_plans_arithmetic(tiny_model_dir, text
     from ebft.prune import get_pruner
 
     seen = {}
+    import ebft.streams as streams_module
     import ebft.walk as walk_module
 
-    real = walk_module._capture_stream
+    real = streams_module.capture_stream
 
-    def spy(model, ids, device, batch_size, shard, to=None):
+    def spy(model, ids, device, batch_size=1, shard=None, to=None, stage="final"):
         seen[ids.shape] = to
-        return real(model, ids, device, batch_size, shard, to=to)
+        return real(model, ids, device, batch_size, shard, to=to, stage=stage)
 
-    walk_module._capture_stream = spy
+    for module in (streams_module, walk_module):
+        module.capture_stream = spy
     try:
         spec = PruneSpec(get_pruner("magnitude"), parse_pattern("unstructured", 0.5, None, "layer"))
         walk(model, data.calib, spec, eval_ids=data.evals, placement={"calibration chain": "host",
                                                                       "evaluation streams": "accelerator"})
     finally:
-        walk_module._capture_stream = real
+        for module in (streams_module, walk_module):
+            module.capture_stream = real
     assert seen[tuple(data.calib.shape)] == torch.device("cpu")
     assert seen[tuple(next(iter(data.evals.values())).shape)] == torch.device("cpu")  # the walk's device

@@ -1,0 +1,315 @@
+"""The memory a run needs, in bytes: arithmetic on the model's shape and the run's sizes.
+
+Nothing here loads a weight: the counts come from :mod:`.shape`, the sizes from the run's
+:class:`~ebft.config.RunConfig` (:meth:`RunSizes.of`, which reads each method's declarations: the
+statistics it needs, its optimiser state per parameter, its training target). In bytes:
+
+``b``  bytes of the run dtype (weights and stored activations: 4 fp32, 2 bf16/fp16)
+``a``  bytes of the training compute dtype (the autocast dtype; 4 without autocast)
+``N, S``  calibration windows × tokens; ``B`` the recovery batch (windows per step); ``T = B·S``
+``W, Sₑ``  evaluation windows per text × tokens; ``k`` stages carried (dense / pruned / final)
+``H, I``  hidden and MLP widths; ``q = heads·d``, ``kv = kv_heads·d`` attention widths
+``P``  parameters (``P_blk`` one block, ``P_lin`` its linears, ``P_t`` what EBFT trains)
+
+**Weights.** ``b·P_total`` in all; host memory holds that when loading eagerly, and
+``b·(max P_blk + P_outside)`` when loading lazily (one block plus embeddings, final norm, head);
+plus ``Σ P_mask`` bytes for the bool masks the walk keeps of every finished block (``keep_masks``).
+
+**Activations** (stored in the run dtype, resident for the whole walk)::
+
+    calibration chain   N·S·H·b       the inputs of the current block, updated in place
+    targets             N·S·H·b       dense-block: the dense block's outputs (one copy per block)
+                                      dense-model: the dense model's own stream, carried beside the chain
+    evaluation streams  texts·k·W·Sₑ·H·b
+
+**Accelerator working memory** is the largest of three phases (activations come on top; a CPU run
+counts the same in host memory, less what the host's weights already hold):
+
+- *recovery* (a training recovery, per block): the untrained weights ``b·(P_blk − P_t)`` + its declared
+  state bytes per trained parameter (EBFT 20: the fp32 master copy 4 that replaces the trained
+  weights, fp32 gradients 4, AdamW's two moments 8, the fp32 snapshot EBFT restores a rejected block
+  from 4; mask tuning 24) + masks ``5·P_mask`` (bool from the pruner 1, the fp32 copy that multiplies gradients 4)
+  + one training step: the activations autograd saves for backward (formula below) + the autocast
+  weight copies ``a·(P_lin − P_qkv)`` (bf16 casts of the fp32 master weights that backward needs;
+  q/k/v read the block's input, which needs no gradient, so their casts are not saved) + the batch's
+  inputs and targets ``2·T·H·b`` + a backward workspace ``3·T·a·I + a·max P_linear`` (gradients of the
+  MLP's widest tensors while they are still saved; an estimate).
+- *pruning and forward passes*: block weights + the statistics the pruner and the recovery declare
+  (``sq`` and ``mean``: ``4·Σ in`` each; ``hessian``: a fp32 Hessian per linear ``4·Σ in²`` plus
+  ``4·max in²`` for its inverse and ``4·max P_linear`` for a fp32 weight copy) + one no-grad forward
+  batch of the walk
+  (:func:`forward_transient_bytes`, an estimate).
+- *head*: embeddings, final norm and head ``b·P_outside`` + the logits of one evaluation window and
+  their fp32 copy and log-softmax ``Sₑ·V·(b + 8)``.
+
+**Saved activations of one decoder block** (per token; pre-norm decoder, the block's input needs no
+gradient so the first norm saves nothing)::
+
+    a·H                    input of q/k/v (the first norm's output)
+    a·(2q + 2kv) + 4·heads sdpa/flash: q, k, v (k, v at kv_heads), output = o_proj's input, fp32 logsumexp
+    a·(4q) + (4 + a')·heads·S   eager instead: q, k, v repeated to every head, output, fp32 softmax and
+                           its cast (a' = a, or 0 when a = 4); + a·heads·S with logit soft-capping
+    4H·(n_norms − 1)       each later norm's fp32 input (RMSNorm upcasts; LayerNorm runs in fp32)
+    4·(q + kv)             per-head q/k norms, where the family has them
+    a·H + m·a·I            MLP input; m = 4 gated (gate out, act out, up out, product) or 2 plain,
+                           one less when the activation is ReLU (it saves its output, which is the next input)
+    4H                     the loss's fp32 difference (out − target)
+
+Checked against :func:`measure_saved_bytes` (``torch.autograd.graph.saved_tensors_hooks`` summing the
+distinct storages a forward saves) on Llama, Qwen2, Qwen3, Gemma, Gemma 2 and OPT blocks, fp32 and bf16
+autocast, sdpa and eager: −1 % to +6 % (tests/test_budget.py asserts 10 %).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..config import RunConfig, resolve_device
+from ..prune import get_pruner
+from ..recover import get_recovery
+from .shape import ModelShape
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Tokens of the WikiText-2 test split with the Llama-2 tokenizer (83 windows of 4096, 166 of 2048);
+# c4 evaluation takes 256 windows (SparseGPT's protocol). Other tokenizers differ by ~15 %.
+EVAL_TOKENS = {"wikitext2": 341_469}
+EVAL_WINDOWS = {"c4": 256}
+
+
+@dataclass(frozen=True)
+class RunSizes:
+    """The numbers the arithmetic reads, all from one run's settings (:meth:`of`) and what it will find:
+    how many evaluation windows, whether the model loads lazily."""
+
+    device: str = "cuda"  # cpu | cuda (the plan may be made elsewhere)
+    dtype: str = "auto"  # run dtype: auto (cuda: bfloat16, cpu: float32) | float32 | bfloat16 | float16
+    precision: str = "auto"  # recovery compute: auto (cuda: bf16 autocast, cpu: fp32) | fp32 | bf16 | fp16
+    load: str = "auto"  # eager | lazy | auto (eager if it fits)
+    calib_nsamples: int = 128
+    calib_seqlen: int | None = None  # None: min(model context, 2048)
+    eval_texts: int = 1
+    eval_windows: int = 0  # windows per text
+    eval_seqlen: int | None = None  # None: min(model context, 2048)
+    eval_stages: int = 3  # streams carried per text: dense, pruned, final
+    needs: frozenset[str] = frozenset({"sq"})  # statistics the pruner and the recovery declare
+    prunes: bool = True  # keeps masks of finished blocks
+    trains: bool = True  # the recovery trains blocks (its state bytes below)
+    state_bytes: int = 20  # the recovery's optimiser state per trained parameter
+    target: str | None = "dense-block"  # the recovery's training target (None: it needs none)
+    recovers: bool = True  # a recovery other than none (the walk carries a "pruned" stage apart)
+    whole_model: str | None = None  # a recovery that trains the whole model after the walk (not planned)
+    recovery_batch: int = 8
+    epochs: int = 10
+    holdout: int = 0
+    train_norms: bool = False
+    walk_batch: int = 1  # windows per forward pass in the walk (stats, propagation, evaluation)
+    layers: str | None = None  # regex on linear names inside a block: the pruned (and trained) ones
+    attention: str | None = None  # attention implementation; None: what transformers picks for the config
+    keep_masks: bool = True  # the walk keeps every finished block's bool masks on the host (run record, LoRA)
+    trust_remote_code: bool = False  # for configs whose model code lives on the hub
+    methods: str = "wanda + ebft"  # the pruner and the recovery, for the table
+
+    @classmethod
+    def of(cls, config: RunConfig, context: int | None = None, load: str = "auto", **found) -> "RunSizes":
+        """The sizes of ``config``'s run, from its settings and its methods' declarations. Evaluation
+        windows per text: the config's cap, else :func:`typical_eval_windows` of its largest source at the
+        evaluation length (``context``: the model's, for the default lengths min(context, 2048));
+        ``found`` overrides what the run knows better (its real lengths and window counts)."""
+        recovery = get_recovery(config.recover.method)
+        settings = config.recovery_settings()  # the recipe resolved
+        training = dataclasses.asdict(settings)
+        sources = list(config.eval.sources or [])
+        eval_seq = config.eval.seqlen or min(context or 2048, 2048)
+        windows = config.eval.windows
+        if sources:
+            typical = max(typical_eval_windows(src, eval_seq) for src in sources)
+            windows = min(windows, typical) if windows else typical
+        sizes = cls(device=resolve_device(config.device), dtype=config.dtype,
+                    precision=training.get("precision", "auto"), load=load, calib_nsamples=config.calib.nsamples,
+                    calib_seqlen=config.calib.seqlen, eval_texts=len(sources), eval_windows=windows or 0,
+                    eval_seqlen=config.eval.seqlen,
+                    needs=frozenset(get_pruner(config.prune.method).needs) | recovery.needs,
+                    trains=recovery.trains_blocks and recovery.state_bytes > 0, state_bytes=recovery.state_bytes,
+                    target=recovery.target_of(settings) if recovery.scope == "block" else None,
+                    recovers=recovery.name != "none", whole_model=recovery.name if recovery.scope == "model" else None,
+                    recovery_batch=training.get("batch_size", 8), epochs=training.get("epochs", 1),
+                    holdout=training.get("holdout", 0), train_norms=training.get("train_norms", False),
+                    walk_batch=config.batch_size, layers=config.prune.layers,
+                    trust_remote_code=config.trust_remote_code,
+                    methods=f"{config.prune.method} + {recovery.name}")
+        return dataclasses.replace(sizes, **found)
+
+    def run_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.device.startswith("cuda") else "float32"
+
+    def autocast_dtype(self) -> str | None:
+        """The recovery's autocast dtype, or None (fp32 compute: CPU, or precision fp32)."""
+        if self.precision == "fp32" or (self.precision == "auto" and not self.device.startswith("cuda")):
+            return None
+        return "float16" if self.precision == "fp16" else "bfloat16"
+
+    def stages(self) -> int:
+        """Evaluation streams per text: without recovery 'pruned' and 'final' are the same stream."""
+        return self.eval_stages if self.recovers else min(self.eval_stages, 2)
+
+
+def typical_eval_windows(source: str, seqlen: int) -> int:
+    """Roughly how many evaluation windows a source yields: WikiText-2 from its token count, c4 256;
+    any other source is assumed WikiText-2-sized (a local file's real count needs its tokenizer)."""
+    if source in EVAL_WINDOWS:
+        return EVAL_WINDOWS[source]
+    return max(1, EVAL_TOKENS["wikitext2"] // seqlen)
+
+
+
+def dtype_bytes(name: str | torch.dtype | None) -> int:
+    if name is None:
+        return 4
+    if isinstance(name, torch.dtype):
+        return name.itemsize
+    return DTYPE_BYTES[str(name).replace("torch.", "")]
+
+
+def seqlens(shape: ModelShape, s: RunSizes) -> tuple[int, int]:
+    """(calibration, evaluation) window lengths: the settings', else min(model context, 2048)."""
+    default = min(shape.context, 2048)
+    return s.calib_seqlen or default, s.eval_seqlen or default
+
+
+def saved_bytes_per_token(shape: ModelShape, compute_bytes: int, seqlen: int, train_norms: bool = False) -> int:
+    """Bytes autograd saves for backward per token of one block's forward (+ the loss); see the module doc."""
+    a, H, I, q, kv, nh = compute_bytes, shape.hidden, shape.intermediate, shape.heads * shape.head_dim, \
+        shape.kv_heads * shape.head_dim, shape.heads
+    n = a * H  # q/k/v input
+    if shape.attention == "eager":
+        n += 4 * a * q + 4 * nh * seqlen + (0 if a == 4 else a * nh * seqlen)
+        n += a * nh * seqlen if shape.softcap else 0
+    else:  # sdpa, flash: no S×S matrix is kept
+        n += a * (2 * q + 2 * kv) + 4 * nh
+    n += 4 * H * max(shape.norms - 1, 0)
+    n += 4 * (q + kv) if shape.head_norms else 0
+    m = (4 if shape.gated_mlp else 2) - (0 if shape.act_saves_input else 1)
+    n += a * H + m * a * I
+    n += 4 * H  # fp32 (out − target)
+    if train_norms:  # weight·x̂ saves x̂ for the norm weights' gradient
+        n += a * H * shape.norms
+    return n
+
+
+def training_step_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> dict[str, int]:
+    """Accelerator memory of one EBFT training step beyond the block's weights and optimiser state."""
+    batch = batch or s.recovery_batch
+    seq, _ = seqlens(shape, s)
+    amp = s.autocast_dtype()
+    a = dtype_bytes(amp) if amp else 4
+    b = dtype_bytes(s.run_dtype())
+    tokens = batch * seq
+    lin = max(shape.linear_params)
+    casts = a * (lin - (0 if s.train_norms else shape.qkv_params)) if amp else 0
+    return {
+        "saved activations": tokens * saved_bytes_per_token(shape, a, seq, s.train_norms),
+        "autocast weight copies": max(casts, 0),
+        "batch inputs and targets": 2 * tokens * shape.hidden * b,
+        "backward workspace": 3 * tokens * a * shape.intermediate + a * shape.max_linear,
+    }
+
+
+def optimizer_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
+    """EBFT's state for the largest block: master weights, gradients, moments, restore snapshot, masks."""
+    if not s.trains:
+        return {}
+    trained = trained_params(shape, s)
+    masked = max(shape.mask_params)
+    per = s.state_bytes
+    out = {"fp32 master weights": 4 * trained, "fp32 gradients": 4 * trained, "AdamW moments": 8 * trained}
+    if per > 16:  # beyond weights, gradients and moments: EBFT's restore snapshot, mask tuning's frozen weights
+        out["other state (restore snapshot, frozen weights)"] = (per - 16) * trained
+    out["masks (bool + fp32)"] = 5 * masked
+    return out
+
+
+def statistics_bytes(shape: ModelShape, s: RunSizes) -> int:
+    """The input statistics the pruner and the recovery declare, for one block's linears: ``sq`` and
+    ``mean`` a fp32 vector over inputs each; ``hessian`` a fp32 Hessian per linear, its inverse's
+    workspace and a fp32 weight copy."""
+    ins = shape.linear_inputs
+    total = 4 * sum(ins) * len(s.needs & {"sq", "mean"})
+    if "hessian" in s.needs:
+        total += 4 * sum(i * i for i in ins) + 4 * max(ins, default=0) ** 2 + 4 * shape.max_linear
+    return total
+
+
+def forward_transient_bytes(shape: ModelShape, s: RunSizes) -> int:
+    """Tensors in flight during one no-grad forward of the walk (stats, propagation, evaluation) at the
+    longer window: ``T·b·(3I + 2q + 2kv + 2H)`` (MLP, attention projections, the output and its copy),
+    plus the ``heads·S²`` scores of eager attention in fp32 and the run dtype. An estimate."""
+    b = dtype_bytes(s.run_dtype())
+    seq, eval_seq = seqlens(shape, s)
+    seq = max(seq, eval_seq if s.eval_windows else 0)
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    n = s.walk_batch * seq * b * (3 * shape.intermediate + 2 * q + 2 * kv + 2 * shape.hidden)
+    if shape.attention == "eager":
+        n += s.walk_batch * shape.heads * seq * seq * (4 + b)
+    return n
+
+
+def activation_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
+    """The activation groups the walk keeps resident, in placement priority order."""
+    b = dtype_bytes(s.run_dtype())
+    seq, eval_seq = seqlens(shape, s)
+    chain = s.calib_nsamples * seq * shape.hidden * b
+    groups = {"calibration chain": chain}
+    if s.target is not None:
+        groups["dense-model stream" if s.target == "dense-model" else "targets"] = chain
+    evals = s.eval_texts * s.stages() * s.eval_windows * eval_seq * shape.hidden * b
+    if evals:
+        groups["evaluation streams"] = evals
+    return groups
+
+
+def weight_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
+    b = dtype_bytes(s.run_dtype())
+    return {"total": b * shape.params_total, "block": b * shape.block_params, "outside blocks": b * shape.params_outside,
+            "eager": b * shape.params_total, "lazy": b * (shape.block_params + shape.params_outside)}
+
+
+def trained_params(shape: ModelShape, s: RunSizes) -> int:
+    """What EBFT trains in the largest block: its selected linears (+ norms with ``train_norms``)."""
+    return max(lp + (np if s.train_norms else 0) for lp, np in zip(shape.linear_params, shape.norm_params))
+
+
+def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> dict[str, dict[str, int]]:
+    """Working memory per phase, activations not included: on the accelerator for a GPU run; for a CPU
+    run the extra host memory (the block and the head are then already among the host's weights)."""
+    b = dtype_bytes(s.run_dtype())
+    _, eval_seq = seqlens(shape, s)
+    gpu = s.device.startswith("cuda")
+    block = {"block weights": b * shape.block_params} if gpu else {}
+    phases = {"pruning and forward passes": {**block, "input statistics": statistics_bytes(shape, s),
+                                             "one forward batch (estimate)": forward_transient_bytes(shape, s)}}
+    if s.trains:
+        state = optimizer_bytes(shape, s)
+        trained = trained_params(shape, s)
+        if gpu:  # the trained weights become the fp32 master copy; the rest stay in the run dtype
+            block = {"block weights (frozen part)": b * (shape.block_params - trained)}
+        else:  # on the CPU the master copy is the weights themselves unless they are half precision
+            state["fp32 master weights"] = (4 - b) * trained
+        phases["recovery"] = {**block, **state, **training_step_bytes(shape, s, batch)}
+    if s.eval_windows:
+        phases["head"] = {**({"embeddings and head": b * shape.params_outside} if gpu else {}),
+                          "logits of one window": eval_seq * shape.vocab * (b + 8)}
+    return phases
+
+
+def host_fixed_bytes(shape: ModelShape, s: RunSizes, load: str) -> dict[str, int]:
+    w = weight_bytes(shape, s)
+    out = {f"weights ({load})": w[load]}
+    if s.keep_masks and s.prunes and load != "lazy":  # a lazy walk writes each block out and keeps no masks
+        out["masks of finished blocks (bool)"] = sum(shape.mask_params)
+    return out
+
+

@@ -1,0 +1,184 @@
+"""The recovery contract and registry: what a recovery declares and what it is handed.
+
+A *block-scope* recovery is ``fn(ctx: BlockContext, settings) -> dict``: it changes the kept weights
+of one pruned block (already on its device) so that the block's outputs on ``ctx.inputs`` come
+closer to ``ctx.targets``. It never changes a mask (unless it is a mask-tuning method), never moves
+the block, never loops over blocks. The returned dict is merged into the block's record in
+``run.json``. ``ctx.forward(x)`` calls the block with the arguments it really receives.
+
+A mask-tuning method (``changes_masks=True``) may replace entries of ``ctx.masks`` in place
+(``ctx.masks[name] = new_mask``) and must leave each linear's weight zero wherever its new mask is
+False; the walk re-checks the updated masks. It gets ``ctx.dense_weights`` (name -> the fp32 weight
+before pruning: grown weights take their dense value) and ``ctx.pattern`` (every new mask must follow it).
+
+A *model-scope* recovery (``scope="model"``, e.g. LoRA) is not block-wise: the walk only prunes, then
+the pipeline calls ``fn(ctx: ModelContext, settings) -> dict`` once on the whole pruned model. It must
+leave every masked weight exactly zero.
+
+``settings`` is an instance of the recovery's own settings dataclass (fields declared with
+:func:`ebft.settings.option`): its fields are the flags, the YAML keys under ``recover:`` and what an
+``ebft sweep`` cell of this method is keyed on — a recovery sees only its own settings, so tuning one
+method never reruns another's cells. Statistics the recovery reads (``needs``) are collected by the
+walk in its one dense pass over the block, together with the pruner's, and handed over in ``ctx.stats``.
+The run's seed is ``ctx.seed``: every random draw of a recovery derives from it.
+
+**What a registration declares** — everything the walk, the estimator (``ebft plan``), the CLI and
+sweeps read about a recovery, so that adding one is one module:
+
+- ``settings``: its settings dataclass (flags, YAML keys, validation, sweep keys);
+- ``target``: what each block is trained towards — ``"dense-block"`` (the dense block on the chain's
+  inputs), ``"dense-model"`` (the dense model's own activations), a function of the settings that
+  returns one of these (EBFT: its ``target`` setting), or None for a recovery that needs no targets;
+- ``needs``: the input statistics the walk's dense pass collects for it (beside the pruner's);
+- ``state_bytes``: bytes of optimiser state per trained parameter on the accelerator (the estimator's
+  memory arithmetic; 0 for a recovery that does not train);
+- ``changes_masks``, ``scope`` (``"block"`` or ``"model"``), ``structured`` (whether it works on a
+  structurally pruned model) and a one-line ``summary`` for ``--help``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..data import calibration_windows
+from ..errors import ConfigError
+from ..stats import STAT_KINDS
+
+TARGETS = ("dense-block", "dense-model")
+
+
+@dataclass
+class BlockContext:
+    """Everything a block-scope recovery may read (and, for masks and weights, change)."""
+
+    index: int  # the block's position in the model
+    block: nn.Module  # on the device
+    linears: dict[str, nn.Linear]  # the pruned linears, by name inside the block
+    inputs: torch.Tensor  # [N, S, H] the calibration chain's inputs to this block
+    targets: torch.Tensor | None  # [N, S, H] what the block should output (None if not ``needs_targets``)
+    masks: dict[str, torch.Tensor]  # name -> bool keep mask
+    stats: dict  # name -> LayerStats of the linear's inputs (dense block, chain inputs), as ``needs`` asks
+    pattern: object  # ebft.masks.Pattern of this block
+    io: object  # ebft.walk.BlockIO: how the block is called, device, batch size
+    seed: int = 0
+    dense_weights: dict[str, torch.Tensor] | None = None  # for ``changes_masks`` recoveries
+    progress: Callable[..., None] | None = None
+    # seconds this block's training may take (``--recover-budget``: the budget left, shared over the
+    # blocks left); None: no time limit, the settings' epochs run
+    time_share: float | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.io.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.io.call(self.block, x)
+
+    def report(self, event: str, **info) -> None:
+        if self.progress is not None:
+            self.progress(event, **info)
+
+
+@dataclass
+class ModelContext:
+    """What a model-scope recovery gets: the whole pruned model and where to draw training text."""
+
+    model: nn.Module
+    tokenizer: object
+    masks: dict[str, torch.Tensor]  # full linear name -> keep mask
+    text: "TrainingText"
+    device: torch.device
+    seed: int = 0
+    progress: Callable[..., None] | None = None
+
+    def report(self, event: str, **info) -> None:
+        if self.progress is not None:
+            self.progress(event, **info)
+
+
+@dataclass
+class NoSettings:
+    """A recovery without options."""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    name: str
+    fn: Callable
+    settings: type = NoSettings  # the recovery's settings dataclass
+    target: str | Callable | None = "dense-block"  # see the module docstring
+    changes_masks: bool = False  # mask tuning: may update ``ctx.masks``; gets ``ctx.dense_weights``
+    scope: str = "block"  # "block": called per block inside the walk | "model": once, after the walk
+    needs: frozenset[str] = frozenset()  # LayerStats kinds the walk must collect for it
+    structured: bool = True  # False: refuses structured (shape-changing) pruning
+    state_bytes: int = 0  # optimiser state per trained parameter (the estimator's arithmetic)
+    summary: str = ""  # one line for --help
+
+    def target_of(self, settings) -> str | None:
+        """What each block is trained towards with these settings: dense-block, dense-model, or None."""
+        target = self.target(settings) if callable(self.target) else self.target
+        if target is not None and target not in TARGETS:
+            raise ValueError(f"recovery {self.name!r}: target {target!r} is not one of {TARGETS}")
+        return target
+
+    @property
+    def needs_targets(self) -> bool:
+        return self.target is not None
+
+    @property
+    def trains_blocks(self) -> bool:
+        """Whether it trains each block against targets (what ``--recover-budget`` times)."""
+        return self.scope == "block" and self.needs_targets
+
+    def default_settings(self):
+        return self.settings()
+
+
+RECOVERIES: dict[str, Recovery] = {}
+
+
+def register_recovery(name: str, settings: type = NoSettings, target: str | Callable | None = "dense-block",
+                      changes_masks: bool = False, scope: str = "block", needs=(), structured: bool = True,
+                      state_bytes: int = 0, summary: str = ""):
+    """Decorator: add ``fn`` to :data:`RECOVERIES` under ``name``, with what it declares."""
+    if scope not in ("block", "model"):
+        raise ValueError(f"recovery {name!r}: scope must be 'block' or 'model'")
+    if not set(needs) <= set(STAT_KINDS):
+        raise ValueError(f"recovery {name!r}: unknown statistics {sorted(set(needs) - set(STAT_KINDS))}")
+    if not (target is None or callable(target) or target in TARGETS):
+        raise ValueError(f"recovery {name!r}: target must be None, a function of the settings, or one of {TARGETS}")
+
+    def wrap(fn):
+        if name in RECOVERIES:
+            raise ValueError(f"recovery {name!r} is registered twice")
+        RECOVERIES[name] = Recovery(name, fn, settings, target, changes_masks, scope, frozenset(needs), structured,
+                                    state_bytes, summary)
+        return fn
+    return wrap
+
+
+def unregister_recovery(name: str) -> None:
+    """Remove a registered recovery (a plugin or a test that registered its own)."""
+    RECOVERIES.pop(name, None)
+
+
+@dataclass(frozen=True)
+class TrainingText:
+    """Where a model-scope recovery draws its training windows: the calibration source's train split."""
+
+    source: str
+    seqlen: int
+    seed: int = 0
+
+    def windows(self, tokenizer, n: int) -> torch.Tensor:
+        """``[n, seqlen]`` random windows (same draw as the calibration windows: the first ones coincide)."""
+        return calibration_windows(tokenizer, self.source, n, self.seqlen, self.seed)
+
+
+def get_recovery(name: str) -> Recovery:
+    if name not in RECOVERIES:
+        raise ConfigError("recover", name, f"allowed: {', '.join(sorted(RECOVERIES))}")
+    return RECOVERIES[name]

@@ -1,0 +1,150 @@
+"""What the run needs to know about the machine and the process: versions, memory, seeds.
+
+One reader of available memory (host and accelerator), one of the process's peak memory; every
+other module asks here.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import re
+import resource
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"ebft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- memory available
+
+def host_available() -> int | None:
+    """Host memory available to new allocations (Linux ``MemAvailable``), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def accelerator_free(device: str | torch.device) -> int | None:
+    """Free bytes on a CUDA device (None on the CPU or where there is none)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def free_memory(device: str | torch.device) -> int | None:
+    """What a tensor placed on ``device`` can still take: free accelerator memory, or available host memory."""
+    device = torch.device(device)
+    return accelerator_free(device) if device.type == "cuda" else host_available()
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+def peak_memory(device: str) -> dict:
+    """Peak memory so far: on CUDA the allocator's peak since the last reset (the run's start); on CPU
+    the process's peak resident set size since :func:`reset_host_peak` (the start of a run; in a
+    sweep, since the process started: every earlier cell included). Linux's ``VmHWM`` is read, which
+    unlike ``ru_maxrss`` does not start from the parent's peak in a subprocess; elsewhere ``ru_maxrss``."""
+    if torch.device(device).type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "cuda"}
+    rss = _status_bytes("VmHWM")
+    if rss is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return {"peak_memory_bytes": rss, "peak_memory_of": "process RSS"}
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def reset_host_peak() -> None:
+    """Restart the host peak-memory measurement at the current resident set (Linux: writing 5 to
+    ``/proc/self/clear_refs`` resets ``VmHWM``; elsewhere nothing)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+_malloc_trim = None
+
+
+def trim_host_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A freed block's tensors go back to the C allocator, which keeps most of that memory for reuse
+    instead of returning it; block after block the process then grows as if nothing had been freed
+    (measured: +13 MiB per 16 MiB block). Trimming after each release keeps the peak at one block.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+GiB = 1024 ** 3
+MAX_BYTES = 2 ** 60  # 1 EiB: larger than any machine; a size above it is a typo
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGTP]?)(i?)B?\s*", re.IGNORECASE)
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"80GB"`` → 80·10⁹, ``"16GiB"`` → 16·2³⁰, ``"512M"``, ``"5gb"``; plain integers are bytes.
+
+    Raises ``ValueError`` (one line saying what a size looks like) for anything else: words, ``nan``,
+    negative or fractional bytes, sizes above 1 EiB."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a size: {text!r}")
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE.fullmatch(str(text))
+        if not match:
+            raise ValueError(f"not a size: {text!r} (use e.g. 80GB, 16GiB, 512M or a number of bytes)")
+        power = "KMGTP".find(match[2].upper()) + 1 if match[2] else 0
+        value = int(float(match[1]) * (1024 if match[3] else 1000) ** power)
+    if value < 0 or value > MAX_BYTES:
+        raise ValueError(f"not a sensible size: {text!r} (between 0 and 1 EiB)")
+    return value
+
+
+def fmt_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 1024 ** 2:.1f} MiB"
