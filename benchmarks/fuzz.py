@@ -1,9 +1,12 @@
-"""The fuzz test at length: N random `ebft run` command lines on a tiny model (see tests/fuzz_cases.py).
+"""The fuzz test at length: N random command lines on a tiny model (see tests/fuzz_cases.py), of every kind:
+`ebft run`, `ebft sweep`, `ebft plan`, `ebft eval --tasks` on damaged task files, resumed runs with damaged
+checkpoints or changed commands, and pairs of processes as two ranks (``--ranks`` of them).
 
-    python benchmarks/fuzz.py --cases 500          # prints how many exited 0 and 2, and any failure
+    python benchmarks/fuzz.py --cases 500 --ranks 10    # prints how many exited 0 and 2, and any failure
 
 Every case must exit 0 or 2 without a traceback, leave nothing under --out unless it succeeded, and
-change no file outside --out. Writes benchmarks/results/fuzz.json.
+change no file outside --out; two ranks both succeed or both stop in one line. Writes
+benchmarks/results/fuzz.json.
 """
 from __future__ import annotations
 
@@ -25,11 +28,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1000, help="first case's seed (the unit test uses 0..39)")
+    ap.add_argument("--ranks", type=int, default=4, help="pairs of processes run as two ranks (slow: two imports)")
     args = ap.parse_args()
     import torch
 
     from conftest import TEXT, build_tokenizer, make_tiny_model
-    from fuzz_cases import check_case, hostile_paths, make_case, reset
+    from fuzz_cases import (KINDS, check_case, check_ranks, check_resume_case, hostile_paths, make_case,
+                            make_plan_case, make_sweep_case, make_task_case, reset)
+
+    makers = {"run": make_case, "sweep": make_sweep_case, "plan": make_plan_case, "tasks": make_task_case}
 
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="ebft-fuzz-"))
@@ -38,16 +45,38 @@ def main() -> int:
     tokenizer.save_pretrained(root / "model")
     (root / "corpus.txt").write_text(TEXT)
     paths = hostile_paths(root, root / "model", root / "corpus.txt")
-    codes, failures, start = Counter(), [], time.perf_counter()
+    codes, kinds, failures, start = Counter(), Counter(), [], time.perf_counter()
     for seed in range(args.seed, args.seed + args.cases):
-        case = make_case(random.Random(seed), paths)
+        rng = random.Random(seed)
+        kind = rng.choice(KINDS)
+        kinds[kind] += 1
+        reset(root / "out")
+        case = None
+        try:
+            if kind == "resume":
+                code = check_resume_case(rng, paths, root)
+            else:
+                case = makers[kind](rng, paths)
+                code = check_case(case, root, root / "out")
+            codes[code] += 1
+        except Exception as exc:  # an assertion of the contract, or a crash: both are failures
+            failures.append({"seed": seed, "kind": kind, "args": case, "why": f"{type(exc).__name__}: {str(exc)[:500]}"})
+            print(f"FAIL seed {seed} ({kind}): {' '.join(case or [])}\n  {str(exc)[:300]}", file=sys.stderr)
+    rank_codes = Counter()
+    for i in range(args.ranks):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
         reset(root / "out")
         try:
-            codes[check_case(case, root, root / "out")] += 1
-        except Exception as exc:  # an assertion of the contract, or a crash: both are failures
-            failures.append({"seed": seed, "args": case, "why": f"{type(exc).__name__}: {str(exc)[:500]}"})
-            print(f"FAIL seed {seed}: {' '.join(case)}\n  {str(exc)[:300]}", file=sys.stderr)
-    result = {"cases": args.cases, "exit_0": codes[0], "exit_2": codes[2], "failures": failures,
+            rank_codes[str(check_ranks(random.Random(args.seed + i), paths, root, port))] += 1
+        except Exception as exc:
+            failures.append({"seed": args.seed + i, "kind": "ranks", "why": f"{type(exc).__name__}: {str(exc)[:500]}"})
+            print(f"FAIL ranks {args.seed + i}: {str(exc)[:300]}", file=sys.stderr)
+    result = {"cases": args.cases, "kinds": dict(kinds), "exit_0": codes[0], "exit_2": codes[2],
+              "rank_pairs": args.ranks, "rank_exit_codes": dict(rank_codes), "failures": failures,
               "seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps({k: v for k, v in result.items() if k != "failures"}), f"failures: {len(failures)}")
     out = ROOT / "benchmarks" / "results" / "fuzz.json"

@@ -1,15 +1,22 @@
-"""Random `ebft run` command lines, valid and invalid, for the fuzz test and its long benchmark run.
+"""Random command lines, valid and invalid, for the fuzz test and its long benchmark run.
 
 Each case picks a few flags with values drawn from what a careless or hostile user might type
 (extremes, wrong types, non-finite numbers, impossible paths) next to valid ones, on a tiny model.
 :func:`check_case` runs one and asserts the contract: exit code 0 or 2, never a traceback, nothing
 under ``--out`` unless the run succeeded, and no file outside ``--out`` changed.
+
+Kinds of case (:data:`KINDS`): ``run`` (`ebft run`), ``sweep`` (`ebft sweep`, sometimes into a user's
+folder or a run's output), ``plan`` (`ebft plan` with sizes that are and are not sizes, ``--plan-json``
+anywhere), ``tasks`` (`ebft eval --tasks` on a task file with one record damaged at random) and
+``resume`` (a run stopped at a random block, its checkpoint damaged or its command changed at random,
+then run again); :func:`check_ranks` runs two processes as two ranks with settings that may differ.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import io
+import json
 import random
 from pathlib import Path
 
@@ -72,14 +79,20 @@ INVALID = {
 }
 
 
+KINDS = ("run", "sweep", "plan", "tasks", "resume")
+
+
 def make_case(rng: random.Random, paths: dict) -> list[str]:
     """One command line: the tiny model and text, a few random flags, perhaps one invalid value, and
     sometimes a hostile path."""
     args = ["run", "--model", paths["model"], "--calib", paths["text"], "--eval", paths["text"],
             "--nsamples", "2", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "1",
-            "--epochs", "1", "--out", paths["out"]]
+            "--out", paths["out"]]
     for flag in rng.sample(sorted(VALID), rng.randint(1, 5)):
         args += [flag, rng.choice(VALID[flag])]
+    recover = args[len(args) - 1 - args[::-1].index("--recover") + 1] if "--recover" in args else "ebft"
+    if recover in ("ebft", "ebft-mask") and "--epochs" not in args:
+        args += ["--epochs", "1"]  # (a setting of a recovery that does not run would be refused)
     if rng.random() < 0.6:
         flag = rng.choice(sorted(INVALID))
         args += [flag, rng.choice(INVALID[flag])]
@@ -91,6 +104,137 @@ def make_case(rng: random.Random, paths: dict) -> list[str]:
                                    ("--out", paths["model"]), ("--out", "/")])
         args += [which, value]
     return args
+
+
+def make_sweep_case(rng: random.Random, paths: dict) -> list[str]:
+    """`ebft sweep`: random grids, valid and not, into a new folder, a user's folder or a run's output."""
+    methods = rng.choice(["wanda", "magnitude,wanda", "sparsegpt", "flap", "wanda,oracle", "", "wanda,,wanda"])
+    sparsities = rng.choice(["0.5", "0.3,0.6", "1.5", "nan", "0.5,x", ""])
+    recover = rng.choice(["none", "none,dsnot", "none,ebft", "magic", "none,lora"])
+    args = ["sweep", "--model", paths["model"], "--calib", paths["text"], "--eval", paths["text"],
+            "--nsamples", "2", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "1",
+            "--methods", methods, "--sparsities", sparsities, "--recover", recover,
+            "--out", rng.choice([paths["out"], paths["out"], paths["user_folder"], paths["run_output"]])]
+    if "ebft" in recover:
+        args += ["--epochs", "1"]
+    if rng.random() < 0.3:
+        flag = rng.choice(["--lora-steps", "--dsnot-cycles", "--lr", "--recover-budget"])
+        args += [flag, rng.choice(["1", "0", "-1", "nan", "1e308"])]
+    return args
+
+
+def make_plan_case(rng: random.Random, paths: dict) -> list[str]:
+    """`ebft plan`: memory sizes that are and are not sizes, --plan-json anywhere."""
+    sizes = ["16GB", "8GiB", "512M", "1024", "0", "nan", "-1GB", "lots", "1e30GB", "99999999PB", "", "1.5TB"]
+    args = ["plan", "--model", paths["model"], "--nsamples", rng.choice(["2", "256", "0"]),
+            "--device", rng.choice(["cpu", "cuda", "auto", "tpu"])]
+    for flag in rng.sample(["--free-host", "--free-accelerator"], rng.randint(0, 2)):
+        args.append(f"{flag}={rng.choice(sizes)}")
+    if rng.random() < 0.5:
+        args += ["--plan-json", rng.choice([paths["out"] + ".json", paths["folder"], paths["inside_file"],
+                                            str(Path(paths["out"]).parent / "no" / "such" / "p.json")])]
+    return args
+
+
+def make_task_case(rng: random.Random, paths: dict) -> list[str]:
+    """`ebft eval --tasks piqa` on a task file with one record damaged at random (or none)."""
+    good = {"query": "Question: which is it?", "choices": ["this one", "that one"], "gold": 0}
+    damage = rng.choice([None, ("choices", "this one"), ("choices", []), ("choices", ["a"]), ("gold", 5),
+                         ("gold", -1), ("gold", "0"), ("gold", True), ("query", ""), ("query", 3), ("drop", "gold"),
+                         ("line", "{not json"), ("line", "[1, 2]")])
+    lines = [json.dumps(good)] * 3
+    if damage is not None:
+        kind, value = damage
+        if kind == "line":
+            lines[1] = value
+        elif kind == "drop":
+            lines[1] = json.dumps({k: v for k, v in good.items() if k != value})
+        else:
+            lines[1] = json.dumps({**good, kind: value})
+    Path(paths["task_file"]).write_text("\n".join(lines) + "\n")
+    return ["eval", "--model", paths["model"], "--tasks", "piqa", "--task-data", f"piqa={paths['task_file']}",
+            "--limit", "2"]
+
+
+def check_resume_case(rng: random.Random, paths: dict, root: Path) -> int:
+    """A run stopped at a random block (as SIGKILL stops it: the checkpoint stays), its checkpoint
+    damaged, its command changed or the model replaced at random; run again: exit 0 (resumed or started
+    over) or 2 in one line, never a traceback; with --no-resume it then succeeds."""
+    from ebft import checkpoint as ckpt
+    from ebft.cli import main
+
+    out = Path(paths["out"])
+    args = make_case(random.Random(rng.randrange(1 << 30)), {**paths, "out": str(out)})
+    args = [a for a in args if a not in ("--lazy",)]
+
+    class Stop(BaseException):
+        pass
+
+    at = rng.randint(0, 1)
+
+    def hook(point, index=None):
+        if point == "block" and index == at:
+            raise Stop
+
+    ckpt.kill_hook = hook
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            first = main(args)
+    except Stop:
+        first = None
+    finally:
+        ckpt.kill_hook = None
+    if first is not None:  # refused or finished before the block: an ordinary case
+        return first
+    folder = out.parent / f".{out.name}.ckpt"
+    files = [p for p in folder.rglob("*") if p.is_file() and p.name != "lock"]
+    change = rng.choice(["none", "truncate", "empty", "garbage", "args", "args", "none"])
+    if change in ("truncate", "empty", "garbage") and files:
+        victim = rng.choice(files)
+        data = victim.read_bytes()
+        victim.write_bytes(data[: len(data) // 2] if change == "truncate" else b"" if change == "empty"
+                           else bytes(rng.randrange(256) for _ in range(64)))
+    elif change == "args":
+        args = args + rng.choice([["--seed", "7"], ["--sparsity", "0.3"], ["--resume"], ["--no-resume"],
+                                  ["--checkpoint-every", "5"], ["--no-checkpoint"]])
+    code = check_case(args, root, out)
+    if code == 2:
+        assert check_case([*args, "--no-resume"] if "--resume" not in args else args, root, out) in (0, 2)
+    return code
+
+
+def check_ranks(rng: random.Random, paths: dict, root: Path, port: int) -> tuple[int, int]:
+    """Two processes as two ranks (RANK 0 and 1 of WORLD_SIZE 2, started by hand), with the same settings
+    or one differing: both exit 0, or both exit 2 naming the difference; never a traceback, never a hang."""
+    import os
+    import subprocess
+    import sys
+
+    base = make_case(random.Random(rng.randrange(1 << 30)), paths)
+    base = [a for a in base if a != "--lazy"] + ["--rank-timeout", "60"]
+    other = list(base)
+    if rng.random() < 0.7:
+        other += rng.choice([["--seed", "5"], ["--sparsity", "0.6"], ["--nsamples", "3"], ["--eval-windows", "2"]])
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    procs = []
+    for rank, args in enumerate((base, other)):
+        env = {**os.environ, "PYTHONPATH": src, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "ebft", *args], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        try:
+            results.append((p.wait(timeout=300), p.stderr.read()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"ranks hung: {base} vs {other}")
+    for code, err in results:
+        assert code in (0, 2) and "Traceback" not in err, (code, base, other, err[-2000:])
+    codes = tuple(code for code, _ in results)
+    assert codes[0] == codes[1] or 2 in codes, (codes, base, other)
+    return codes
 
 
 def fingerprint(root: Path, skip: Path) -> dict[str, str]:
@@ -108,19 +252,30 @@ def check_case(args: list[str], root: Path, out: Path) -> int:
     from ebft.cli import main
 
     before = fingerprint(root, out)
+    plan_json = Path(args[args.index("--plan-json") + 1]) if "--plan-json" in args else None
+    plan_existed = plan_json is not None and plan_json.is_file()
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(args)
     text = err.getvalue()
     assert code in (0, 2), (code, args, text[-2000:])
     assert "Traceback" not in text, (args, text[-2000:])
+    target = Path(args[args.index("--out") + 1]) if "--out" in args else None
     if code == 2:
         assert not out.exists(), (args, "output written by a failed run")
         lines = [line for line in text.splitlines() if line.startswith("ebft")]
         assert len(lines) == 1 and "error" in lines[0], (args, text[-2000:])
-    else:
+    elif args[0] == "run":
         assert (out / "run.json").is_file(), args
-    assert fingerprint(root, out) == before, (args, "a file outside --out changed")
+    elif args[0] == "sweep":
+        assert target == out and (out / "results.json").is_file(), args
+    after = fingerprint(root, out)
+    if plan_json is not None:
+        assert code == 0 or (plan_json.is_file() == plan_existed), (args, "a plan written by a refused command")
+        if code == 0:
+            after.pop(str(plan_json), None)
+            before.pop(str(plan_json), None)
+    assert after == before, (args, "a file outside --out changed")
     leftovers = [p for p in out.parent.glob(f".{out.name}.*") if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)]
     assert not leftovers, (args, f"leftover temporary folders {leftovers}")
     return code
@@ -142,7 +297,22 @@ def hostile_paths(root: Path, model_dir: Path, text_file: Path) -> dict:
     (root / "a-file").write_text("not a folder")
     (root / "mine").mkdir(exist_ok=True)
     (root / "mine" / "notes.txt").write_text("keep me")
+    (root / "tasks").mkdir(exist_ok=True)
     return {"model": str(model_dir), "text": str(text_file), "out": str(root / "out"),
             "missing": str(root / "missing.txt"), "empty": str(root / "empty.txt"),
             "binary": str(root / "binary.txt"), "folder": str(root / "folder"),
-            "inside_file": str(root / "a-file" / "out"), "user_folder": str(root / "mine")}
+            "inside_file": str(root / "a-file" / "out"), "user_folder": str(root / "mine"),
+            "run_output": str(_run_output(root, model_dir, text_file)), "task_file": str(root / "tasks" / "piqa.jsonl")}
+
+
+def _run_output(root: Path, model_dir: Path, text_file: Path) -> Path:
+    """An ebft run's output folder (a sweep must never write into it)."""
+    from ebft.cli import main
+
+    out = root / "a-run"
+    if not out.exists():
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            assert main(["run", "--model", str(model_dir), "--calib", str(text_file), "--eval", str(text_file),
+                         "--nsamples", "2", "--seqlen", "16", "--eval-seqlen", "16", "--eval-windows", "1",
+                         "--recover", "none", "--out", str(out)]) == 0
+    return out

@@ -1,14 +1,19 @@
-"""Fuzz the command line: random valid and invalid flag values on a tiny model. Every case exits 0 or
-2, never prints a traceback, writes nothing under --out unless it succeeded, and changes no file
-outside --out. A longer run: ``python benchmarks/fuzz.py --cases 500``."""
+"""Fuzz the command line: random valid and invalid flag values on a tiny model, for `ebft run`, `ebft sweep`,
+`ebft plan`, `ebft eval --tasks` on damaged task files, runs resumed from damaged checkpoints or with changed
+commands, and two processes as two ranks. Every case exits 0 or 2, never prints a traceback, writes nothing
+under --out unless it succeeded, and changes no file outside --out. A longer run:
+``python benchmarks/fuzz.py --cases 500``."""
 import random
 import shutil
+import socket
 
 import pytest
 
-from fuzz_cases import check_case, hostile_paths, make_case, reset
+from fuzz_cases import (check_case, check_ranks, check_resume_case, hostile_paths, make_case, make_plan_case,
+                        make_sweep_case, make_task_case, reset)
 
-CASES = 40
+CASES = {"run": 40, "sweep": 10, "plan": 12, "tasks": 8, "resume": 10}
+MAKERS = {"run": make_case, "sweep": make_sweep_case, "plan": make_plan_case, "tasks": make_task_case}
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +24,27 @@ def playground(tmp_path_factory, tiny_model_dir, text_file):
     return root, hostile_paths(root, root / "model", root / "corpus.txt")
 
 
-@pytest.mark.parametrize("seed", range(CASES))
-def test_random_command_lines_keep_the_contract(playground, seed):
+@pytest.mark.parametrize("kind,seed", [(k, s) for k, n in CASES.items() for s in range(n)])
+def test_random_command_lines_keep_the_contract(playground, kind, seed):
     root, paths = playground
     out = root / "out"
     reset(out)
-    check_case(make_case(random.Random(seed), paths), root, out)
+    rng = random.Random(f"{kind}-{seed}")
+    if kind == "resume":
+        check_resume_case(rng, paths, root)
+    else:
+        check_case(MAKERS[kind](rng, paths), root, out)
+    reset(out)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_two_processes_as_two_ranks_agree_or_both_stop(playground, seed):
+    root, paths = playground
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = root / "out"
+    reset(out)
+    random_case = random.Random(f"ranks-{seed}")
+    check_ranks(random_case, {**paths, "out": str(out)}, root, port)
     reset(out)

@@ -189,8 +189,9 @@ def _size_flag(flag: str, text: str | None) -> int | None:
         return None
     try:
         return parse_bytes(text)
-    except ValueError as exc:
-        raise ConfigError(flag, text, f"{exc}".split(": ", 1)[-1]) from None
+    except ValueError:
+        raise ConfigError(flag, text, "not a size: use e.g. 80GB, 16GiB, 512M or a number of bytes, at most "
+                          "1 EiB") from None
 
 
 def _plan_json_path(text: str | None) -> Path | None:

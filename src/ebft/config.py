@@ -39,7 +39,8 @@ from .errors import ConfigError
 from .evaluation.zeroshot import plan_tasks
 from .masks import parse_pattern
 from .models import DTYPE_CHOICES, check_model_source
-from .output import check_out
+from .checkpoint import folder_for
+from .output import check_out, is_ebft_output
 from .prune import PRUNERS, get_pruner
 from .recover import RECOVERIES, get_recovery
 from .recover.finish import FinishSettings
@@ -359,6 +360,9 @@ class RunConfig:
             check_source(src, "eval")
         check_model_source(self.model)
         if need_out:
+            if self.resume and not folder_for(self.out).exists() and is_ebft_output(self.out):
+                raise ConfigError("resume", True, f"the run in {self.out} is finished: nothing to resume (drop "
+                                  "--resume; --overwrite runs it again)")
             check_out(self.out, self.overwrite, inputs=self.inputs())
         return pattern
 

@@ -200,6 +200,7 @@ def agree(what: dict) -> None:
     for rank, text in enumerate(everyone):
         if text != everyone[0]:
             key, ours, theirs = _first_difference(reference, json.loads(text))
+            key = key.removeprefix("config.")
             raise EbftError(f"rank {rank} runs {key} = {theirs!r} where rank 0 runs {ours!r}: every rank must be "
                             "started with the same settings and model files")
 

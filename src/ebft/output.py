@@ -146,7 +146,8 @@ _SWEEP_FILES = re.compile(r"(cells|models|results\.(json|md|png)|\.results\.(jso
 
 def sweep_folder_problem(folder: str | os.PathLike) -> str | None:
     """Why ``folder`` cannot take (or go on taking) a sweep's cells and results, or None when it can:
-    it is missing or empty, or a sweep made it (its marker, or only what a sweep writes)."""
+    it is missing or empty, or a sweep made it (its marker; or, from before the marker, a ``cells``
+    folder and nothing but what a sweep writes)."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -159,6 +160,8 @@ def sweep_folder_problem(folder: str | os.PathLike) -> str | None:
     if ebft_output_problem(folder) is None:
         return "is the output folder of an ebft run, not a sweep's"
     foreign = [name for name in entries if not _SWEEP_FILES.fullmatch(name)]
+    if not foreign and not (folder / "cells").is_dir():  # a sweep's folder from before the marker has its cells
+        foreign = entries
     if foreign:
         return f"holds files an ebft sweep did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
     return None
