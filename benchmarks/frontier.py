@@ -6,7 +6,7 @@ is loaded once, each cell starts from the unpruned weights, finished cells are k
 ``<out>/cells/*.json`` and skipped on a rerun (a changed setting is a new cell). Each cell is scored
 on WikiText-2 (tuning) and PTB (the held-out domain the recipes were *not* tuned on).
 
-    python benchmarks/frontier.py                                  # all three settings (hours on 2 CPU cores)
+    python benchmarks/frontier.py                                  # EBFT vs LoRA, three settings (hours on 2 CPU cores)
     python benchmarks/frontier.py --settings wanda:0.5 --points paper-e2,best-e2
     python benchmarks/frontier.py --list                           # the points and what each changes
 
@@ -28,44 +28,100 @@ WIKI = SHARED / "wikitext-2-raw" / "wiki.test.raw"
 PTB = SHARED / "ptb" / "ptb.test.txt"
 C4 = SHARED / "c4" / "c4_sample.jsonl"
 
-# What each point sets on the recovery (everything else: the run's defaults). "paper": the reference
-# code's recipe at the issue's budget (lr 2e-4, batch 8, no weight decay), 1–8 epochs.
-PAPER = {"method": "ebft", "lr": 2e-4, "batch_size": 8, "weight_decay": 0.0, "target": "dense-block",
-         "train_norms": False, "loss": "mse"}
-BEST = {**PAPER, "lr": 1e-3, "batch_size": 2, "target": "dense-model", "train_norms": True}
+# What each point sets on the recovery (everything else: the run's defaults). "paper" and "best" are the
+# recipes as ebft defines them (ebft.recover.recipes); the variants start from the earlier paper-like base
+# (lr 2e-4, batch 8, no weight decay, norms frozen) and change one or two settings each.
+VARIANT_BASE = {"method": "ebft", "lr": 2e-4, "batch_size": 8, "weight_decay": 0.0, "target": "dense-block",
+                "train_norms": False, "loss": "mse"}
+LORA_STEPS = (25, 50, 100, 200, 400)
 POINTS = {
     "none": ("pruned", {"method": "none"}),
-    **{f"paper-e{e}": ("EBFT, paper recipe", {**PAPER, "epochs": e}) for e in (1, 2, 4, 8)},
-    "lr1e-3-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "epochs": 2}),
-    "lr3e-3-e2": ("EBFT variants", {**PAPER, "lr": 3e-3, "epochs": 2}),
-    "b2-lr1e-3-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 2, "epochs": 2}),
-    "b2-lr3e-3-e2": ("EBFT variants", {**PAPER, "lr": 3e-3, "batch_size": 2, "epochs": 2}),
-    "b1-lr1e-3-e1": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 1, "epochs": 1}),
-    "norms-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 2, "train_norms": True, "epochs": 2}),
-    "dense-model-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 2, "target": "dense-model", "epochs": 2}),
-    "token-norm-e2": ("EBFT variants", {**PAPER, "lr": 1e-3, "batch_size": 2, "loss": "token-norm", "epochs": 2}),
-    **{f"best-e{e}": ("EBFT, best recipe", {**BEST, "epochs": e}) for e in (1, 2, 4, 8)},
+    **{f"paper-e{e}": ("EBFT, paper recipe", {"method": "ebft", "recipe": "paper", "epochs": e}) for e in (1, 2, 4, 8)},
+    "lr1e-3-e2": ("EBFT variants", {**VARIANT_BASE, "lr": 1e-3, "epochs": 2}),
+    "lr3e-3-e2": ("EBFT variants", {**VARIANT_BASE, "lr": 3e-3, "epochs": 2}),
+    "b2-lr1e-3-e2": ("EBFT variants", {**VARIANT_BASE, "lr": 1e-3, "batch_size": 2, "epochs": 2}),
+    "b2-lr3e-3-e2": ("EBFT variants", {**VARIANT_BASE, "lr": 3e-3, "batch_size": 2, "epochs": 2}),
+    "b1-lr1e-3-e1": ("EBFT variants", {**VARIANT_BASE, "lr": 1e-3, "batch_size": 1, "epochs": 1}),
+    "norms-e2": ("EBFT variants", {**VARIANT_BASE, "lr": 1e-3, "batch_size": 2, "train_norms": True, "epochs": 2}),
+    "dense-model-e2": ("EBFT variants", {**VARIANT_BASE, "lr": 1e-3, "batch_size": 2, "target": "dense-model",
+                                         "epochs": 2}),
+    "token-norm-e2": ("EBFT variants", {**VARIANT_BASE, "lr": 1e-3, "batch_size": 2, "loss": "token-norm",
+                                        "epochs": 2}),
+    **{f"best-e{e}": ("EBFT, best recipe", {"method": "ebft", "recipe": "best", "epochs": e}) for e in (1, 2, 4, 8)},
+    **{f"gradual-e{e}": ("EBFT, moving mask (ebft-gradual)", {"method": "ebft-gradual", "recipe": "best", "epochs": e})
+       for e in (1, 2, 4, 8)},
     **{f"lora-{n}": ("LoRA (masked)", {"method": "lora", "lora_steps": n, "lora_batch_size": 4, "lora_lr": 1e-3})
-       for n in (25, 50, 100, 200)},
+       for n in LORA_STEPS},
 }
-SETTINGS = {"wanda:0.5": ("wanda", 0.5), "wanda:0.7": ("wanda", 0.7), "sparsegpt:0.7": ("sparsegpt", 0.7)}
-DEFAULT_POINTS = {"wanda:0.5": list(POINTS),
-                  "wanda:0.7": ["none", "paper-e2", "paper-e8", "best-e1", "best-e2", "best-e4", "lora-50", "lora-200"],
-                  "sparsegpt:0.7": ["none", "paper-e2", "paper-e8", "best-e1", "best-e2", "best-e4", "lora-50",
-                                    "lora-200"]}
+SETTINGS_HELP = ("METHOD:SPARSITY[:owl] (wanda:0.5, sparsegpt:0.7:owl), METHOD:N:M[:owl] (wanda:2:4), or "
+                 "flap-adaptive:SPARSITY / flap-uniform:SPARSITY")
+DEFAULT_SETTINGS = ("wanda:0.5", "wanda:0.7", "flap-adaptive:0.2")
+EBFT_VS_LORA = ["none", "best-e1", "best-e2", "best-e4", "best-e8", "lora-25", "lora-50", "lora-100", "lora-200"]
+DEFAULT_POINTS = {"wanda:0.5": list(POINTS), "wanda:0.7": EBFT_VS_LORA, "flap-adaptive:0.2": EBFT_VS_LORA}
+
+
+def parse_setting(setting: str) -> dict:
+    """The prune section's fields of one setting name (see SETTINGS_HELP); ValueError for a bad one."""
+    parts = setting.split(":")
+    owl = parts[-1] == "owl"
+    parts = parts[:-1] if owl else parts
+    try:
+        if parts[0] in ("flap-adaptive", "flap-uniform") and len(parts) == 2 and not owl:
+            return {"method": "flap", "sparsity": float(parts[1]), "flap_structure": parts[0].split("-")[1]}
+        if parts[0] in ("magnitude", "wanda", "sparsegpt") and len(parts) in (2, 3):
+            fields = ({"pattern": f"{int(parts[1])}:{int(parts[2])}"} if len(parts) == 3
+                      else {"sparsity": float(parts[1])})
+            return {"method": parts[0], **fields, **({"allocation": "owl"} if owl else {})}
+    except ValueError:
+        pass
+    raise ValueError(f"setting {setting!r}: expected {SETTINGS_HELP}")
 
 
 def cell_for(setting: str, point: str, args):
     from ebft import RunConfig
 
-    method, sparsity = SETTINGS[setting]
     cfg = RunConfig(model=args.model, seed=0)
-    cfg.prune.method, cfg.prune.sparsity = method, sparsity
+    for key, value in parse_setting(setting).items():
+        setattr(cfg.prune, key, value)
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = args.calib, args.nsamples, args.seqlen
     cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = args.eval, args.eval_seqlen, args.eval_windows
     for key, value in POINTS[point][1].items():
         setattr(cfg.recover, key, value)
     return cfg
+
+
+def time_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+    """Seconds a method's curve needs to reach perplexity ``target``: its (seconds, perplexity) points sorted
+    by time, interpolated log-log between the last point above the target and the first at or below it
+    (None if it never gets there)."""
+    import math
+
+    points = sorted(points)
+    for (t0, p0), (t1, p1) in zip([(None, math.inf), *points], points):
+        if p1 <= target:
+            if t0 is None or p0 == math.inf or t0 <= 0:
+                return t1
+            f = (math.log(p0) - math.log(target)) / (math.log(p0) - math.log(p1))
+            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+    return None
+
+
+def equal_quality(result: dict, text: str, fast: str = "EBFT, best recipe", slow: str = "LoRA (masked)") -> dict | None:
+    """How much time ``slow``'s curve needs to reach the perplexities ``fast``'s points reach (and the reverse),
+    on ``text``: per point of each line, the other line's interpolated time, and their ratio."""
+    lines = {}
+    for p in result["points"]:
+        lines.setdefault(p["line"], []).append((p["recovery_seconds"], p["perplexity"][text]))
+    if fast not in lines or slow not in lines:
+        return None
+    rows = []
+    for ours, theirs in ((fast, slow), (slow, fast)):
+        for seconds, ppl in sorted(lines[ours]):
+            other = time_to_reach(lines[theirs], ppl)
+            t_fast, t_slow = (seconds, other) if ours == fast else (other, seconds)
+            rows.append({"perplexity": ppl, "from": ours, fast: t_fast, slow: t_slow,
+                         "ratio": None if t_fast is None or t_slow is None else round(t_slow / t_fast, 2)})
+    return {"text": text, "fast": fast, "slow": slow, "rows": sorted(rows, key=lambda r: -r["perplexity"])}
 
 
 def training_tokens(cell: dict) -> int:
@@ -82,7 +138,7 @@ def training_tokens(cell: dict) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin:smollm2")
-    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help=f"comma list of {SETTINGS_HELP}")
     ap.add_argument("--points", help="comma list of points (default: per setting, see --list)")
     ap.add_argument("--calib", default=str(C4) if C4.exists() else "offline-c4")
     ap.add_argument("--nsamples", type=int, default=32)
@@ -97,39 +153,70 @@ def main() -> int:
     args = ap.parse_args()
     if args.list:
         for name, (line, changes) in POINTS.items():
-            print(f"{name:16s} {line:20s} {changes}")
+            print(f"{name:16s} {line:34s} {changes}")
         return 0
+    settings = args.settings.split(",")
+    for setting in settings:
+        try:
+            parse_setting(setting)
+        except ValueError as e:
+            ap.error(str(e))
+    unknown = [p for p in (args.points or "").split(",") if p and p not in POINTS]
+    if unknown:
+        ap.error(f"--points: unknown {', '.join(unknown)} (see --list)")
     logging.basicConfig(level=logging.WARNING)
-    from ebft.sweeps import run_cells
-
     results = {}
-    for setting in args.settings.split(","):
-        points = args.points.split(",") if args.points else DEFAULT_POINTS[setting]
-        out = args.out / setting.replace(":", "-")
-        if args.cached:
-            from ebft.sweeps import cell_name
-
-            points = [p for p in points if (out / "cells" / f"{cell_name(cell_for(setting, p, args))}.json").exists()]
-            if not points:
-                continue
-        cells = [cell_for(setting, p, args) for p in points]
-        pairs = [(c, c.validate(need_out=False)) for c in cells]
-        base = cells[0]
-        dense, finished = run_cells(base, pairs, out, progress=_progress(setting))
-        results[setting] = {"dense": dense, "points": [
-            {"point": p, "line": POINTS[p][0], "perplexity": rec["perplexity"], "tokens": training_tokens(rec),
-             "recovery_seconds": rec["recovery"]["seconds"], "config": rec["config"]["recover"]}
-            for p, rec in zip(points, finished)]}
+    for setting in settings:
+        points = args.points.split(",") if args.points else DEFAULT_POINTS.get(setting, EBFT_VS_LORA)
+        finished = run_setting(setting, points, args)
+        if finished is None:
+            continue
+        results[setting] = finished
         print(table(setting, results[setting]))
+        speed = equal_quality(results[setting], next(iter(results[setting]["dense"])))
+        if speed:
+            results[setting]["equal_quality"] = speed
+            print(equal_quality_table(speed))
     if not results:
         print(f"nothing to show: no point of {args.settings} has run under {args.out}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(results, indent=2))
-    (args.out / "frontier.md").write_text("\n\n".join(table(s, r) for s, r in results.items()) + "\n")
+    (args.out / "frontier.md").write_text("\n\n".join(
+        table(s, r) + ("\n\n" + equal_quality_table(r["equal_quality"]) if r.get("equal_quality") else "")
+        for s, r in results.items()) + "\n")
     plot(results, args.out / "frontier.png")
     print(f"wrote {args.out}/frontier.json, frontier.md, frontier.png")
     return 0
+
+
+def run_setting(setting: str, points: list[str], args) -> dict | None:
+    """Run (or, with ``--cached``, read) the points of one setting as sweep cells; their records."""
+    from ebft.sweeps import cell_name, run_cells
+
+    out = args.out / setting.replace(":", "-")
+    if args.cached:
+        points = [p for p in points if (out / "cells" / f"{cell_name(cell_for(setting, p, args))}.json").exists()]
+        if not points:
+            return None
+    cells = [cell_for(setting, p, args) for p in points]
+    pairs = [(c, c.validate(need_out=False)) for c in cells]
+    dense, finished = run_cells(cells[0], pairs, out, progress=_progress(setting))
+    return {"dense": dense, "points": [
+        {"point": p, "line": POINTS[p][0], "perplexity": rec["perplexity"], "tokens": training_tokens(rec),
+         "recovery_seconds": rec["recovery"]["seconds"], "config": rec["config"]["recover"],
+         "guard": rec["recovery"].get("guard")}
+        for p, rec in zip(points, finished)]}
+
+
+def equal_quality_table(speed: dict) -> str:
+    from ebft.report import markdown_table
+
+    fast, slow = speed["fast"], speed["slow"]
+    rows = [[r["perplexity"], r["from"], r[fast], r[slow], r["ratio"]] for r in speed["rows"]]
+    return (f"time to reach the same {speed['text']} perplexity (interpolated log-log on each curve; "
+            f"ratio = {slow} / {fast})\n\n"
+            + markdown_table(["perplexity", "point of", f"{fast} s", f"{slow} s", "ratio"], rows))
 
 
 def table(setting: str, result: dict) -> str:

@@ -26,6 +26,11 @@ e  pipeline-tiny                       ~5 / 30    the pipeline (load -> data -> 
    dense / pruned / recovered perplexity and wall time. The walk's time is projected after each block; when the
    paper budget would overrun it is stopped and (unless ``--no-fallback``) the quick budget runs instead
    (128 x 512 windows, 5 epochs; ``--quick`` runs only that).
+f  semi-structured-2of4                ~15 / 60   the N:M path for the next GPU: LLaMA-7B's linear shapes
+   (4096 x 4096, 11008 x 4096, 4096 x 11008) pruned 2:4 by Wanda's score, fp16, 4096 tokens; dense
+   ``F.linear`` on the masked weight vs the same weight as ``torch.sparse.to_sparse_semi_structured``
+   (cuSPARSELt / CUTLASS), timed in one run (median of 20, CUDA events): speed ratio per shape, and the
+   outputs equal (rtol 1e-2). Skipped, saying why, where torch has no semi-structured support for the GPU.
 
 Without CUDA, ``--cpu-smoke`` runs the same script at a tiny size in seconds (the test suite does:
 tests/test_gpu_check.py): what needs CUDA is skipped with its reason in the table and the JSON.
@@ -92,8 +97,8 @@ TRAVEL_LIMIT = 64 * 2**20
 # SmolLM2 budgets: the paper's (256 x 1024 windows, 10 epochs) and the quick one (1/8 of its token-epochs).
 BUDGETS = {"paper": dict(nsamples=256, seqlen=1024, epochs=10), "quick": dict(nsamples=128, seqlen=512, epochs=5)}
 # Per-check budgets and a priori estimates on one H200 (seconds); the tiny sizes on CPU take seconds.
-BUDGET_S = {"tiny": 40, "placement": 60, "torchrun": 120, "block": 90, "pipeline-tiny": 30}
-ESTIMATE_S = {"tiny": 3, "placement": 10, "torchrun": 40, "block": 30, "pipeline-tiny": 5,
+BUDGET_S = {"tiny": 40, "placement": 60, "torchrun": 120, "block": 90, "pipeline-tiny": 30, "2of4": 60}
+ESTIMATE_S = {"tiny": 3, "placement": 10, "torchrun": 40, "block": 30, "pipeline-tiny": 5, "2of4": 15,
               "smollm2-paper": 200, "smollm2-quick": 60}
 SMOLLM2_MIN_S = 45  # not started with less left than this
 
@@ -674,6 +679,81 @@ def check_tiny_ebft(check: Check, device: str, precision: str, dtype, reference:
     return r
 
 
+# ============================================================================ f: 2:4 semi-structured speed
+
+LLAMA7B_LINEARS = {"q_proj": (4096, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+
+
+def two_of_four(shape: tuple[int, int], device: str, dtype, seed: int = 0):
+    """A weight of ``shape`` pruned 2:4 by Wanda's score |W|·‖X_j‖ (random activations' norms), its mask checked."""
+    import torch
+
+    from ebft.masks import check_mask, mask_from_scores, parse_pattern
+
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=g) * 0.02
+    norms = torch.rand(shape[1], generator=g) + 0.5
+    pattern = parse_pattern("2:4")
+    mask = mask_from_scores(weight.abs() * norms, pattern, "2:4 weight")
+    check_mask(mask, pattern, "2:4 weight")
+    return (weight * mask).to(device, dtype)
+
+
+def time_linear(x, weight, repeats: int = 20) -> float:
+    """Median seconds of ``F.linear(x, weight)`` (CUDA events on a GPU, perf_counter on a CPU)."""
+    import torch
+    import torch.nn.functional as F
+
+    times = []
+    for i in range(repeats + 3):
+        if x.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            F.linear(x, weight)
+            end.record()
+            torch.cuda.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            t0 = time.perf_counter()
+            F.linear(x, weight)
+            seconds = time.perf_counter() - t0
+        if i >= 3:  # warm-up
+            times.append(seconds)
+    return sorted(times)[len(times) // 2]
+
+
+def check_semi_structured(check: Check, device: str, shapes: dict = LLAMA7B_LINEARS, tokens: int = 4096,
+                          to_sparse=None) -> None:
+    """Dense vs 2:4 semi-structured ``F.linear`` per shape: the outputs equal, the speed ratio recorded.
+    ``to_sparse``: the conversion (default torch's ``to_sparse_semi_structured``; the CPU test passes another)."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    if to_sparse is None:
+        try:
+            from torch.sparse import to_sparse_semi_structured
+        except ImportError as e:
+            raise SkipCheck(f"this torch has no semi-structured sparse tensors: {e}") from e
+        to_sparse = to_sparse_semi_structured
+    rows = {}
+    for name, shape in shapes.items():
+        weight = two_of_four(shape, device, dtype)
+        x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        try:
+            sparse = to_sparse(weight)
+        except (RuntimeError, NotImplementedError) as e:
+            raise SkipCheck(f"to_sparse_semi_structured refused a {shape} fp16 weight here: {str(e)[:200]}") from e
+        want, got = F.linear(x, weight).float(), F.linear(x, sparse).float()
+        error = float((got - want).abs().max() / want.abs().max())
+        dense_s, sparse_s = time_linear(x, weight), time_linear(x, sparse)
+        rows[name] = {"shape": list(shape), "dense_ms": round(dense_s * 1e3, 4), "sparse_ms": round(sparse_s * 1e3, 4),
+                      "speedup": round(dense_s / sparse_s, 3), "max_rel_error": error}
+        check.expect(error <= 1e-2, f"{name}: 2:4 output differs from the dense masked one ({error:.2e})")
+    check.details.update(tokens=tokens, dtype=str(dtype).removeprefix("torch."), linears=rows)
+    check.summary = "2:4 vs dense: " + ", ".join(f"{n} {r['speedup']}x" for n, r in rows.items())
+
+
 # ============================================================================ b: placement
 
 def check_placement(check: Check, device: str) -> None:
@@ -1205,6 +1285,11 @@ def main(argv=None) -> int:
                lambda c, d: check_smollm2(c, d, dev, args, kit), budget=None,
                estimate=ESTIMATE_S["smollm2-quick" if args.quick else "smollm2-paper"], min_start=SMOLLM2_MIN_S,
                skip=smoke_skip)
+
+    # f: the N:M path on the GPU (dense vs 2:4 semi-structured linears)
+    runner.run("semi-structured-2of4", "f", "LLaMA-7B linears pruned 2:4: dense vs semi-structured F.linear",
+               lambda c, d: check_semi_structured(c, "cuda"), budget=BUDGET_S["2of4"], estimate=ESTIMATE_S["2of4"],
+               needs_cuda=True)
 
     runner.write()
     print()

@@ -169,7 +169,7 @@ def block_training(extra, *flags) -> list[str]:
     blocks (EBFT, the default, or mask tuning), else none: a setting of a recovery that does not run is
     refused."""
     recover = extra[list(extra).index("--recover") + 1] if "--recover" in extra else "ebft"
-    return list(flags) if recover in ("ebft", "ebft-mask") else []
+    return list(flags) if recover in ("ebft", "ebft-mask", "ebft-gradual") else []
 
 
 def lazy_memory_benchmark():

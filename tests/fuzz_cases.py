@@ -25,7 +25,7 @@ VALID = {
     "--sparsity": ["0", "0.3", "0.5", "0.9"],
     "--pattern": ["unstructured", "2:4", "1:4", "structured"],
     "--scope": ["row", "layer"],
-    "--recover": ["none", "ebft", "dsnot", "ebft-mask", "lora"],
+    "--recover": ["none", "ebft", "dsnot", "ebft-mask", "lora", "ebft-gradual"],
     "--recipe": ["best", "paper"],
     "--nsamples": ["2", "3"],
     "--seqlen": ["8", "16", "100000"],
@@ -91,7 +91,7 @@ def make_case(rng: random.Random, paths: dict) -> list[str]:
     for flag in rng.sample(sorted(VALID), rng.randint(1, 5)):
         args += [flag, rng.choice(VALID[flag])]
     recover = args[len(args) - 1 - args[::-1].index("--recover") + 1] if "--recover" in args else "ebft"
-    if recover in ("ebft", "ebft-mask") and "--epochs" not in args:
+    if recover in ("ebft", "ebft-mask", "ebft-gradual") and "--epochs" not in args:
         args += ["--epochs", "1"]  # (a setting of a recovery that does not run would be refused)
     if rng.random() < 0.6:
         flag = rng.choice(sorted(INVALID))

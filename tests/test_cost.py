@@ -13,7 +13,7 @@ def _run(model_dir, text_file, out, recover):
     cfg.recover.method = recover
     if recover == "ebft":  # settings of a recovery that does not run are refused
         cfg.recover.epochs, cfg.recover.batch_size = 1, 2
-        cfg.recover.recipe = "paper"  # linear weights only: the count below
+        cfg.recover.recipe, cfg.recover.train_norms = "paper", False  # linear weights only: the count below
     return run(cfg)
 
 

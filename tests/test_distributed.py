@@ -70,6 +70,7 @@ CASES = {
     "sparsegpt-2:4-dsnot": ["--method", "sparsegpt", "--pattern", "2:4", "--recover", "dsnot"],
     "mask-tuning-lazy": ["--recover", "ebft-mask", "--lazy"],
     "flap": ["--method", "flap", "--sparsity", "0.3"],
+    "gradual-2:4": ["--recover", "ebft-gradual", "--pattern", "2:4"],
 }
 
 

@@ -42,7 +42,7 @@ def test_cpu_smoke_writes_which_checks_ran_and_why_others_were_skipped(tmp_path)
         assert checks[name]["status"] == "pass", checks[name]
         assert name in record["ran"] and name in record["passed"]
     for name in ("tiny-ebft-cuda-bf16", "tiny-ebft-cuda-fp16", "placement-device-vs-pinned",
-                 "smollm2-wanda50-ebft"):  # what needs CUDA, skipped with its reason
+                 "smollm2-wanda50-ebft", "semi-structured-2of4"):  # what needs CUDA, skipped with its reason
         assert checks[name]["status"] == "skip", checks[name]
         assert "CUDA" in checks[name]["reason"] and record["skipped"][name] == checks[name]["reason"]
     torchrun = checks["torchrun-2-ranks"]  # no GPUs, or no distributed ebft: skipped, saying which
@@ -161,3 +161,26 @@ def test_the_gguf_halves_are_checked_and_joined(gc, tmp_path):
 def test_distributed_support_is_detected_with_a_reason(gc):
     supported, why = gc.distributed_support()
     assert isinstance(supported, bool) and why
+
+
+def test_the_2of4_check_compares_outputs_and_records_speed(gc):
+    """Stage f on the CPU with a stand-in conversion: the weights are exactly 2:4, the outputs compared, the
+    ratio recorded; a conversion that changes the result fails the check."""
+    shapes = {"small": (8, 16)}
+    two = gc.two_of_four((8, 16), "cpu", torch.float32)
+    assert torch.equal((two.reshape(8, 4, 4) != 0).sum(-1), torch.full((8, 4), 2))
+    check = gc.Check("semi-structured-2of4", "f", "test")
+    gc.check_semi_structured(check, "cpu", shapes, tokens=32, to_sparse=lambda w: w.clone())
+    row = check.details["linears"]["small"]
+    assert not check.failures and row["max_rel_error"] == 0 and row["speedup"] > 0 and "small" in check.summary
+    wrong = gc.Check("semi-structured-2of4", "f", "test")
+    gc.check_semi_structured(wrong, "cpu", shapes, tokens=32, to_sparse=lambda w: w * 1.5)
+    assert wrong.failures and "differs" in wrong.failures[0]
+
+
+def test_the_2of4_check_skips_saying_why_when_the_conversion_is_refused(gc):
+    def refuse(w):
+        raise RuntimeError("no semi-structured kernels for this device")
+
+    with pytest.raises(gc.SkipCheck, match="refused"):
+        gc.check_semi_structured(gc.Check("x", "f", "t"), "cpu", {"s": (8, 16)}, tokens=8, to_sparse=refuse)

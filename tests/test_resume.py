@@ -109,6 +109,7 @@ CASES = {
     "flap": ["--method", "flap", "--sparsity", "0.3"],
     "lazy": ["--lazy"],
     "lora": ["--recover", "lora", "--lora-steps", "3"],
+    "ebft-gradual": ["--recover", "ebft-gradual", "--sparsity", "0.7"],
 }
 
 

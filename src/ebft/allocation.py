@@ -162,10 +162,14 @@ def flap_allocator(pattern: Pattern, settings, model_config) -> Allocator:
     """FLAP: score every unit of the dense model, choose what each block keeps (see the module docstring)."""
 
     def summarise(index, block, linears, stats):
-        return block_scores(block, block_layout(block, model_config), stats, settings.flap_metric)
+        layout = block_layout(block, model_config)
+        means = {name: stats[name].mean.tolist() for name in (layout.attention.out_proj, layout.mlp.out_proj)}
+        return block_scores(block, layout, stats, settings.flap_metric), means
 
-    def decide(scores) -> Allocation:
-        structures = select_structure(scores, pattern.sparsity, settings.flap_structure)
+    def decide(summaries) -> Allocation:
+        structures = select_structure([scores for scores, _ in summaries], pattern.sparsity, settings.flap_structure)
+        if getattr(settings, "flap_bias_stats", "chain") == "dense":  # kept for the compensation
+            structures = [dataclasses.replace(s, dense_means=means) for s, (_, means) in zip(structures, summaries)]
         blocks = [{"index": i, "kv_groups": s.attention_units, "kv_groups_kept": len(s.attention_keep),
                    "channels": s.mlp_units, "channels_kept": len(s.mlp_keep),
                    "removed_fraction": round(s.removed_params / max(s.total_params, 1), 6)}

@@ -64,8 +64,9 @@ FORMAT = 2  # 2: the allocation under its own name
 STATE_JSON = "checkpoint.json"
 LOCK = "lock"
 # settings that never change what the walk computes
-IGNORED = ("resume", "checkpoint", "checkpoint_every", "overwrite", "save_dtype", "rank_timeout")
-_OURS = {STATE_JSON, LOCK, "blocks", "masks"}  # what a checkpoint folder may hold (besides state files)
+IGNORED = ("resume", "checkpoint", "checkpoint_every", "overwrite", "save_dtype", "rank_timeout", "export",
+           "export_type")
+_OURS = {STATE_JSON, LOCK, "blocks", "masks", "pruned"}  # what a checkpoint folder may hold (besides state files)
 _STATE_FILE = re.compile(r"\.?state-\d+(-rank\d+)?\.pt(\.tmp(-\d+)?)?")
 
 
@@ -400,6 +401,26 @@ class RunCheckpoint:
             raise _damaged(path, ValueError("masks that are not boolean"))
         return masks
 
+    def save_pruned(self, index: int, tensors: dict[str, torch.Tensor]) -> bool:
+        """Block ``index`` as pruned, before recovery (the guard's fallback), written into the checkpoint
+        folder rather than held in memory; whether it was (only rank 0 of a checkpointed run writes)."""
+        if not (self.main and self.saves):
+            return False
+        folder = self.folder / "pruned"
+        folder.mkdir(exist_ok=True)
+        plain = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+        write_atomic(folder / f"block-{index:05d}.safetensors", lambda tmp: save_file(plain, tmp), durable=False)
+        return True
+
+    def pruned(self, index: int) -> dict[str, torch.Tensor]:
+        path = self.folder / "pruned" / f"block-{index:05d}.safetensors"
+        if not path.exists():
+            return {}
+        try:
+            return load_file(path)
+        except Exception as exc:
+            raise _damaged(path, exc) from None
+
     def due(self, next_block: int, total: int) -> bool:
         """Whether to checkpoint now, after block ``next_block - 1``: every block with
         ``checkpoint_every`` 0, else once that many seconds passed; always after the last block.
@@ -512,6 +533,12 @@ class NoCheckpoint:
 
     def save_masks(self, index: int, masks) -> None:
         pass
+
+    def save_pruned(self, index: int, tensors) -> bool:
+        return False
+
+    def pruned(self, index: int) -> dict:
+        return {}
 
     def due(self, next_block: int, total: int) -> bool:
         return False

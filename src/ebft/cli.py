@@ -17,6 +17,9 @@ from .atomic import write_json
 from .config import CalibConfig, EvalConfig, RunConfig, prune_config_class, recover_config_class
 from .errors import ConfigError, EbftError
 from .estimate import RunSizes, estimate_time, load_config, plan_resources, plan_to_dict, render_plan
+from .export import FORMATS as EXPORT_FORMATS
+from .export import TYPES as EXPORT_TYPES
+from .export import export
 from .hub import download_progress, reason
 from .models import BUILTIN_MODELS, builtin_model_path
 from .output import interrupt_on_signals
@@ -53,6 +56,12 @@ EXAMPLES_PLAN = """examples:
   ebft plan --model configs/models/llama-2-7b --calib c4 --nsamples 256 --seqlen 1024 --eval wikitext2 \\
             --device cuda --free-accelerator 16GB --free-host 128GB  # the paper's run on a 16 GB GPU
   ebft plan --model configs/models/llama-2-70b --device cuda --free-accelerator 80GB --free-host 128GB
+"""
+EXAMPLES_EXPORT = """examples:
+  ebft export runs/flap20 --out runs/flap20.gguf                 # f16; FLAP adaptive: compact, per-layer sizes
+  ebft export runs/demo --type q8_0 --out demo-q8.gguf           # 8-bit, written by ebft
+  ebft export runs/demo --type q4_k_m --out demo-q4.gguf         # k-quants: llama.cpp's quantizer (pip install 'ebft[gguf]')
+  llama-cli -m demo-q4.gguf -p "The capital of France is"        # run it with llama.cpp (or ollama: FROM ./demo-q4.gguf)
 """
 EXAMPLES_EVAL = """examples:
   ebft eval --model runs/demo                    # a saved run: its own evaluation settings, unless given
@@ -132,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(dests=_run_flags(pl, skip={"--out", "--overwrite"}))
     run.add_argument("--dry-run", action="store_true", help="print the plan (as ebft plan) and exit; loads no weight")
     _plan_flags(run)
+    ex = sub.add_parser("export", help="write a model (a saved run, a folder, a hub id, a .gguf) for llama.cpp: GGUF",
+                        epilog=EXAMPLES_EXPORT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _verbose(ex, argparse.SUPPRESS)
+    ex.add_argument("model", help="a saved ebft run, a Hugging Face folder or hub id, a .gguf file, or builtin:smollm2")
+    ex.add_argument("--format", default="gguf", help=f"{' | '.join(EXPORT_FORMATS)} (default: gguf)")
+    ex.add_argument("--type", default="f16", help=f"{' | '.join(EXPORT_TYPES)}: f32, f16, bf16, q8_0 written by ebft; "
+                    "k-quants by llama.cpp's quantizer, when llama-cpp-python is installed (default: f16)")
+    ex.add_argument("--out", help="the .gguf file to write (required)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing GGUF file at --out")
+    ex.add_argument("--trust-remote-code", action="store_true", help="let transformers run Python code shipped with "
+                    "the model (only for models you trust)")
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model", epilog=EXAMPLES_EVAL,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _verbose(ev, argparse.SUPPRESS)
@@ -338,6 +358,21 @@ def run_table(record: dict) -> str:
             f"{finish_line(record.get('finish'))}")
 
 
+def export_table(report) -> str:
+    """What ``ebft export`` wrote: the file, its architecture and type, size, and the per-layer sizes."""
+    layers = report.layers
+    shapes = sorted({(l["heads"], l["kv_heads"], l["ffn"]) for l in layers})
+    if len(shapes) == 1:
+        shape = f"every layer {shapes[0][0]} heads ({shapes[0][1]} KV), MLP {shapes[0][2]}"
+    else:
+        heads, ffn = [l["heads"] for l in layers], [l["ffn"] for l in layers]
+        shape = f"per layer: {min(heads)}-{max(heads)} heads, MLP {min(ffn)}-{max(ffn)} (compacted)"
+    rows = [["file", report.path], ["architecture", report.architecture], ["type", report.type],
+            ["size", f"{report.bytes / 2**20:.1f} MiB"], ["parameters", f"{report.params / 1e6:.1f}M"],
+            ["layers", f"{len(layers)}; {shape}"], *(["note", n] for n in report.notes)]
+    return format_table(["gguf", ""], rows)
+
+
 def cost_line(cost: dict | None) -> str:
     if not cost or cost["method"] == "none":
         return ""
@@ -378,7 +413,8 @@ class _SweepProgress:
 
 SWEEP_GRID_FLAGS = frozenset({"--method", "--sparsity", "--recover", "--out", "--overwrite"})  # lists in sweep
 # settings of one `ebft run` (its checkpoint, lazy loading): sweeps resume per cell and load eagerly
-RUN_ONLY_FLAGS = frozenset({"--lazy", "--resume", "--checkpoint", "--checkpoint-every", "--rank-timeout"})
+RUN_ONLY_FLAGS = frozenset({"--lazy", "--resume", "--checkpoint", "--checkpoint-every", "--rank-timeout", "--export",
+                            "--export-type"})
 
 
 def sweep_config_from_args(args):
@@ -432,9 +468,13 @@ def _dispatch(args) -> None:
     elif args.command == "run":
         config = config_from_args(args)
         main_rank = distributed.is_main_process()  # under torchrun the other ranks are quiet
+        root, level = logging.getLogger(), logging.getLogger().level
         if not main_rank:
-            logging.getLogger().setLevel(logging.ERROR)
-        record = run(config, progress=_Progress() if main_rank else None)  # validates before anything is loaded
+            root.setLevel(logging.ERROR)
+        try:
+            record = run(config, progress=_Progress() if main_rank else None)  # validates before anything is loaded
+        finally:
+            root.setLevel(level)  # (main() called in-process, e.g. by a test, leaves logging as it found it)
         if main_rank:
             print(run_table(record))
             print(f"saved to {config.out}")
@@ -446,6 +486,9 @@ def _dispatch(args) -> None:
         results = sweep(config, progress=_SweepProgress())  # validates every cell first
         print(sweep_markdown(results))
         print(f"wrote {config.out}/results.md, results.json, results.png")
+    elif args.command == "export":
+        report = export(args.model, args.out, args.format, args.type, args.overwrite, args.trust_remote_code)
+        print(export_table(report))
     elif args.command == "eval":
         config = config_from_args(args)
         saved = _saved_eval_settings(config.model, args)

@@ -37,6 +37,9 @@ from . import settings as st
 from .allocation import AllocationSettings, check_allocation
 from .errors import ConfigError
 from .evaluation.zeroshot import plan_tasks
+from .export import FORMATS as EXPORT_FORMATS
+from .export import TYPES as EXPORT_TYPES
+from .export import check_type
 from .masks import parse_pattern
 from .models import DTYPE_CHOICES, check_model_source
 from .checkpoint import folder_for
@@ -106,6 +109,9 @@ _RECOVER_BASE = [
     ("recipe", str, option(DEFAULT_RECIPE, "block-training settings not given explicitly come from: {choices} "
                            "(best: what ebft measured to recover the most; paper: the EBFT reference code's values, "
                            "to compare with the paper)", choices=tuple(RECIPES))),
+    ("guard", int, option(4, "held-out windows of the calibration text on which the recovered model must do no "
+                          "worse end to end than the pruned one, else the pruned one is kept (0: no check)", low=0,
+                          high=4096, flag="--recover-guard", metavar="WINDOWS")),
     ("budget", str | None, option(None, "time for the block-wise training of all blocks, e.g. 90s, 10m, 1.5h: each "
                                   "block gets what is left over the blocks left, and as many epochs as fit in it "
                                   "run (--epochs becomes a cap; at least one); not bit-reproducible",
@@ -183,6 +189,11 @@ class RunConfig:
                               "resumes (removed when the run completes)")
     checkpoint_every: float = option(0.0, "seconds between checkpoints of the walk's activations (0: after every "
                                      "block; always after the last)", low=0, metavar="SECONDS")
+    export: str | None = option(None, "also write the model for {choices} into --out (gguf: model-<type>.gguf for "
+                                "llama.cpp, ollama; structured models with per-layer sizes compacted)",
+                                choices=EXPORT_FORMATS, default_text="none")
+    export_type: str = option("f16", "type of the --export file: {choices} (k-quants need llama-cpp-python)",
+                              choices=EXPORT_TYPES)
     rank_timeout: float = option(600.0, "torchrun: seconds a rank waits for the others to start before it stops "
                                  "with one line", low=1, high=7 * 86400, metavar="SECONDS")
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -289,6 +300,8 @@ class RunConfig:
                 unused[f"prune.{f.name}"] = (getattr(self.prune, f.name),
                                              f"--method {' or '.join(owners)}" if owners else "--allocation owl")
         own = {f.name for f in dataclasses.fields(recovery.settings)} | {"method", "budget"}
+        if recovery.scope == "block" and recovery.name != "none":
+            own.add("guard")
         if any(name in RECIPES[self.recover.recipe] for name in own):
             own.add("recipe")
         for f in st.fields_of(self.recover):
@@ -307,6 +320,8 @@ class RunConfig:
                     unused[f"eval.{name}"] = (getattr(self.eval, name), "--zeroshot")
         if not self.checkpoint and self.checkpoint_every != 0:
             unused["checkpoint_every"] = (self.checkpoint_every, "--checkpoint")
+        if self.export is None and self.export_type != "f16":
+            unused["export_type"] = (self.export_type, "--export gguf")
         return unused
 
     def check_unused(self, unused: dict | None = None, where: str = "this run") -> None:
@@ -348,6 +363,8 @@ class RunConfig:
             raise ConfigError("prune.layers", self.prune.layers, "structured pruning chooses heads and channels "
                               "over whole blocks; leave layers unset")
         check_allocation(self.allocation_settings(), pattern)
+        if self.export is not None:
+            check_type(self.export_type)
         if check_unused:
             self.check_unused()
         if self.prune.layers is not None:

@@ -26,7 +26,9 @@ import dataclasses
 import logging
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -40,18 +42,20 @@ from .config import RunConfig, budget_seconds, check_device, check_source, resol
 from .data import adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
 from .errors import ConfigError
 from .estimate import REDUCE, RunSizes, plan_resources
+from .export.gguf import source_gguf_of, write_gguf
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, model_perplexities, stage_perplexities
 from .evaluation.speed import measure_speed
 from .evaluation.zeroshot import average, evaluate_suite, load_tasks, plan_tasks
-from .models import BUILTIN_MODELS, check_model_source, context_length, load_model, model_files_fingerprint
+from .models import BUILTIN_MODELS, check_model_source, context_length, find_blocks, load_model, model_files_fingerprint
 from .output import atomic_folder, save_dtype, save_pretrained, sparsity_report
 from .prune import get_pruner
 from .recover import RECOVERIES, ModelContext, TrainingText, get_recovery
 from .recover.finish import finish, prepare_finish
+from .recover.recipes import PAPER_DIFFERENCES
 from .report import plot_block_losses
 from .streams import STAGES, Homes, capture_stream
 from .system import host_available, peak_memory, reset_host_peak, seed_everything, versions
-from .walk import PruneSpec, RecoverSpec, planning_pass, walk
+from .walk import MASK_KEY, PruneSpec, RecoverSpec, planning_pass, walk
 from .weights import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,7 @@ class Data:
     eval_seqlen: int
     protocol: dict = field(default_factory=dict)  # name -> {seqlen, windows, tokens, bos, ...}
     notes: list[str] = field(default_factory=list)  # clamped lengths and the like
+    guard: torch.Tensor | None = None  # [k, seqlen] held-out calibration-text windows (--recover-guard)
 
 
 def _clamped(value: int | None, context: int, name: str, notes: list[str]) -> int:
@@ -127,7 +132,17 @@ def prepare_data(model, tokenizer, config: RunConfig, calibrate: bool = True) ->
     calib = (calibration_windows(tokenizer, config.calib.source, config.calib.nsamples, calib_seqlen, config.seed)
              if calibrate else None)
     evals, protocol = eval_sets(tokenizer, config.eval.sources, eval_seqlen, config.eval.windows)
-    return Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes)
+    guard = None
+    if calibrate and guarded(config):  # the windows after the calibration ones, in the same draw
+        guard = calibration_windows(tokenizer, config.calib.source, config.calib.nsamples + config.recover.guard,
+                                    calib_seqlen, config.seed)[config.calib.nsamples:]
+    return Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes, guard)
+
+
+def guarded(config: RunConfig) -> bool:
+    """Whether the run checks end to end that block-wise recovery did not make the model worse."""
+    recovery = get_recovery(config.recover.method)
+    return config.recover.guard > 0 and recovery.scope == "block" and recovery.name != "none"
 
 
 def check_model_fits(model, pattern, config: RunConfig) -> None:
@@ -189,19 +204,62 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
                      config.prune.layers, config.pruner_settings(), allocation.structures if allocation else None)
     block_wise = recovery.scope == "block"
     budget = budget_seconds(config.recover.budget) if block_wise and config.recover.budget is not None else None
-    recover = RecoverSpec(recovery, settings, config.seed, budget) if block_wise else None
-    result = walk(model, chain, spec, recover, data.evals, stages, device, config.batch_size, progress,
-                  checkpoint=checkpoint, placement=placement)
+    guard = data.guard is not None and guarded(config)  # (a sweep's data serves cells with and without one)
+    recover = RecoverSpec(recovery, settings, config.seed, budget, keep_pruned=guard) if block_wise else None
+    texts = {**data.evals, **({GUARD: data.guard} if guard else {})}
+    result = walk(model, chain, spec, recover, texts, {**{name: stages for name in data.evals},
+                                                       GUARD: ("pruned", "final")}, device, config.batch_size,
+                  progress, checkpoint=checkpoint, placement=placement)
     walked = "recovered" if block_wise and recovery.name != "none" else "pruned"
+    guard_streams = {k: result.streams.pop(k) for k in list(result.streams) if k.startswith(GUARD + "/")}
     perplexity = stage_perplexities(model, result, data.evals, device, final=walked)
+    guard_record = (check_guard(model, result, guard_streams, data.guard, perplexity, data.evals, device,
+                                config.batch_size) if guard else None)
     records = {"recovered": block_recovery_cost(recovery.name, result.blocks, device)} if block_wise else {}
     for stage in whole:  # LoRA ("recovered"), the finish ("finished"): each evaluated on the model it leaves
         ctx = ModelContext(model, tokenizer, result.masks, text, torch.device(device), config.seed, progress)
         records[stage.label] = stage.run(ctx)
         for name, value in model_perplexities(model, data.evals, device, config.batch_size).items():
             perplexity[name][stage.label] = value
+    if guard_record is not None and records.get("recovered") is not None:
+        records["recovered"]["guard"] = guard_record
     return Outcome(result, perplexity, records.get("recovered"), allocation.record if allocation else None,
                    records.get("finished"))
+
+
+GUARD = "held-out calibration"  # the guard's windows in the walk (a name no text source has: it has a space)
+
+
+def check_guard(model, result, streams: dict, windows, perplexity: dict, evals: dict, device: str,
+                batch_size: int = 1) -> dict:
+    """End to end on the held-out windows: the recovered model against the same blocks as pruned, before
+    recovery (the walk's "pruned" stage). If recovery made it worse, every block goes back to how it was
+    pruned (kept by the walk), and the recovered perplexities are the pruned ones — exactly that model."""
+    scored = stage_perplexities(model, SimpleNamespace(streams={k: v for k, v in streams.items()},
+                                                       returns_tuple=result.returns_tuple),
+                                {GUARD: windows}, device, final="recovered")[GUARD]
+    record = {"windows": int(windows.shape[0]), "pruned_ppl": scored["pruned"], "recovered_ppl": scored["recovered"]}
+    if scored["recovered"] <= scored["pruned"]:
+        return {**record, "kept": "recovered"}
+    prefix, blocks = find_blocks(model)
+    if len(result.pruned_states) != len(blocks) or not all(read() for read in result.pruned_states.values()):
+        # a lazy walk keeps no block to go back to; a checkpoint of an earlier version holds none
+        log.warning("recovery made the model worse end to end on the held-out windows (perplexity %.4g -> %.4g), "
+                    "but the blocks as pruned were not kept (--lazy, or resumed from a checkpoint without them): "
+                    "kept the recovered ones", scored["pruned"], scored["recovered"])
+        return {**record, "kept": "recovered (worse; the pruned blocks were not kept)"}
+    log.warning("recovery made the model worse end to end on the held-out windows (perplexity %.4g -> %.4g): "
+                "keeping every block as pruned", scored["pruned"], scored["recovered"])
+    for index, read in result.pruned_states.items():
+        state = read()
+        blocks[index].load_state_dict({k: v for k, v in state.items() if not k.startswith(MASK_KEY)})
+        result.masks.update({f"{prefix}.{index}.{k[len(MASK_KEY):]}": m for k, m in state.items()
+                             if k.startswith(MASK_KEY)})
+    evals = {name: ids for name, ids in evals.items() if "pruned" not in perplexity.get(name, {})}
+    rescored = model_perplexities(model, evals, device, batch_size) if evals else {}
+    for name, by_stage in perplexity.items():  # the pruned stage's streams are exactly this model's
+        by_stage["recovered"] = by_stage["pruned"] if name not in rescored else rescored[name]
+    return {**record, "kept": "pruned"}
 
 
 def _model_stages(model, tokenizer, config: RunConfig, text: TrainingText, device: str,
@@ -387,11 +445,22 @@ def save_run(model, tokenizer, config: RunConfig, pattern, make_record: Callable
         record = make_record()
         if record.get("structure") is not None:
             record["structure"]["file_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        if config.export is not None:  # from the folder as saved (a lazy run holds no model in memory)
+            report = export_saved(tmp, config, source_gguf_of(config.model))
+            record["export"] = {"format": config.export, "file": Path(report.path).name, **{
+                k: v for k, v in dataclasses.asdict(report).items() if k != "path"}}
         write_json(tmp / "run.json", record)
         plot_block_losses(outcome.result.blocks, tmp / "block_losses.png",
                           f"{config.model}: {config.prune.method} {pattern} + {config.recover.method}")
     checkpoint.remove()
     return record
+
+
+def export_saved(folder, config: RunConfig, source_gguf):
+    """The saved model in ``folder``, exported (``--export``) into it as ``model-<type>.gguf``."""
+    model, tokenizer = load_model(str(folder), "float32", "cpu")
+    return write_gguf(model, tokenizer, Path(folder) / f"model-{config.export_type}.gguf", config.export_type,
+                      source_gguf)
 
 
 def _save_lazy(model, tokenizer, checkpoint, folder, dtype) -> None:
@@ -417,6 +486,7 @@ def build_record(config: RunConfig, model, pattern, device: str, data: Data, out
                      "calib_seqlen": data.calib_seqlen, "eval_seqlen": data.eval_seqlen, "pattern": str(pattern),
                      "recovery_settings": dataclasses.asdict(config.recovery_settings()),
                      "pruner_settings": dataclasses.asdict(config.pruner_settings()), "notes": data.notes,
+                     **({"recipe_differences": PAPER_DIFFERENCES} if config.recover.recipe == "paper" else {}),
                      **(scale or {})},
         "versions": versions(),
         "seed": config.seed,
@@ -463,6 +533,8 @@ def lazy_blockers(config: RunConfig, pattern) -> list[str]:
         why.append(f"the finish ({config.finish.method}) trains the whole model at once")
     if pattern.structured:
         why.append("structured pruning gives the saved model one block shape from all blocks at the end")
+    if config.export is not None:
+        why.append(f"--export {config.export} reads the whole saved model (export it afterwards with ebft export)")
     return why
 
 

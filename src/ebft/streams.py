@@ -106,16 +106,17 @@ class Streams:
         self.chain, self.named = chain, named
 
     @classmethod
-    def open(cls, model, chain: Stream | None, eval_ids: dict[str, torch.Tensor] | None, stages: tuple[str, ...],
+    def open(cls, model, chain: Stream | None, eval_ids: dict[str, torch.Tensor] | None, stages,
              dense_model: bool, device: torch.device, batch_size: int, placement: Homes) -> "Streams":
-        """Capture the evaluation texts (once each; every stage starts from a copy) and, with
-        ``dense_model``, branch the dense model's stream off the chain."""
+        """Capture the evaluation texts (once each; every stage starts from a copy) at the stages
+        ``stages(name)`` gives for each, and, with ``dense_model``, branch the dense model's stream off
+        the chain."""
         shard = current()
         named: dict[str, Stream] = {}
         for name, ids in (eval_ids or {}).items():
             to = placement.home(EVALUATION, torch.device("cpu") if chain is not None else None)
             first = capture_stream(model, ids, device, batch_size, shard, to=to)
-            for i, stage in enumerate(stages):
+            for i, stage in enumerate(stages(name)):
                 named[f"{name}/{stage}"] = first.branch(stage, first.x if i == 0 else None)
         if dense_model:  # the dense model's own activations, carried beside the sparse chain
             dense = placement.pinned(chain.x.to(placement.home(DENSE_MODEL, chain.x.device), copy=True))

@@ -35,7 +35,7 @@ from .errors import ConfigError, EbftError
 from .evaluation.perplexity import model_perplexities
 from .models import load_model
 from .output import atomic_folder, check_out, mark_sweep_folder, save_pretrained, sweep_folder_problem
-from .pipeline import check_model_fits, final_stage, prepare_data, prune_and_recover
+from .pipeline import check_model_fits, final_stage, guarded, prepare_data, prune_and_recover
 from .prune import PRUNERS, get_pruner
 from .recover import RECOVERIES
 from .report import plot_sweep, sweep_markdown
@@ -245,7 +245,8 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
     datasets: dict[str, object] = {}
 
     def data_for(cell: RunConfig):
-        key = json.dumps([dataclasses.asdict(cell.calib), dataclasses.asdict(cell.eval), cell.seed], default=str)
+        key = json.dumps([dataclasses.asdict(cell.calib), dataclasses.asdict(cell.eval), cell.seed,
+                          cell.recover.guard if guarded(cell) else 0], default=str)
         if key not in datasets:
             datasets[key] = prepare_data(model, tokenizer, cell)
         return datasets[key]

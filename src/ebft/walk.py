@@ -19,6 +19,7 @@ Pruners and recoveries never move data or loop over blocks: this module does bot
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from .stats import LayerStats
 from .streams import STAGES, TARGETS, Homes, Stream, Streams, capture_stream
 
 log = logging.getLogger(__name__)
+
+MASK_KEY = "mask:"  # a pruned block's snapshot holds its masks under this prefix (names relative to the block)
 
 __all__ = ["STAGES", "PruneSpec", "RecoverSpec", "WalkResult", "walk", "planning_pass", "dense_pass"]
 
@@ -70,6 +73,7 @@ class RecoverSpec:
     settings: object = None  # the recovery's settings dataclass (None: its defaults)
     seed: int = 0
     budget: float | None = None  # seconds for the whole walk's recovery (each block: what is left / blocks left)
+    keep_pruned: bool = False  # keep each block as pruned, before recovery (the guard's fallback)
 
 
 @dataclass
@@ -81,21 +85,25 @@ class WalkResult:
     # full linear name -> [zeros, weights] of each pruned linear when its block was done: the run
     # record's sparsity when the masks are not kept (a lazy walk frees each block)
     sparsity_counts: dict[str, list[int]] = field(default_factory=dict)
+    # block index -> a function giving its tensors as pruned, before recovery (RecoverSpec.keep_pruned; not
+    # kept lazily): read back from the checkpoint folder where the run checkpoints, else held in host memory
+    pruned_states: dict[int, Callable[[], dict[str, torch.Tensor]]] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- the walk
 
 def walk(model: nn.Module, calib: torch.Tensor | Stream | None, prune: PruneSpec | None,
          recover: RecoverSpec | None = None, eval_ids: dict[str, torch.Tensor] | None = None,
-         eval_stages: tuple[str, ...] = ("dense", "final"), device: str | torch.device = "cpu",
+         eval_stages: tuple[str, ...] | dict = ("dense", "final"), device: str | torch.device = "cpu",
          batch_size: int = 1, progress: Callable[..., None] | None = None, *, checkpoint=None,
          placement: dict[str, str] | None = None) -> WalkResult:
     """Prune (and recover) ``model`` in place, block by block; push eval texts through every stage.
 
     ``calib``: the calibration windows ``[N, S]`` (token ids), or the calibration chain already
     captured (:func:`ebft.streams.capture_stream`, shared with the allocation pass). ``eval_ids`` maps a
-    name to ``[windows, seqlen]`` token ids; the result's ``streams`` holds, for each
-    ``"<name>/<stage>"``, the last block's outputs (score them with :func:`ebft.capture.tail_nll`).
+    name to ``[windows, seqlen]`` token ids, carried at ``eval_stages`` (or, a dict, at the stages given
+    for each name); the result's ``streams`` holds, for each ``"<name>/<stage>"``, the last block's
+    outputs (score them with :func:`ebft.capture.tail_nll`).
     With ``prune=None`` the walk only evaluates (every stage is then the dense model).
 
     ``checkpoint`` (:class:`ebft.checkpoint.RunCheckpoint`): continue from its last state, checkpoint
@@ -147,6 +155,7 @@ class Pruned:
     linears: dict[str, nn.Linear] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
+    snapshot: dict[str, torch.Tensor] | None = None  # the block as pruned (BlockWork.keep_pruned)
 
 
 class BlockWork:
@@ -159,6 +168,7 @@ class BlockWork:
         if recovery.scope != "block":
             raise ValueError(f"recovery {recovery.name!r} trains the whole model: the walk takes block-scope ones only")
         self.spec, self.recovery, self.seed, self.budget = prune, recovery, recover.seed, recover.budget
+        self.keep_pruned = recover.keep_pruned and prune is not None
         self.settings = recover.settings if recover.settings is not None else recovery.default_settings()
         self.pruner_settings = None if prune is None else (
             prune.settings if prune.settings is not None else prune.pruner.default_settings())
@@ -166,11 +176,15 @@ class BlockWork:
         self.needs = frozenset(prune.pruner.needs) | recovery.needs if prune is not None else frozenset()
         self.config, self.prefix, self.progress = model.config, find_blocks(model)[0], progress
 
-    def stages(self, asked: tuple[str, ...]) -> tuple[str, ...]:
-        """The evaluation stages that differ: only "dense" without pruning; no "pruned" without recovery."""
-        if self.spec is None:
-            return ("dense",)
-        return tuple(s for s in asked if s != "pruned" or self.recovery.name != "none")
+    def stages(self, asked: tuple[str, ...] | dict):
+        """The evaluation stages of each text that differ: only "dense" without pruning; no "pruned"
+        without recovery."""
+        def stages_of(name: str) -> tuple[str, ...]:
+            wanted = asked[name] if isinstance(asked, dict) else asked
+            if self.spec is None:
+                return ("dense",)
+            return tuple(s for s in wanted if s != "pruned" or self.recovery.name != "none")
+        return stages_of
 
     def chain(self, model, calib, device, batch_size, where: Homes) -> Stream | None:
         """The calibration chain: as given (already captured), or captured from token ids."""
@@ -201,7 +215,11 @@ class BlockWork:
         linears = find_linears(block) if self.spec.pruner.structured else measured.linears  # shrunk
         for s in measured.stats.values():
             s.keep_only(self.recovery.needs)  # the Hessian is large; free it unless the recovery reads it
-        return Pruned(index, block, site, measured, linears, masks, record)
+        snapshot = None
+        if self.keep_pruned:  # the block as pruned (weights and masks), before the recovery changes them
+            snapshot = {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}
+            snapshot.update({f"{MASK_KEY}{n}": m.detach().to("cpu", copy=True) for n, m in masks.items()})
+        return Pruned(index, block, site, measured, linears, masks, record, snapshot)
 
     def recover(self, pruned: Pruned, streams: Streams, time_share: float | None) -> dict:
         """The recovery of one block (nothing without pruning); the block's record."""
@@ -289,6 +307,10 @@ class WalkState:
         if self.keep_masks:
             self.out.masks.update(full)
             self.checkpoint.save_masks(index, full)
+            if pruned.snapshot is not None:
+                on_disk = self.checkpoint.save_pruned(index, pruned.snapshot)
+                self.out.pruned_states[index] = (functools.partial(self.checkpoint.pruned, index) if on_disk
+                                                 else functools.partial(dict, pruned.snapshot))
         self.store.release(index, write_to=self.checkpoint.writer)
         record["seconds"] = round(time.perf_counter() - self._started, 3)
         self.out.blocks.append(record)
@@ -331,6 +353,8 @@ class WalkState:
         block = self.store.blocks[index]
         self.work.restore_shape(index, block)
         _set_block_state_(block, self.checkpoint.block_tensors(prefix), prefix)
+        if self.work.keep_pruned and self.keep_masks:  # ({} if the checkpoint has none: the guard says so)
+            self.out.pruned_states[index] = functools.partial(self.checkpoint.pruned, index)
         if self.keep_masks and self.work.spec is not None:
             saved = self.checkpoint.masks(index)
             # in the order the walk made them (run.json's sparsity lists the layers in this order)

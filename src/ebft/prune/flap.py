@@ -10,6 +10,9 @@ the output projections' inputs that the walk collected on the chain's inputs to 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
 
 from ebft.prune.base import register_pruner
 from ebft.settings import option
@@ -23,6 +26,10 @@ class FlapSettings:
     flap_structure: str = option("adaptive", "FLAP: {choices} (adaptive: one global ranking of heads and channels "
                                  "weighted by the parameters they remove, the paper's AL-AM; uniform: the same "
                                  "ratio in every block and module)", choices=MODES)
+    flap_bias_stats: str = option("chain", "FLAP's bias compensation adds the removed channels' mean input from: "
+                                  "{choices} (chain: the pruned chain's inputs to the block, which the block really "
+                                  "receives; dense: the dense model's own, as FLAP's reference)",
+                                  choices=("chain", "dense"))
     bias_compensation: bool | None = option(None, "FLAP adds the removed channels' mean contribution to the "
                                             "output projections' bias (auto: where the family's config can hold "
                                             "those biases, so that the model saves; off otherwise, said in one line)",
@@ -31,5 +38,8 @@ class FlapSettings:
 
 @register_pruner("flap", needs=STATS_NEEDED, settings=FlapSettings, structured=True)
 def flap(block, config, structure, stats, settings: FlapSettings) -> None:
-    """Shrink ``block`` to ``structure`` (chosen by the planning pass), compensating the biases."""
+    """Shrink ``block`` to ``structure`` (chosen by the planning pass), compensating the biases with the
+    means of ``flap_bias_stats``."""
+    if settings.bias_compensation and settings.flap_bias_stats == "dense":
+        stats = {name: SimpleNamespace(mean=torch.tensor(mean)) for name, mean in structure.dense_means.items()}
     shrink_block_(block, config, structure, stats if settings.bias_compensation else None)

@@ -149,7 +149,7 @@ def evaluate_loss(ctx, index: torch.Tensor, settings: BlockTrainingSettings, amp
 
 
 def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSettings, amp,
-                 weight_masks=()) -> tuple[list[float], bool]:
+                 weight_masks=(), on_step=None) -> tuple[list[float], bool]:
     """``settings.epochs`` shuffled passes over ``train_idx`` minimising the block loss; the learning
     rate decays linearly to 0. The shuffling derives from the run's seed and the block's index.
     Returns (mean loss of each epoch, whether a loss was non-finite).
@@ -158,7 +158,10 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
     first few steps are timed (:data:`TIMED_STEPS`, the first of them not counted: warm-up), and as many
     epochs as fit in the share run (at least one), the learning-rate schedule set to end at 0 after the
     last of them (decided before the rate has moved by more than a few steps' worth). Under
-    torch.distributed the slowest rank's steps decide, so every rank runs the same epochs."""
+    torch.distributed the slowest rank's steps decide, so every rank runs the same epochs.
+
+    ``on_step(step, total_steps)`` is called after every optimiser step (a recovery whose mask moves
+    during training tightens it there)."""
     device = ctx.device
     steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
     epochs = settings.epochs
@@ -185,6 +188,8 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
                 nonfinite |= ~torch.isfinite(loss)
             schedule.step()
             step += 1
+            if on_step is not None:
+                on_step(step, total["steps"])
             if share is not None and step <= timed:
                 clock.append(_now(device))
                 if step == timed:  # steps after the first (warm-up) say how long an epoch takes

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -129,6 +129,9 @@ class Structure:
     mlp_units: int
     attention_params: int  # parameters per unit, for the bookkeeping below
     mlp_params: int
+    # the dense model's mean inputs of the output projections ({linear name: [mean per input]}), taken in
+    # the allocation pass: bias compensation from the dense model (FLAP's reference), not the pruned chain
+    dense_means: dict | None = field(default=None, compare=False)
 
     def __post_init__(self):
         for kind, keep, units in ((ATTENTION, self.attention_keep, self.attention_units),
