@@ -1,6 +1,5 @@
 """ebft-gradual: the mask tightens during the block's training, ends exactly on the pattern, never worse than the
-pruner's one-shot mask; the paper recipe trains the norms as the reference does; FLAP's bias compensation from
-the dense model's means."""
+pruner's one-shot mask; FLAP's bias compensation from the dense model's means; the end-to-end guard."""
 import json
 
 import pytest
@@ -65,23 +64,6 @@ def test_lr_zero_keeps_the_one_shot_result():
         assert torch.equal(a, b), name
 
 
-def test_the_paper_recipe_trains_the_norms_as_the_reference_does(tiny_model_dir, text_file, tmp_path):
-    from ebft.cli import main
-
-    out = tmp_path / "p"
-    assert main(["run", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
-                 "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2", "--recipe", "paper",
-                 "--epochs", "1", "--out", str(out)]) == 0
-    record = json.loads((out / "run.json").read_text())
-    assert record["resolved"]["recovery_settings"]["train_norms"] is True
-    assert any("scaled" in note for note in record["resolved"]["recipe_differences"])
-    from transformers import AutoModelForCausalLM
-
-    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    after = AutoModelForCausalLM.from_pretrained(out)
-    assert not torch.equal(before.model.layers[0].input_layernorm.weight, after.model.layers[0].input_layernorm.weight)
-
-
 def test_flap_compensation_from_the_dense_model_uses_its_means():
     from ebft.allocation import flap_allocator
     from ebft.prune.flap import FlapSettings
@@ -100,6 +82,18 @@ def test_flap_compensation_from_the_dense_model_uses_its_means():
     assert not torch.equal(biases["chain"][2], biases["dense"][2])  # later blocks see the pruned chain
 
 
+def recovery_looks_worse(real):
+    """``stage_perplexities`` with the guard's verdict forced: the recovered model twice as bad on its windows."""
+    import ebft.pipeline as pipeline
+
+    def scored(model, result, evals, device, final):
+        ppl = real(model, result, evals, device, final)
+        if pipeline.GUARD in evals:
+            ppl[pipeline.GUARD]["recovered"] = 2 * ppl[pipeline.GUARD]["pruned"]
+        return ppl
+    return scored
+
+
 @pytest.mark.parametrize("checkpoint", ["--checkpoint", "--no-checkpoint"])  # blocks as pruned: on disk / in memory
 def test_the_guard_keeps_the_pruned_blocks_when_recovery_makes_the_model_worse(tiny_model_dir, text_file, tmp_path,
                                                                                  monkeypatch, checkpoint):
@@ -109,21 +103,14 @@ def test_the_guard_keeps_the_pruned_blocks_when_recovery_makes_the_model_worse(t
     import ebft.pipeline as pipeline
     from ebft.cli import main
 
-    real = pipeline.stage_perplexities
-
-    def recovery_looks_worse(model, result, evals, device, final):
-        scored = real(model, result, evals, device, final)
-        if pipeline.GUARD in evals:
-            scored[pipeline.GUARD]["recovered"] = 2 * scored[pipeline.GUARD]["pruned"]
-        return scored
-
     args = ["run", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
             "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2", "--recover", "ebft-gradual",
             "--epochs", "2", "--sparsity", "0.7", checkpoint]
     assert main([*args, "--out", str(tmp_path / "free")]) == 0
     free = json.loads((tmp_path / "free" / "run.json").read_text())
     assert free["recovery"]["guard"]["kept"] == "recovered"
-    monkeypatch.setattr(pipeline, "stage_perplexities", recovery_looks_worse)
+    real = pipeline.stage_perplexities
+    monkeypatch.setattr(pipeline, "stage_perplexities", recovery_looks_worse(real))
     assert main([*args, "--out", str(tmp_path / "guarded")]) == 0
     record = json.loads((tmp_path / "guarded" / "run.json").read_text())
     assert record["recovery"]["guard"]["kept"] == "pruned"
@@ -135,3 +122,24 @@ def test_the_guard_keeps_the_pruned_blocks_when_recovery_makes_the_model_worse(t
     assert saved[text] == pytest.approx(ppl["pruned"], rel=1e-4)  # the saved model is the pruned one
     assert record["sparsity"]["overall"] == free["sparsity"]["overall"]
     # (not the pruner-alone model: block i was pruned on recovered block i-1's outputs, as the walk goes)
+
+
+def test_the_guard_keeps_the_recovered_model_when_the_pruned_blocks_cannot_be_read(tiny_model_dir, text_file, tmp_path,
+                                                                                   monkeypatch, caplog):
+    """A damaged snapshot in the checkpoint folder does not end the run at its last step: the recovered model is
+    kept, and the record and the log say why."""
+    import ebft.pipeline as pipeline
+    from ebft.checkpoint import RunCheckpoint, _damaged
+    from ebft.cli import main
+
+    def damaged(self, index):
+        raise _damaged(self.folder / "pruned" / f"block-{index:05d}.safetensors", ValueError("truncated"))
+
+    monkeypatch.setattr(pipeline, "stage_perplexities", recovery_looks_worse(pipeline.stage_perplexities))
+    monkeypatch.setattr(RunCheckpoint, "pruned", damaged)
+    assert main(["run", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
+                 "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2", "--epochs", "1",
+                 "--out", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["recovery"]["guard"]["kept"].startswith("recovered (worse")
+    assert any("is damaged" in r.message for r in caplog.records)

@@ -295,11 +295,14 @@ def test_resume_on_a_finished_run_says_there_is_nothing_to_resume(four_blocks, t
     (["--recover", "dsnot", "--lr", "0.01"], "--lr"), (["--owl-lambda", "0.05"], "--owl-lambda"),
     (["--sparsegpt-damp", "0.1"], "--sparsegpt-damp"), (["--zeroshot-limit", "5"], "--zeroshot-limit"),
     (["--no-checkpoint", "--checkpoint-every", "60"], "--checkpoint-every"),
-    (["--recover", "none", "--recipe", "paper"], "--recipe")])
+    (["--recover", "none", "--recipe", "paper"], "--recipe"), (["--recover", "lora", "--recover-guard", "8"],
+                                                                  "--recover-guard"),
+    (["--recover", "none", "--gradual-updates", "3"], "--gradual-updates"),
+    (["--export-type", "q8_0"], "--export-type")])
 def test_flags_of_a_stage_that_does_not_run_are_refused(four_blocks, tmp_path, capsys, extra, needle):
     assert main(_args(four_blocks, tmp_path / "out", *extra)) == 2
     line = _one_line(capsys)
-    assert line.startswith(f"ebft: error: {needle} ") and "applies only with" in line
+    assert line.startswith(f"ebft: error: {needle} ") and "applies only with --" in line  # and says which
     assert not list(tmp_path.iterdir())
 
 

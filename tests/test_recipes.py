@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from ebft.config import RunConfig
 from ebft.recover.recipes import RECIPES, value
@@ -49,7 +50,13 @@ def test_run_records_the_recipe_and_the_settings_that_ran(tiny_model_dir, text_f
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["recover"]["recipe"] == "paper"
     ran = record["resolved"]["recovery_settings"]
-    assert ran["epochs"] == 1 and ran["lr"] == 2e-4 and ran["target"] == "dense-block"
+    assert ran["epochs"] == 1 and ran["lr"] == 2e-4 and ran["target"] == "dense-block" and ran["train_norms"] is True
+    assert any("scaled" in note for note in record["resolved"]["recipe_differences"])  # what differs, and why
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # the norms trained, as the reference's do
+    after = AutoModelForCausalLM.from_pretrained(out)
+    assert not torch.equal(before.model.layers[0].input_layernorm.weight, after.model.layers[0].input_layernorm.weight)
 
 
 # ----------------------------------------------------------------------------- --recover-budget

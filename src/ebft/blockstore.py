@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import weakref
 from collections import defaultdict
 from pathlib import Path

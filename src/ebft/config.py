@@ -308,7 +308,8 @@ class RunConfig:
             if f.name not in own and getattr(self.recover, f.name) != st.default_of(f):
                 owners = [n for n, r in RECOVERIES.items() if f.name in {g.name for g in dataclasses.fields(r.settings)}
                           or (f.name == "recipe" and any(k in RECIPES[self.recover.recipe]
-                                                         for k in (g.name for g in dataclasses.fields(r.settings))))]
+                                                         for k in (g.name for g in dataclasses.fields(r.settings))))
+                          or (f.name == "guard" and r.scope == "block" and n != "none")]
                 unused[f"recover.{f.name}"] = (getattr(self.recover, f.name), f"--recover {' or '.join(owners)}")
         if self.finish.method == "none":
             for f in st.fields_of(self.finish):

@@ -40,7 +40,7 @@ from .blockstore import load_lazy, store_for, weights_bytes
 from .checkpoint import NO_CHECKPOINT, RunCheckpoint, discard_if_finished, kill_point, settings_of
 from .config import RunConfig, budget_seconds, check_device, check_source, resolve_device
 from .data import adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
-from .errors import ConfigError
+from .errors import ConfigError, EbftError
 from .estimate import REDUCE, RunSizes, plan_resources
 from .export.gguf import source_gguf_of, write_gguf
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, model_perplexities, stage_perplexities
@@ -242,11 +242,11 @@ def check_guard(model, result, streams: dict, windows, perplexity: dict, evals: 
     if scored["recovered"] <= scored["pruned"]:
         return {**record, "kept": "recovered"}
     prefix, blocks = find_blocks(model)
-    if len(result.pruned_states) != len(blocks) or not all(read() for read in result.pruned_states.values()):
+    if len(result.pruned_states) != len(blocks) or not all(_readable(read) for read in result.pruned_states.values()):
         # a lazy walk keeps no block to go back to; a checkpoint of an earlier version holds none
         log.warning("recovery made the model worse end to end on the held-out windows (perplexity %.4g -> %.4g), "
-                    "but the blocks as pruned were not kept (--lazy, or resumed from a checkpoint without them): "
-                    "kept the recovered ones", scored["pruned"], scored["recovered"])
+                    "but the blocks as pruned were not kept (--lazy, or resumed from a checkpoint without them or "
+                    "with a damaged one): kept the recovered ones", scored["pruned"], scored["recovered"])
         return {**record, "kept": "recovered (worse; the pruned blocks were not kept)"}
     log.warning("recovery made the model worse end to end on the held-out windows (perplexity %.4g -> %.4g): "
                 "keeping every block as pruned", scored["pruned"], scored["recovered"])
@@ -260,6 +260,15 @@ def check_guard(model, result, streams: dict, windows, perplexity: dict, evals: 
     for name, by_stage in perplexity.items():  # the pruned stage's streams are exactly this model's
         by_stage["recovered"] = by_stage["pruned"] if name not in rescored else rescored[name]
     return {**record, "kept": "pruned"}
+
+
+def _readable(read) -> bool:
+    """Whether a block as pruned can be read back (a damaged file in the checkpoint: no, said once)."""
+    try:
+        return bool(read())
+    except EbftError as exc:
+        log.warning("%s", exc)
+        return False
 
 
 def _model_stages(model, tokenizer, config: RunConfig, text: TrainingText, device: str,

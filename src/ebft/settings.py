@@ -21,7 +21,7 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Callable
 
 from .errors import ConfigError

@@ -13,10 +13,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..system import accelerator_free, fmt_bytes, host_available
 from .memory import (RunSizes, activation_bytes, host_fixed_bytes, seqlens, weight_bytes, working_bytes)
 from .shape import ModelShape, load_config, model_shape
+
+if TYPE_CHECKING:
+    from .timing import TimeEstimate
 
 ACCELERATOR, PINNED, HOST, REDUCE, UNKNOWN = "accelerator", "pinned host", "host", "reduce", "unknown"
 # the flag that sets each size a reduction names

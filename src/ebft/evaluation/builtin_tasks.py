@@ -20,7 +20,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import zipfile
 from pathlib import Path
 

@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..masks import Pattern, mask_from_scores
 from ..settings import option
@@ -149,5 +148,4 @@ def ebft_gradual(ctx: BlockContext, settings: GradualSettings) -> dict:
                   trainable_params=sum(p.numel() for p in params) - sum(int((~m).sum()) for m in masks.values()))
     if len(hold_idx):
         record["holdout_loss_after"] = evaluate_loss(ctx, hold_idx, settings, amp)
-    del optimizer
     return record
