@@ -27,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frontier  # noqa: E402  (the data, the cell builder)
 
-ROOT = Path(__file__).resolve().parents[1]
 # (question, setting, recovery fields, the field compared, its two values)
 QUESTIONS = [
     ("flap bias stats", "flap-adaptive:0.2", {"method": "none"}, ("prune", "flap_bias_stats"), ("chain", "dense")),
@@ -50,16 +49,7 @@ def cell(setting: str, recovery: dict, field: tuple[str, str], value, args):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="builtin:smollm2")
-    ap.add_argument("--calib", default=str(frontier.C4) if frontier.C4.exists() else "offline-c4")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--eval", nargs="+", default=[str(p) for p in (frontier.WIKI, frontier.PTB) if p.exists()]
-                    or ["offline"])
-    ap.add_argument("--eval-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "choices")
-    ap.add_argument("--cached", action="store_true", help="the table of what has run, running nothing")
+    frontier.add_data_arguments(ap, "choices")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from ebft.report import markdown_table

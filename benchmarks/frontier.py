@@ -137,19 +137,10 @@ def training_tokens(cell: dict) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="builtin:smollm2")
     ap.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help=f"comma list of {SETTINGS_HELP}")
     ap.add_argument("--points", help="comma list of points (default: per setting, see --list)")
-    ap.add_argument("--calib", default=str(C4) if C4.exists() else "offline-c4")
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--eval", nargs="+", default=[str(p) for p in (WIKI, PTB) if p.exists()] or ["offline"])
-    ap.add_argument("--eval-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "frontier")
+    add_data_arguments(ap, "frontier")
     ap.add_argument("--list", action="store_true", help="print the points and exit")
-    ap.add_argument("--cached", action="store_true",
-                    help="table and plot from the points already run (under --out), running nothing")
     args = ap.parse_args()
     if args.list:
         for name, (line, changes) in POINTS.items():
@@ -188,6 +179,20 @@ def main() -> int:
     plot(results, args.out / "frontier.png")
     print(f"wrote {args.out}/frontier.json, frontier.md, frontier.png")
     return 0
+
+
+def add_data_arguments(ap, name: str, calib: str | None = None, nsamples: int = 32, eval_windows: int = 20) -> None:
+    """The model, the data and the output folder of a benchmark built on these cells (the frontier's by default)."""
+    ap.add_argument("--model", default="builtin:smollm2")
+    ap.add_argument("--calib", default=calib or (str(C4) if C4.exists() else "offline-c4"))
+    ap.add_argument("--nsamples", type=int, default=nsamples)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--eval", nargs="+", default=[str(p) for p in (WIKI, PTB) if p.exists()] or ["offline"])
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=eval_windows)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / name)
+    ap.add_argument("--cached", action="store_true", help="the tables of the points already run (under --out), "
+                    "running nothing")
 
 
 def run_setting(setting: str, points: list[str], args) -> dict | None:

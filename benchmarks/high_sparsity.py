@@ -21,25 +21,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import frontier  # noqa: E402  (the points, the cell runner)
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [f"{m}:{s}{o}" for m in ("wanda", "sparsegpt") for s in ("0.6", "0.7", "0.8") for o in ("", ":owl")] + [
     "wanda:2:4", "sparsegpt:2:4"]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="builtin:smollm2")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {frontier.SETTINGS_HELP}")
     ap.add_argument("--epochs", type=int, default=2, choices=(1, 2, 4, 8), help="EBFT epochs of both recipes")
-    ap.add_argument("--calib", default="offline")
-    ap.add_argument("--nsamples", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--eval", nargs="+", default=[str(p) for p in (frontier.WIKI, frontier.PTB) if p.exists()]
-                    or ["offline"])
-    ap.add_argument("--eval-seqlen", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=8)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "high_sparsity")
-    ap.add_argument("--cached", action="store_true", help="the table of what has run, running nothing")
+    frontier.add_data_arguments(ap, "high_sparsity", calib="offline", nsamples=16, eval_windows=8)
     args = ap.parse_args()
     settings = args.settings.split(",")
     for setting in settings:
