@@ -124,7 +124,8 @@ def test_a_cell_is_keyed_on_exactly_its_recoverys_own_settings(method):
         setattr(changed.recover, f.name, _another_valid_value(getattr(changed.recover, f.name), f.name))
         # the recipe concerns a method through the settings it resolves
         concerned = (f.name in own or (f.name == "recipe" and own & set(RECIPES["best"]))
-                     or (f.name == "budget" and method in ("ebft", "ebft-mask")))  # it times block training
+                     or (f.name == "budget" and method in ("ebft", "ebft-mask"))  # it times block training
+                     or (f.name == "guard" and method in ("ebft", "ebft-mask", "dsnot")))  # it checks block-wise ones
         assert (cell_key(changed) != key) == bool(concerned), f.name
 
 
@@ -210,3 +211,24 @@ def test_the_finish_and_the_budget_change_a_cells_key_only_when_set():
     no_budget = cell_key(base)
     base.recover.budget = None
     assert cell_key(base) == no_budget  # nothing to time
+
+
+def test_the_guard_changes_a_cells_key_only_where_it_can_change_the_cell():
+    from ebft.config import RunConfig
+    from ebft.sweeps import cell_key
+
+    base = RunConfig(model="m")
+    base.calib.source = "offline"
+    guarded = cell_key(base)  # ebft: a block-wise recovery, the guard at its default
+    base.recover.guard = 0
+    assert cell_key(base) != guarded  # a sweep rerun with --recover-guard 0 must not reuse guarded cells
+    base.recover.guard = 16
+    assert cell_key(base) not in (guarded, cell_key(dataclasses.replace(base, recover=dataclasses.replace(
+        base.recover, guard=0))))
+    for method in ("none", "lora"):  # no guard runs: the setting changes nothing
+        base.recover.method = method
+        keys = set()
+        for guard in (0, 4, 16):
+            base.recover.guard = guard
+            keys.add(cell_key(base))
+        assert len(keys) == 1, method

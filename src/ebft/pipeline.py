@@ -139,10 +139,15 @@ def prepare_data(model, tokenizer, config: RunConfig, calibrate: bool = True) ->
     return Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes, guard)
 
 
+def guardable(config: RunConfig) -> bool:
+    """Whether the run's recovery is one the end-to-end guard can check (block-wise, not none)."""
+    recovery = get_recovery(config.recover.method)
+    return recovery.scope == "block" and recovery.name != "none"
+
+
 def guarded(config: RunConfig) -> bool:
     """Whether the run checks end to end that block-wise recovery did not make the model worse."""
-    recovery = get_recovery(config.recover.method)
-    return config.recover.guard > 0 and recovery.scope == "block" and recovery.name != "none"
+    return config.recover.guard > 0 and guardable(config)
 
 
 def check_model_fits(model, pattern, config: RunConfig) -> None:

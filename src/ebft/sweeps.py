@@ -35,7 +35,7 @@ from .errors import ConfigError, EbftError
 from .evaluation.perplexity import model_perplexities
 from .models import load_model
 from .output import atomic_folder, check_out, mark_sweep_folder, save_pretrained, sweep_folder_problem
-from .pipeline import check_model_fits, final_stage, guarded, prepare_data, prune_and_recover
+from .pipeline import check_model_fits, final_stage, guardable, guarded, prepare_data, prune_and_recover
 from .prune import PRUNERS, get_pruner
 from .recover import RECOVERIES
 from .report import plot_sweep, sweep_markdown
@@ -119,7 +119,8 @@ def _check_list(name: str, values: list[str], registry: dict) -> None:
 def cell_key(cell: RunConfig) -> str:
     """A hash of everything that can change a cell's numbers: all settings but out/overwrite, and of the
     pruning and recovery sections only what the cell's own pruner and recovery declare (tuning LoRA never
-    reruns an EBFT cell, SparseGPT's dampening never a Wanda one)."""
+    reruns an EBFT cell, SparseGPT's dampening never a Wanda one), the time budget and the end-to-end
+    guard where they apply."""
     settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
     if cell.finish.method == "none":  # no finish: its settings change nothing (and keys stay as before it existed)
         settings.pop("finish")
@@ -127,8 +128,12 @@ def cell_key(cell: RunConfig) -> str:
     settings["prune"] = {k: v for k, v in settings["prune"].items()
                          if k in ("method", "sparsity", "pattern", "scope", "layers") or k in own_prune}
     budget = cell.recover.budget if _trains_blocks(cell.recover.method) else None
+    # the guard can change what a cell saves; at its default the key stays as before it was configurable
+    guard = cell.recover.guard if guardable(cell) else None
+    guard_default = next(f.default for f in dataclasses.fields(cell.recover) if f.name == "guard")
     settings["recover"] = {"method": cell.recover.method, **dataclasses.asdict(cell.recovery_settings()),
-                           **({"budget": budget} if budget is not None else {})}
+                           **({"budget": budget} if budget is not None else {}),
+                           **({"guard": guard} if guard not in (None, guard_default) else {})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
