@@ -168,7 +168,7 @@ def flap_allocator(pattern: Pattern, settings, model_config) -> Allocator:
 
     def decide(summaries) -> Allocation:
         structures = select_structure([scores for scores, _ in summaries], pattern.sparsity, settings.flap_structure)
-        if getattr(settings, "flap_bias_stats", "chain") == "dense":  # kept for the compensation
+        if getattr(settings, "flap_bias_stats", "dense") == "dense":  # kept for the compensation
             structures = [dataclasses.replace(s, dense_means=means) for s, (_, means) in zip(structures, summaries)]
         blocks = [{"index": i, "kv_groups": s.attention_units, "kv_groups_kept": len(s.attention_keep),
                    "channels": s.mlp_units, "channels_kept": len(s.mlp_keep),
