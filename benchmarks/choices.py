@@ -5,7 +5,8 @@
   dense model's (``dense``, FLAP's reference code) — FLAP adaptive and uniform at 20 %, without recovery
   and with one epoch of EBFT (best recipe);
 - DSnoT on the MLP linears too (``--dsnot-skip-mlp`` off) or on the attention linears only (on, the DSnoT
-  reference code's default) — after Wanda at 50 % and 60 %.
+  reference code's default) — after Wanda at 50, 60 and 70 %, with the end-to-end guard off
+  (``--recover-guard 0``: with it, the guard's fallback would be compared instead of DSnoT's own result).
 
 Each pair runs as sweep cells (resumable under ``--out``) on the frontier's data: 32 × 256 calibration
 windows of C4 (the shared sample; ``offline-c4`` without it), WikiText-2 and PTB test, 20 × 512 each.
@@ -33,9 +34,9 @@ QUESTIONS = [
     ("flap bias stats", "flap-adaptive:0.2", {"method": "ebft", "epochs": 1}, ("prune", "flap_bias_stats"),
      ("chain", "dense")),
     ("flap bias stats", "flap-uniform:0.2", {"method": "none"}, ("prune", "flap_bias_stats"), ("chain", "dense")),
-    ("dsnot skip mlp", "wanda:0.5", {"method": "dsnot"}, ("recover", "dsnot_skip_mlp"), (False, True)),
-    ("dsnot skip mlp", "wanda:0.6", {"method": "dsnot"}, ("recover", "dsnot_skip_mlp"), (False, True)),
-    ("dsnot skip mlp", "wanda:0.7", {"method": "dsnot"}, ("recover", "dsnot_skip_mlp"), (False, True)),
+    ("dsnot skip mlp", "wanda:0.5", {"method": "dsnot", "guard": 0}, ("recover", "dsnot_skip_mlp"), (False, True)),
+    ("dsnot skip mlp", "wanda:0.6", {"method": "dsnot", "guard": 0}, ("recover", "dsnot_skip_mlp"), (False, True)),
+    ("dsnot skip mlp", "wanda:0.7", {"method": "dsnot", "guard": 0}, ("recover", "dsnot_skip_mlp"), (False, True)),
 ]
 
 
@@ -66,14 +67,17 @@ def main() -> int:
         first, second = (f["perplexity"] for f in finished)
         results.append({"question": question, "setting": setting, "recovery": recovery, "field": field[1],
                         "values": list(values), "dense": dense, "perplexity": [first, second],
-                        "seconds": [f["seconds"] for f in finished]})
+                        "seconds": [f["seconds"] for f in finished],
+                        "guard": [((f.get("recovery") or {}).get("guard") or {}).get("kept") for f in finished]})
         rows.append([question, setting, recovery["method"], f"{values[0]} → {values[1]}",
-                     *(f"{first[t]:.2f} → {second[t]:.2f} ({second[t] / first[t] - 1:+.1%})" for t in texts)])
+                     *(f"{first[t]:.2f} → {second[t]:.2f} ({second[t] / first[t] - 1:+.1%})" for t in texts),
+                     " / ".join(str(kept or "off") for kept in results[-1]["guard"])])
         print(rows[-1], file=sys.stderr, flush=True)
     if not results:
         print(f"nothing has run under {args.out}", file=sys.stderr)
         return 1
-    print(markdown_table(["question", "setting", "recovery", "choice", *(Path(t).name for t in texts)], rows))
+    print(markdown_table(["question", "setting", "recovery", "choice", *(Path(t).name for t in texts),
+                                         "guard kept"], rows))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "choices.json").write_text(json.dumps(results, indent=2))
     return 0

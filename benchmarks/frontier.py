@@ -90,25 +90,27 @@ def cell_for(setting: str, point: str, args):
     return cfg
 
 
-def time_to_reach(points: list[tuple[float, float]], target: float) -> float | None:
+def time_to_reach(points: list[tuple[float, float]], target: float) -> tuple[float | None, bool]:
     """Seconds a method's curve needs to reach perplexity ``target``: its (seconds, perplexity) points sorted
     by time, interpolated log-log between the last point above the target and the first at or below it
-    (None if it never gets there)."""
+    (None if it never gets there); and whether that is only an upper bound (its first point already
+    reached the target: it may have needed less time)."""
     import math
 
     points = sorted(points)
     for (t0, p0), (t1, p1) in zip([(None, math.inf), *points], points):
         if p1 <= target:
             if t0 is None or p0 == math.inf or t0 <= 0:
-                return t1
+                return t1, True
             f = (math.log(p0) - math.log(target)) / (math.log(p0) - math.log(p1))
-            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
-    return None
+            return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0))), False
+    return None, False
 
 
 def equal_quality(result: dict, text: str, fast: str = "EBFT, best recipe", slow: str = "LoRA (masked)") -> dict | None:
     """How much time ``slow``'s curve needs to reach the perplexities ``fast``'s points reach (and the reverse),
-    on ``text``: per point of each line, the other line's interpolated time, and their ratio."""
+    on ``text``: per point of each line, the other line's interpolated time, and their ratio (``bound``:
+    "<=" or ">=" when the other line's time is only an upper bound, so the ratio is a bound too)."""
     lines = {}
     for p in result["points"]:
         lines.setdefault(p["line"], []).append((p["recovery_seconds"], p["perplexity"][text]))
@@ -117,9 +119,10 @@ def equal_quality(result: dict, text: str, fast: str = "EBFT, best recipe", slow
     rows = []
     for ours, theirs in ((fast, slow), (slow, fast)):
         for seconds, ppl in sorted(lines[ours]):
-            other = time_to_reach(lines[theirs], ppl)
+            other, upper = time_to_reach(lines[theirs], ppl)
             t_fast, t_slow = (seconds, other) if ours == fast else (other, seconds)
-            rows.append({"perplexity": ppl, "from": ours, fast: t_fast, slow: t_slow,
+            bound = "" if not upper else ("<=" if theirs == slow else ">=")
+            rows.append({"perplexity": ppl, "from": ours, fast: t_fast, slow: t_slow, "bound": bound,
                          "ratio": None if t_fast is None or t_slow is None else round(t_slow / t_fast, 2)})
     return {"text": text, "fast": fast, "slow": slow, "rows": sorted(rows, key=lambda r: -r["perplexity"])}
 
@@ -164,17 +167,18 @@ def main() -> int:
             continue
         results[setting] = finished
         print(table(setting, results[setting]))
-        speed = equal_quality(results[setting], next(iter(results[setting]["dense"])))
-        if speed:
-            results[setting]["equal_quality"] = speed
-            print(equal_quality_table(speed))
+        speeds = [speed for text in results[setting]["dense"] if (speed := equal_quality(results[setting], text))]
+        if speeds:
+            results[setting]["equal_quality"] = speeds
+            for speed in speeds:
+                print(equal_quality_table(speed))
     if not results:
         print(f"nothing to show: no point of {args.settings} has run under {args.out}", file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "frontier.json").write_text(json.dumps(results, indent=2))
     (args.out / "frontier.md").write_text("\n\n".join(
-        table(s, r) + ("\n\n" + equal_quality_table(r["equal_quality"]) if r.get("equal_quality") else "")
+        "\n\n".join([table(s, r), *(equal_quality_table(speed) for speed in r.get("equal_quality", []))])
         for s, r in results.items()) + "\n")
     plot(results, args.out / "frontier.png")
     print(f"wrote {args.out}/frontier.json, frontier.md, frontier.png")
@@ -218,9 +222,16 @@ def equal_quality_table(speed: dict) -> str:
     from ebft.report import markdown_table
 
     fast, slow = speed["fast"], speed["slow"]
-    rows = [[r["perplexity"], r["from"], r[fast], r[slow], r["ratio"]] for r in speed["rows"]]
+    def mark(r, name):
+        upper = r["bound"] and ((r["bound"] == "<=") == (name == slow))  # the other line's time, a bound
+        return "—" if r[name] is None else f"{'≤ ' if upper else ''}{r[name]:.1f}"
+
+    rows = [[f"{r['perplexity']:.4g}", r["from"], mark(r, fast), mark(r, slow),
+             "—" if r["ratio"] is None else f"{'≤ ' if r['bound'] == '<=' else '≥ ' if r['bound'] else ''}{r['ratio']:.2f}"]
+            for r in speed["rows"]]
     return (f"time to reach the same {speed['text']} perplexity (interpolated log-log on each curve; "
-            f"ratio = {slow} / {fast})\n\n"
+            f"ratio = {slow} / {fast}; ≤ / ≥: the other line's first point already reached it, so its "
+            f"time is an upper bound)\n\n"
             + markdown_table(["perplexity", "point of", f"{fast} s", f"{slow} s", "ratio"], rows))
 
 
@@ -249,26 +260,28 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.2 * len(results)), squeeze=False)
+    texts = list(next(iter(results.values()))["dense"])
+    names = dict.fromkeys(p["line"] for r in results.values() for p in r["points"] if p["point"] != "none")
+    colours = {line: f"C{i}" for i, line in enumerate(names)}  # one colour per line in every panel
+    fig, axes = plt.subplots(len(results), len(texts), figsize=(6.5 * len(texts), 4.2 * len(results)), squeeze=False)
     for row, (setting, result) in zip(axes, results.items()):
-        text = next(iter(result["dense"]))
-        pruned = next((p["perplexity"][text] for p in result["points"] if p["point"] == "none"), None)
-        for ax, x_key, x_label in ((row[0], "recovery_seconds", "recovery wall time (s, 2 CPU cores)"),
-                                   (row[1], "tokens", "training tokens")):
+        for ax, text in zip(row, texts):
+            pruned = next((p["perplexity"][text] for p in result["points"] if p["point"] == "none"), None)
             lines: dict[str, list] = {}
             for p in result["points"]:
                 if p["point"] != "none":
-                    lines.setdefault(p["line"], []).append((p[x_key], p["perplexity"][text]))
+                    lines.setdefault(p["line"], []).append((p["recovery_seconds"], p["perplexity"][text]))
             for line, pts in lines.items():
                 pts.sort()
                 joined = len(pts) > 1 and "variants" not in line  # variants are separate settings, not a budget line
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-" if joined else "o", label=line)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "o-" if joined else "o", label=line,
+                        color=colours[line])
             ax.axhline(result["dense"][text], color="black", linestyle="--", label="dense")
             if pruned is not None:
                 ax.axhline(pruned, color="grey", linestyle=":", label="pruned, no recovery")
-            ax.set_xscale("symlog" if x_key == "tokens" else "log")
+            ax.set_xscale("log")
             ax.set_yscale("log")
-            ax.set_xlabel(x_label)
+            ax.set_xlabel("recovery wall time (s, 2 CPU cores)")
             ax.set_ylabel(f"perplexity ({text})")
             ax.set_title(setting)
             ax.grid(True, which="both", alpha=0.3)

@@ -52,14 +52,15 @@ def drift(model_dirs: dict[str, Path], text: str, windows: int, seqlen: int) -> 
     and the NLL of those windows."""
     import torch
 
-    from ebft import RunConfig
-    from ebft.data import prepare_data
+    from ebft.data import eval_tokens
     from ebft.models import load_model
 
     dense, tokenizer = load_model("builtin:smollm2", "float32")
-    cfg = RunConfig(model="builtin:smollm2")
-    cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = [text], seqlen, windows + 4
-    ids = next(iter(prepare_data(dense, tokenizer, cfg, calibrate=False).evals.values()))[4:]  # past ppl's windows
+    tokens = eval_tokens(tokenizer, text)[0]
+    start = 4 * 2048  # past the perplexity's windows (COMMON: 4 x 2048)
+    if tokens.numel() < start + windows * seqlen:
+        raise SystemExit(f"drift: {text} has {tokens.numel()} tokens, fewer than {start + windows * seqlen}")
+    ids = tokens[start:start + windows * seqlen].view(windows, seqlen)
 
     @torch.no_grad()
     def states(model):
