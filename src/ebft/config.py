@@ -110,7 +110,8 @@ _RECOVER_BASE = [
                            "(best: what ebft measured to recover the most; paper: the EBFT reference code's values, "
                            "to compare with the paper)", choices=tuple(RECIPES))),
     ("guard", int, option(4, "held-out windows of the calibration text on which the recovered model must do no "
-                          "worse end to end than the pruned one, else the pruned one is kept (0: no check)", low=0,
+                          "worse end to end than the model pruning alone gives (a --recover none run's), else that "
+                          "one is kept (0: no check)", low=0,
                           high=4096, flag="--recover-guard", metavar="WINDOWS")),
     ("budget", str | None, option(None, "time for the block-wise training of all blocks, e.g. 90s, 10m, 1.5h: each "
                                   "block gets what is left over the blocks left, and as many epochs as fit in it "

@@ -237,9 +237,10 @@ GUARD = "held-out calibration"  # the guard's windows in the walk (a name no tex
 
 def check_guard(model, result, streams: dict, windows, perplexity: dict, evals: dict, device: str,
                 batch_size: int = 1) -> dict:
-    """End to end on the held-out windows: the recovered model against the same blocks as pruned, before
-    recovery (the walk's "pruned" stage). If recovery made it worse, every block goes back to how it was
-    pruned (kept by the walk), and the recovered perplexities are the pruned ones — exactly that model."""
+    """End to end on the held-out windows: the recovered model against the model pruning alone gives (the
+    walk's "pruned" stage: each block pruned on the chain of blocks so pruned, as a ``--recover none`` run
+    prunes it). If recovery made it worse, every block becomes that block (kept by the walk), and the
+    recovered perplexities are the pruned ones — exactly that model."""
     scored = stage_perplexities(model, SimpleNamespace(streams={k: v for k, v in streams.items()},
                                                        returns_tuple=result.returns_tuple),
                                 {GUARD: windows}, device, final="recovered")[GUARD]

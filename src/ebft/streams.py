@@ -32,12 +32,13 @@ CHAIN = "calibration chain"
 DENSE_MODEL = "dense-model stream"
 TARGETS = "targets"
 EVALUATION = "evaluation streams"
+PRUNED_ALONE = "pruned-alone chain"  # the guard's baseline: the calibration windows through the blocks as pruned alone
 
 
 @dataclass(frozen=True)
 class Homes:
     """Where each activation group lives: ``where`` maps a group (:data:`CHAIN`, :data:`DENSE_MODEL`,
-    :data:`TARGETS`, :data:`EVALUATION`) to ``"accelerator"``, ``"pinned host"`` or ``"host"``; a group
+    :data:`TARGETS`, :data:`EVALUATION`, :data:`PRUNED_ALONE`) to ``"accelerator"``, ``"pinned host"`` or ``"host"``; a group
     it does not name takes the default its caller gives."""
 
     device: torch.device
@@ -107,10 +108,12 @@ class Streams:
 
     @classmethod
     def open(cls, model, chain: Stream | None, eval_ids: dict[str, torch.Tensor] | None, stages,
-             dense_model: bool, device: torch.device, batch_size: int, placement: Homes) -> "Streams":
+             dense_model: bool, device: torch.device, batch_size: int, placement: Homes,
+             pruned_alone: bool = False) -> "Streams":
         """Capture the evaluation texts (once each; every stage starts from a copy) at the stages
-        ``stages(name)`` gives for each, and, with ``dense_model``, branch the dense model's stream off
-        the chain."""
+        ``stages(name)`` gives for each; with ``dense_model``, branch the dense model's stream off the
+        chain; with ``pruned_alone``, the calibration windows through the blocks as pruning alone leaves
+        them (stage "pruned": what a run without recovery prunes each block on)."""
         shard = current()
         named: dict[str, Stream] = {}
         for name, ids in (eval_ids or {}).items():
@@ -121,6 +124,9 @@ class Streams:
         if dense_model:  # the dense model's own activations, carried beside the sparse chain
             dense = placement.pinned(chain.x.to(placement.home(DENSE_MODEL, chain.x.device), copy=True))
             named["calib/dense"] = chain.branch("dense", dense)
+        if pruned_alone and chain is not None:
+            named["calib/pruned"] = chain.branch("pruned", placement.pinned(
+                chain.x.to(placement.home(PRUNED_ALONE, chain.x.device), copy=True)))
         return cls(chain, named)
 
     def advance(self, stage: str, index: int, block) -> None:
@@ -132,6 +138,10 @@ class Streams:
     @property
     def dense_model(self) -> Stream | None:
         return self.named.get("calib/dense")
+
+    @property
+    def pruned_alone(self) -> Stream | None:
+        return self.named.get("calib/pruned")
 
     def _all(self) -> list[Stream]:
         return ([self.chain] if self.chain is not None else []) + list(self.named.values())

@@ -19,6 +19,7 @@ Pruners and recoveries never move data or loop over blocks: this module does bot
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
@@ -73,7 +74,10 @@ class RecoverSpec:
     settings: object = None  # the recovery's settings dataclass (None: its defaults)
     seed: int = 0
     budget: float | None = None  # seconds for the whole walk's recovery (each block: what is left / blocks left)
-    keep_pruned: bool = False  # keep each block as pruned, before recovery (the guard's fallback)
+    # the guard's baseline and fallback: also prune each block as pruning alone would (on its own chain, the
+    # calibration windows through the blocks so pruned: a `--recover none` run's model), carry the "pruned"
+    # stage through those blocks, and keep them
+    keep_pruned: bool = False
 
 
 @dataclass
@@ -85,7 +89,7 @@ class WalkResult:
     # full linear name -> [zeros, weights] of each pruned linear when its block was done: the run
     # record's sparsity when the masks are not kept (a lazy walk frees each block)
     sparsity_counts: dict[str, list[int]] = field(default_factory=dict)
-    # block index -> a function giving its tensors as pruned, before recovery (RecoverSpec.keep_pruned; not
+    # block index -> a function giving its tensors as pruning alone leaves it (RecoverSpec.keep_pruned; not
     # kept lazily): read back from the checkpoint folder where the run checkpoints, else held in host memory
     pruned_states: dict[int, Callable[[], dict[str, torch.Tensor]]] = field(default_factory=dict)
 
@@ -116,14 +120,15 @@ def walk(model: nn.Module, calib: torch.Tensor | Stream | None, prune: PruneSpec
     where = Homes(device, placement)
     chain = work.chain(model, calib, device, batch_size, where)
     streams = Streams.open(model, chain, eval_ids, work.stages(eval_stages), work.target == "dense-model", device,
-                           batch_size, where)
+                           batch_size, where, pruned_alone=work.keep_pruned)
     state = WalkState(model, work, streams, checkpoint, progress, device)
     for index in state.remaining():
         block = state.load(index)
+        alone = work.prune_alone(index, block, streams)               # the guard's baseline: pruning alone
         measured = work.measure(index, block, streams.chain, where)   # statistics (and dense-block targets)
         streams.advance("dense", index, block)                        # dense perplexity, dense-model target
-        pruned = work.prune(index, block, measured)                   # masks or structure, applied and checked
-        streams.advance("pruned", index, block)                       # pruned perplexity
+        pruned = work.prune(index, block, measured, alone)            # masks or structure, applied and checked
+        streams.advance("pruned", index, pruned.as_pruned())          # pruned perplexity
         record = work.recover(pruned, streams, state.time_share(index))
         work.check(pruned)                                            # every mask and pattern still holds
         streams.advance("final", index, block)                        # propagate: the chain and final streams
@@ -155,7 +160,31 @@ class Pruned:
     linears: dict[str, nn.Linear] = field(default_factory=dict)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
-    snapshot: dict[str, torch.Tensor] | None = None  # the block as pruned (BlockWork.keep_pruned)
+    alone: "Alone | None" = None  # the block as pruning alone leaves it (with the guard: BlockWork.keep_pruned)
+
+    @property
+    def snapshot(self) -> dict[str, torch.Tensor] | None:
+        """The pruned-alone block's weights and masks on the host: what the guard falls back to."""
+        return self.alone.snapshot if self.alone is not None else None
+
+    def as_pruned(self) -> nn.Module:
+        """The block the "pruned" stage goes through: the pruned-alone one where there is one (handed over
+        once, then freed), else this block as pruned, before its recovery."""
+        return self.alone.pop() if self.alone is not None else self.block
+
+
+@dataclass
+class Alone:
+    """A block as pruning alone leaves it — pruned from its dense weights on the chain of blocks so pruned,
+    as a ``--recover none`` run prunes it: the guard's baseline and fallback."""
+
+    block: nn.Module | None
+    snapshot: dict[str, torch.Tensor]  # its weights and masks, on the host
+
+    def pop(self) -> nn.Module:
+        """The block, once (the "pruned" stage goes through it; then it is freed)."""
+        block, self.block = self.block, None
+        return block
 
 
 class BlockWork:
@@ -174,6 +203,7 @@ class BlockWork:
             prune.settings if prune.settings is not None else prune.pruner.default_settings())
         self.target = recovery.target_of(self.settings) if prune is not None else None
         self.needs = frozenset(prune.pruner.needs) | recovery.needs if prune is not None else frozenset()
+        self.pruner_needs = frozenset(prune.pruner.needs) if prune is not None else frozenset()
         self.config, self.prefix, self.progress = model.config, find_blocks(model)[0], progress
 
     def stages(self, asked: tuple[str, ...] | dict):
@@ -195,6 +225,22 @@ class BlockWork:
         return capture_stream(model, calib, device, batch_size, distributed.current(),
                               to=where.home("calibration chain", None))
 
+    def prune_alone(self, index: int, block: nn.Module, streams: Streams) -> Alone | None:
+        """With the guard (``keep_pruned``): a copy of the dense block pruned as a run without recovery prunes
+        it — the pruner's statistics on the pruned-alone chain, the same site — before the block's own
+        statistics are taken (one set of statistics at a time)."""
+        if not self.keep_pruned or self.spec is None:
+            return None
+        alone = copy.deepcopy(block)
+        chain = streams.pruned_alone
+        linears = find_linears(alone, self.spec.layers)
+        stats, _ = dense_pass(alone, chain.calls[index], chain.x, linears, self.pruner_needs, keep_output=False)
+        masks, _ = self.spec.pruner.prune_block(alone, linears, stats, self.site(index), self.pruner_settings)
+        del stats
+        snapshot = {k: v.detach().to("cpu", copy=True) for k, v in alone.state_dict().items()}
+        snapshot.update({f"{MASK_KEY}{n}": m.detach().to("cpu", copy=True) for n, m in masks.items()})
+        return Alone(alone, snapshot)
+
     def measure(self, index: int, block: nn.Module, chain: Stream | None, where: Homes) -> Measured:
         if self.spec is None:
             return Measured()
@@ -206,7 +252,7 @@ class BlockWork:
                  if self.recovery.changes_masks else None)
         return Measured(linears, stats, targets, dense)
 
-    def prune(self, index: int, block: nn.Module, measured: Measured) -> Pruned:
+    def prune(self, index: int, block: nn.Module, measured: Measured, alone: Alone | None = None) -> Pruned:
         if self.spec is None:
             return Pruned(index, block, None, measured)
         site = self.site(index)
@@ -215,11 +261,7 @@ class BlockWork:
         linears = find_linears(block) if self.spec.pruner.structured else measured.linears  # shrunk
         for s in measured.stats.values():
             s.keep_only(self.recovery.needs)  # the Hessian is large; free it unless the recovery reads it
-        snapshot = None
-        if self.keep_pruned:  # the block as pruned (weights and masks), before the recovery changes them
-            snapshot = {k: v.detach().to("cpu", copy=True) for k, v in block.state_dict().items()}
-            snapshot.update({f"{MASK_KEY}{n}": m.detach().to("cpu", copy=True) for n, m in masks.items()})
-        return Pruned(index, block, site, measured, linears, masks, record, snapshot)
+        return Pruned(index, block, site, measured, linears, masks, record, alone)
 
     def recover(self, pruned: Pruned, streams: Streams, time_share: float | None) -> dict:
         """The recovery of one block (nothing without pruning); the block's record."""

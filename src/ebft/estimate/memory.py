@@ -20,7 +20,8 @@ plus ``Σ P_mask`` bytes for the bool masks the walk keeps of every finished blo
     calibration chain   N·S·H·b       the inputs of the current block, updated in place
     targets             N·S·H·b       dense-block: the dense block's outputs (one copy per block)
                                       dense-model: the dense model's own stream, carried beside the chain
-    evaluation streams  texts·k·W·Sₑ·H·b
+    evaluation streams  texts·k·W·Sₑ·H·b + 2·G·S·H·b   with the guard's G held-out windows, at two stages
+    pruned-alone chain  N·S·H·b       with the guard: the calibration windows through the blocks as pruned alone
 
 **Accelerator working memory** is the largest of three phases (activations come on top; a CPU run
 counts the same in host memory, less what the host's weights already hold):
@@ -103,6 +104,7 @@ class RunSizes:
     recovery_batch: int = 8
     epochs: int = 10
     holdout: int = 0
+    guard: int = 0  # the end-to-end guard's held-out windows (0: no guard, and no pruned-alone chain)
     train_norms: bool = False
     walk_batch: int = 1  # windows per forward pass in the walk (stats, propagation, evaluation)
     layers: str | None = None  # regex on linear names inside a block: the pruned (and trained) ones
@@ -136,6 +138,7 @@ class RunSizes:
                     recovers=recovery.name != "none", whole_model=recovery.name if recovery.scope == "model" else None,
                     recovery_batch=training.get("batch_size", 8), epochs=training.get("epochs", 1),
                     holdout=training.get("holdout", 0), train_norms=training.get("train_norms", False),
+                    guard=(config.recover.guard if recovery.scope == "block" and recovery.name != "none" else 0),
                     walk_batch=config.batch_size, layers=config.prune.layers,
                     trust_remote_code=config.trust_remote_code,
                     methods=f"{config.prune.method} + {recovery.name}")
@@ -265,9 +268,12 @@ def activation_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
     groups = {"calibration chain": chain}
     if s.target is not None:
         groups["dense-model stream" if s.target == "dense-model" else "targets"] = chain
-    evals = s.eval_texts * s.stages() * s.eval_windows * eval_seq * shape.hidden * b
+    # with the guard, its held-out windows travel with the evaluation texts (as pruned alone and as recovered)
+    evals = (s.eval_texts * s.stages() * s.eval_windows * eval_seq + 2 * s.guard * seq) * shape.hidden * b
     if evals:
         groups["evaluation streams"] = evals
+    if s.guard:  # the calibration windows through the blocks as pruned alone (the guard's baseline)
+        groups["pruned-alone chain"] = chain
     return groups
 
 
@@ -291,6 +297,8 @@ def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> d
     block = {"block weights": b * shape.block_params} if gpu else {}
     phases = {"pruning and forward passes": {**block, "input statistics": statistics_bytes(shape, s),
                                              "one forward batch (estimate)": forward_transient_bytes(shape, s)}}
+    if s.guard:  # the block is pruned twice: the copy pruning alone leaves (the guard's fallback)
+        phases["pruning and forward passes"]["the block pruned alone (guard)"] = b * shape.block_params
     if s.trains:
         state = optimizer_bytes(shape, s)
         trained = trained_params(shape, s)
