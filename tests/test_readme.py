@@ -134,3 +134,26 @@ def test_the_readme_flag_table_is_the_generated_one():
     from ebft.cli import flag_table
 
     assert flag_table() in README.read_text()
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped (hyphens and underscores kept), spaces → '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_inside_the_readme_points_at_a_heading_and_every_linked_file_exists():
+    text = README.read_text()
+    outside_code = re.sub(r"```.*?```", "", text, flags=re.S)
+    anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", outside_code, flags=re.M)}
+    links = re.findall(r"\]\(([^)\s]+)\)", outside_code)
+    assert links
+    for link in links:
+        if link.startswith("#"):
+            assert link[1:] in anchors, f"README links to {link}, which no heading has"
+        elif not re.match(r"[a-z]+://", link):
+            assert (README.parent / link.split("#")[0]).exists(), f"README links to {link}, which is not in the repo"
+
+
+def test_the_anchor_rule_is_githubs():
+    assert _anchor("Deploy: GGUF for llama.cpp and ollama (`ebft export`)") == "deploy-gguf-for-llamacpp-and-ollama-ebft-export"
+    assert _anchor("High sparsity: 60–80 % and 2:4, the paper's recipe") == "high-sparsity-6080--and-24-the-papers-recipe"
