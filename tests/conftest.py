@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def build_tokenizer(vocab_size: int = 320):
     )
     tok.train_from_iterator([TEXT], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_as_in_a_terminal():
+    """Ctrl-C raises KeyboardInterrupt in the tests and in the processes they start, as in a terminal, even
+    when the suite runs in the background: there the shell ignores SIGINT, children inherit the ignoring, and
+    ebft rightly leaves an ignored signal ignored (nohup), so the SIGINT tests would test nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="module")
