@@ -301,7 +301,7 @@ class RunConfig:
                 unused[f"prune.{f.name}"] = (getattr(self.prune, f.name),
                                              f"--method {' or '.join(owners)}" if owners else "--allocation owl")
         own = {f.name for f in dataclasses.fields(recovery.settings)} | {"method", "budget"}
-        if recovery.scope == "block" and recovery.name != "none":
+        if recovery.guardable:
             own.add("guard")
         if any(name in RECIPES[self.recover.recipe] for name in own):
             own.add("recipe")
@@ -310,7 +310,7 @@ class RunConfig:
                 owners = [n for n, r in RECOVERIES.items() if f.name in {g.name for g in dataclasses.fields(r.settings)}
                           or (f.name == "recipe" and any(k in RECIPES[self.recover.recipe]
                                                          for k in (g.name for g in dataclasses.fields(r.settings))))
-                          or (f.name == "guard" and r.scope == "block" and n != "none")]
+                          or (f.name == "guard" and r.guardable)]
                 unused[f"recover.{f.name}"] = (getattr(self.recover, f.name), f"--recover {' or '.join(owners)}")
         if self.finish.method == "none":
             for f in st.fields_of(self.finish):

@@ -141,8 +141,7 @@ def prepare_data(model, tokenizer, config: RunConfig, calibrate: bool = True) ->
 
 def guardable(config: RunConfig) -> bool:
     """Whether the run's recovery is one the end-to-end guard can check (block-wise, not none)."""
-    recovery = get_recovery(config.recover.method)
-    return recovery.scope == "block" and recovery.name != "none"
+    return get_recovery(config.recover.method).guardable
 
 
 def guarded(config: RunConfig) -> bool:

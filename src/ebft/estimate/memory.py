@@ -138,7 +138,7 @@ class RunSizes:
                     recovers=recovery.name != "none", whole_model=recovery.name if recovery.scope == "model" else None,
                     recovery_batch=training.get("batch_size", 8), epochs=training.get("epochs", 1),
                     holdout=training.get("holdout", 0), train_norms=training.get("train_norms", False),
-                    guard=(config.recover.guard if recovery.scope == "block" and recovery.name != "none" else 0),
+                    guard=config.recover.guard if recovery.guardable else 0,
                     walk_batch=config.batch_size, layers=config.prune.layers,
                     trust_remote_code=config.trust_remote_code,
                     methods=f"{config.prune.method} + {recovery.name}")

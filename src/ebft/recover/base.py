@@ -129,6 +129,11 @@ class Recovery:
         return self.target is not None
 
     @property
+    def guardable(self) -> bool:
+        """Whether the end-to-end guard can check this recovery: it changes blocks inside the walk."""
+        return self.scope == "block" and self.name != "none"
+
+    @property
     def trains_blocks(self) -> bool:
         """Whether it trains each block against targets (what ``--recover-budget`` times)."""
         return self.scope == "block" and self.needs_targets
