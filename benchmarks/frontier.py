@@ -9,6 +9,8 @@ on WikiText-2 (tuning) and PTB (the held-out domain the recipes were *not* tuned
     python benchmarks/frontier.py                                  # EBFT vs LoRA, three settings (hours on 2 CPU cores)
     python benchmarks/frontier.py --settings wanda:0.5 --points paper-e2,best-e2
     python benchmarks/frontier.py --list                           # the points and what each changes
+    python benchmarks/frontier.py --recover-guard 0 --points none,best-e1,best-e2,best-e4,best-e8,lora-25,lora-50,lora-100
+                                                                   # the README's EBFT-vs-LoRA plot
 
 Writes ``<out>/frontier.json``, ``<out>/frontier.md`` and ``<out>/frontier.png``; prints the table.
 The data: calibration ``--calib`` (default: the shared C4 sample, as issue 13's target) 32 × 256;
@@ -79,6 +81,7 @@ def parse_setting(setting: str) -> dict:
 
 def cell_for(setting: str, point: str, args):
     from ebft import RunConfig
+    from ebft.recover import get_recovery
 
     cfg = RunConfig(model=args.model, seed=0)
     for key, value in parse_setting(setting).items():
@@ -87,6 +90,10 @@ def cell_for(setting: str, point: str, args):
     cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = args.eval, args.eval_seqlen, args.eval_windows
     for key, value in POINTS[point][1].items():
         setattr(cfg.recover, key, value)
+    if get_recovery(cfg.recover.method).guardable:
+        cfg.recover.guard = args.recover_guard
+        if cfg.recover.guard and getattr(args, "guard_on", None):
+            cfg.recover.guard_texts = list(args.guard_on)
     return cfg
 
 
@@ -194,6 +201,9 @@ def add_data_arguments(ap, name: str, calib: str | None = None, nsamples: int = 
     ap.add_argument("--eval", nargs="+", default=[str(p) for p in (WIKI, PTB) if p.exists()] or ["offline"])
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=eval_windows)
+    ap.add_argument("--recover-guard", type=int, default=4, metavar="WINDOWS",
+                    help="the end-to-end guard's held-out windows (0: off; its time is outside the recovery's, "
+                    "but it shares the machine)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / name)
     ap.add_argument("--cached", action="store_true", help="the tables of the points already run (under --out), "
                     "running nothing")

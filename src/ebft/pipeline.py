@@ -93,7 +93,7 @@ class Data:
     eval_seqlen: int
     protocol: dict = field(default_factory=dict)  # name -> {seqlen, windows, tokens, bos, ...}
     notes: list[str] = field(default_factory=list)  # clamped lengths and the like
-    guard: torch.Tensor | None = None  # [k, seqlen] held-out calibration-text windows (--recover-guard)
+    guards: dict[str, torch.Tensor] = field(default_factory=dict)  # the guard's texts: name -> [k, seqlen]
 
 
 def _clamped(value: int | None, context: int, name: str, notes: list[str]) -> int:
@@ -132,11 +132,27 @@ def prepare_data(model, tokenizer, config: RunConfig, calibrate: bool = True) ->
     calib = (calibration_windows(tokenizer, config.calib.source, config.calib.nsamples, calib_seqlen, config.seed)
              if calibrate else None)
     evals, protocol = eval_sets(tokenizer, config.eval.sources, eval_seqlen, config.eval.windows)
-    guard = None
-    if calibrate and guarded(config):  # the windows after the calibration ones, in the same draw
-        guard = calibration_windows(tokenizer, config.calib.source, config.calib.nsamples + config.recover.guard,
-                                    calib_seqlen, config.seed)[config.calib.nsamples:]
-    return Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes, guard)
+    return Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes,
+                guard_sets(tokenizer, config, calib_seqlen, eval_seqlen) if calibrate and guarded(config) else {})
+
+
+def guard_sets(tokenizer, config: RunConfig, calib_seqlen: int, eval_seqlen: int) -> dict[str, torch.Tensor]:
+    """The guard's texts, ``--recover-guard`` windows each: the calibration text's windows after the calibration
+    ones (in the same draw, of the calibration length), then the first windows of each ``--recover-guard-on``
+    text's validation split, of the evaluation length (scored as the texts the run is judged on are)."""
+    k = config.recover.guard
+    sets = {GUARD: calibration_windows(tokenizer, config.calib.source, config.calib.nsamples + k, calib_seqlen,
+                                       config.seed)[config.calib.nsamples:]}
+    for src in config.recover.guard_texts:
+        name, ids = f"held-out {source_name(src)}", eval_tokens(tokenizer, src, adds_bos(tokenizer), split="validation")
+        if ids.shape[-1] < eval_seqlen:
+            raise ConfigError("recover.guard_texts", src, f"has {ids.shape[-1]} tokens, fewer than one window of the "
+                              f"evaluation length {eval_seqlen}: give a longer text (or a smaller --eval-seqlen)")
+        sets[name] = eval_windows(ids, eval_seqlen, k, name)
+        if sets[name].shape[0] < k:
+            log.warning("guard text %s holds %d windows of %d tokens, not %d: the guard checks those",
+                        source_name(src), sets[name].shape[0], eval_seqlen, k)
+    return sets
 
 
 def guardable(config: RunConfig) -> bool:
@@ -208,17 +224,16 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
                      config.prune.layers, config.pruner_settings(), allocation.structures if allocation else None)
     block_wise = recovery.scope == "block"
     budget = budget_seconds(config.recover.budget) if block_wise and config.recover.budget is not None else None
-    guard = data.guard is not None and guarded(config)  # (a sweep's data serves cells with and without one)
-    recover = RecoverSpec(recovery, settings, config.seed, budget, keep_pruned=guard) if block_wise else None
-    texts = {**data.evals, **({GUARD: data.guard} if guard else {})}
-    result = walk(model, chain, spec, recover, texts, {**{name: stages for name in data.evals},
-                                                       GUARD: ("pruned", "final")}, device, config.batch_size,
-                  progress, checkpoint=checkpoint, placement=placement)
+    guards = data.guards if guarded(config) else {}  # (a sweep's data serves cells with and without one)
+    recover = RecoverSpec(recovery, settings, config.seed, budget, keep_pruned=bool(guards)) if block_wise else None
+    result = walk(model, chain, spec, recover, {**data.evals, **guards},
+                  {**{name: stages for name in data.evals}, **{name: ("pruned", "final") for name in guards}},
+                  device, config.batch_size, progress, checkpoint=checkpoint, placement=placement)
     walked = "recovered" if block_wise and recovery.name != "none" else "pruned"
-    guard_streams = {k: result.streams.pop(k) for k in list(result.streams) if k.startswith(GUARD + "/")}
+    guard_streams = {k: result.streams.pop(k) for k in list(result.streams) if k.rsplit("/", 1)[0] in guards}
     perplexity = stage_perplexities(model, result, data.evals, device, final=walked)
-    guard_record = (check_guard(model, result, guard_streams, data.guard, perplexity, data.evals, device,
-                                config.batch_size) if guard else None)
+    guard_record = (check_guard(model, result, guard_streams, guards, perplexity, data.evals, device,
+                                config.batch_size) if guards else None)
     records = {"recovered": block_recovery_cost(recovery.name, result.blocks, device)} if block_wise else {}
     for stage in whole:  # LoRA ("recovered"), the finish ("finished"): each evaluated on the model it leaves
         ctx = ModelContext(model, tokenizer, result.masks, text, torch.device(device), config.seed, progress)
@@ -234,27 +249,36 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
 GUARD = "held-out calibration"  # the guard's windows in the walk (a name no text source has: it has a space)
 
 
-def check_guard(model, result, streams: dict, windows, perplexity: dict, evals: dict, device: str,
+def check_guard(model, result, streams: dict, guards: dict, perplexity: dict, evals: dict, device: str,
                 batch_size: int = 1) -> dict:
-    """End to end on the held-out windows: the recovered model against the model pruning alone gives (the
-    walk's "pruned" stage: each block pruned on the chain of blocks so pruned, as a ``--recover none`` run
-    prunes it). If recovery made it worse, every block becomes that block (kept by the walk), and the
-    recovered perplexities are the pruned ones — exactly that model."""
+    """End to end on the guard's texts (the held-out calibration windows, and each ``--recover-guard-on`` text's):
+    the recovered model against the model pruning alone gives (the walk's "pruned" stage: each block pruned on
+    the chain of blocks so pruned, as a ``--recover none`` run prunes it). If recovery made it worse on any of
+    them, every block becomes that block (kept by the walk), and the recovered perplexities are the pruned ones —
+    exactly that model."""
     scored = stage_perplexities(model, SimpleNamespace(streams={k: v for k, v in streams.items()},
                                                        returns_tuple=result.returns_tuple),
-                                {GUARD: windows}, device, final="recovered")[GUARD]
-    record = {"windows": int(windows.shape[0]), "pruned_ppl": scored["pruned"], "recovered_ppl": scored["recovered"]}
-    if scored["recovered"] <= scored["pruned"]:
+                                guards, device, final="recovered")
+    calib = scored[GUARD]
+    record = {"windows": int(guards[GUARD].shape[0]), "pruned_ppl": calib["pruned"], "recovered_ppl": calib["recovered"]}
+    if len(guards) > 1:
+        record["texts"] = {name: {"windows": int(guards[name].shape[0]), "pruned_ppl": ppl["pruned"],
+                                  "recovered_ppl": ppl["recovered"]} for name, ppl in scored.items()}
+    worse = [name for name, ppl in scored.items() if ppl["recovered"] > ppl["pruned"]]
+    if not worse:
         return {**record, "kept": "recovered"}
+    said = "; ".join(f"{name}: perplexity {scored[name]['pruned']:.4g} -> {scored[name]['recovered']:.4g}"
+                     for name in worse)
+    record["worse_on"] = worse
     prefix, blocks = find_blocks(model)
     if len(result.pruned_states) != len(blocks) or not all(_readable(read) for read in result.pruned_states.values()):
         # a lazy walk keeps no block to go back to; a checkpoint of an earlier version holds none
-        log.warning("recovery made the model worse end to end on the held-out windows (perplexity %.4g -> %.4g), "
-                    "but the blocks as pruned were not kept (--lazy, or resumed from a checkpoint without them or "
-                    "with a damaged one): kept the recovered ones", scored["pruned"], scored["recovered"])
+        log.warning("recovery made the model worse end to end on the guard's windows (%s), but the blocks as "
+                    "pruned were not kept (--lazy, or resumed from a checkpoint without them or with a damaged "
+                    "one): kept the recovered ones", said)
         return {**record, "kept": "recovered (worse; the pruned blocks were not kept)"}
-    log.warning("recovery made the model worse end to end on the held-out windows (perplexity %.4g -> %.4g): "
-                "keeping every block as pruned", scored["pruned"], scored["recovered"])
+    log.warning("recovery made the model worse end to end on the guard's windows (%s): keeping every block as "
+                "pruned", said)
     for index, read in result.pruned_states.items():
         state = read()
         blocks[index].load_state_dict({k: v for k, v in state.items() if not k.startswith(MASK_KEY)})
@@ -380,7 +404,7 @@ def _run(config: RunConfig, pattern, device: str, lazy: bool, start: float, prog
         model, tokenizer = load(config, lazy, device)
         check_model_fits(model, pattern, config)
         data = prepare_data(model, tokenizer, config)
-        checkpoint.check_data(data.calib, data.evals)
+        checkpoint.check_data(data.calib, {**data.evals, **data.guards})  # the guard's texts too
         checkpoint.begin()
         # speed: structured runs by default, in one process only (ranks would time each other's contention)
         speed_on = config.eval.speed if config.eval.speed is not None else (pattern.structured and shard is None)

@@ -133,7 +133,8 @@ def cell_key(cell: RunConfig) -> str:
     guard_default = next(f.default for f in dataclasses.fields(cell.recover) if f.name == "guard")
     settings["recover"] = {"method": cell.recover.method, **dataclasses.asdict(cell.recovery_settings()),
                            **({"budget": budget} if budget is not None else {}),
-                           **({"guard": guard} if guard not in (None, guard_default) else {})}
+                           **({"guard": guard} if guard not in (None, guard_default) else {}),
+                           **({"guard_texts": cell.recover.guard_texts} if guard and cell.recover.guard_texts else {})}
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -251,7 +252,7 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
 
     def data_for(cell: RunConfig):
         key = json.dumps([dataclasses.asdict(cell.calib), dataclasses.asdict(cell.eval), cell.seed,
-                          cell.recover.guard if guarded(cell) else 0], default=str)
+                          [cell.recover.guard, cell.recover.guard_texts] if guarded(cell) else 0], default=str)
         if key not in datasets:
             datasets[key] = prepare_data(model, tokenizer, cell)
         return datasets[key]

@@ -20,7 +20,9 @@ plus ``Σ P_mask`` bytes for the bool masks the walk keeps of every finished blo
     calibration chain   N·S·H·b       the inputs of the current block, updated in place
     targets             N·S·H·b       dense-block: the dense block's outputs (one copy per block)
                                       dense-model: the dense model's own stream, carried beside the chain
-    evaluation streams  texts·k·W·Sₑ·H·b + 2·G·S·H·b   with the guard's G held-out windows, at two stages
+    evaluation streams  texts·k·W·Sₑ·H·b + 2·G·(S + g·Sₑ)·H·b
+                                      with the guard: G windows of the calibration text and of each of its g
+                                      further texts, at two stages
     pruned-alone chain  N·S·H·b       with the guard: the calibration windows through the blocks as pruned alone
 
 **Accelerator working memory** is the largest of three phases (activations come on top; a CPU run
@@ -105,6 +107,7 @@ class RunSizes:
     epochs: int = 10
     holdout: int = 0
     guard: int = 0  # the end-to-end guard's held-out windows (0: no guard, and no pruned-alone chain)
+    guard_texts: int = 0  # further texts the guard checks, ``guard`` windows each (--recover-guard-on)
     train_norms: bool = False
     walk_batch: int = 1  # windows per forward pass in the walk (stats, propagation, evaluation)
     layers: str | None = None  # regex on linear names inside a block: the pruned (and trained) ones
@@ -112,6 +115,10 @@ class RunSizes:
     keep_masks: bool = True  # the walk keeps every finished block's bool masks on the host (run record, LoRA)
     trust_remote_code: bool = False  # for configs whose model code lives on the hub
     methods: str = "wanda + ebft"  # the pruner and the recovery, for the table
+
+    def guard_text_windows(self) -> int:
+        """The guard's windows of its further texts (``guard`` of each, of the evaluation length)."""
+        return self.guard * self.guard_texts
 
     @classmethod
     def of(cls, config: RunConfig, context: int | None = None, load: str = "auto", **found) -> "RunSizes":
@@ -139,6 +146,7 @@ class RunSizes:
                     recovery_batch=training.get("batch_size", 8), epochs=training.get("epochs", 1),
                     holdout=training.get("holdout", 0), train_norms=training.get("train_norms", False),
                     guard=config.recover.guard if recovery.guardable else 0,
+                    guard_texts=len(config.recover.guard_texts) if recovery.guardable else 0,
                     walk_batch=config.batch_size, layers=config.prune.layers,
                     trust_remote_code=config.trust_remote_code,
                     methods=f"{config.prune.method} + {recovery.name}")
@@ -269,7 +277,8 @@ def activation_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
     if s.target is not None:
         groups["dense-model stream" if s.target == "dense-model" else "targets"] = chain
     # with the guard, its held-out windows travel with the evaluation texts (as pruned alone and as recovered)
-    evals = (s.eval_texts * s.stages() * s.eval_windows * eval_seq + 2 * s.guard * seq) * shape.hidden * b
+    evals = (s.eval_texts * s.stages() * s.eval_windows * eval_seq + 2 * s.guard * seq
+             + 2 * s.guard_text_windows() * eval_seq) * shape.hidden * b
     if evals:
         groups["evaluation streams"] = evals
     if s.guard:  # the calibration windows through the blocks as pruned alone (the guard's baseline)

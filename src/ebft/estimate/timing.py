@@ -235,7 +235,8 @@ def _per_block(s: RunSizes, t_fwd: float, t_eval: float, t_step: float) -> dict[
     per_block["propagation"] = n * t_fwd
     per_block["evaluation streams"] = s.eval_texts * s.stages() * s.eval_windows * t_eval
     if s.guard:  # the pruned-alone chain: its statistics pass and its propagation; the held-out windows twice
-        per_block["guard: the model pruned alone"] = (2 * n + 2 * s.guard) * t_fwd
+        per_block["guard: the model pruned alone"] = ((2 * n + 2 * s.guard) * t_fwd
+                                                      + 2 * s.guard_text_windows() * t_eval)
     return per_block
 
 
