@@ -88,7 +88,7 @@ def test_bad_counts(tokenizer, text_file, field, value):
 
 def test_bad_split(text_file):
     with pytest.raises(ConfigError, match="split"):
-        data.load_documents(str(text_file), "validation")
+        data.load_documents(str(text_file), "dev")
 
 
 def test_wikitext_calibration_windows_spread_over_the_whole_split(tokenizer):

@@ -125,7 +125,7 @@ def test_a_cell_is_keyed_on_exactly_its_recoverys_own_settings(method):
         # the recipe concerns a method through the settings it resolves
         concerned = (f.name in own or (f.name == "recipe" and own & set(RECIPES["best"]))
                      or (f.name == "budget" and method in ("ebft", "ebft-mask"))  # it times block training
-                     or (f.name == "guard" and method in ("ebft", "ebft-mask", "dsnot")))  # it checks block-wise ones
+                     or (f.name in ("guard", "guard_texts") and method in ("ebft", "ebft-mask", "dsnot")))  # it checks block-wise ones
         assert (cell_key(changed) != key) == bool(concerned), f.name
 
 
