@@ -9,8 +9,6 @@ on WikiText-2 (tuning) and PTB (the held-out domain the recipes were *not* tuned
     python benchmarks/frontier.py                                  # EBFT vs LoRA, three settings (hours on 2 CPU cores)
     python benchmarks/frontier.py --settings wanda:0.5 --points paper-e2,best-e2
     python benchmarks/frontier.py --list                           # the points and what each changes
-    python benchmarks/frontier.py --recover-guard 0 --points none,best-e1,best-e2,best-e4,best-e8,lora-25,lora-50,lora-100
-                                                                   # the README's EBFT-vs-LoRA plot
 
 Writes ``<out>/frontier.json``, ``<out>/frontier.md`` and ``<out>/frontier.png``; prints the table.
 The data: calibration ``--calib`` (default: the shared C4 sample, as issue 13's target) 32 × 256;

@@ -5,9 +5,9 @@ evaluation texts themselves).
 
 Every point is one sweep cell (``benchmarks/frontier.py``'s runner, resumable under ``--out``):
 
-    python benchmarks/high_sparsity.py                       # 42 cells, about 45 min on 2 CPU cores
+    python benchmarks/high_sparsity.py                       # 42 cells, about 90 min on 2 CPU cores
     python benchmarks/high_sparsity.py --cached              # the table of what has run
-    python benchmarks/high_sparsity.py --guard-on            # the guard on the held-out calibration windows alone
+    python benchmarks/high_sparsity.py --guard-on --recover-guard 4 --out runs/hs-calib   # the guard on the calibration text alone
 
 The guard (``--recover-guard``, here 16 windows per text) also checks the validation splits of WikiText-2 and
 PTB at the evaluation length (``--recover-guard-on``; their test splits are what the table scores).

@@ -85,6 +85,7 @@ def test_better_on_every_guard_text_keeps_the_recovered_model(tiny_model_dir, te
     (["--recover-guard-on", "TEXT"], "is also an --eval text"),
     (["--recover-guard-on", "CALIB"], "is the calibration text"),
     (["--recover-guard-on", "VALID", "VALID"], "names a text twice"),
+    (["--recover-guard-on", "VALID", "TWIN"], "two files of one name"),
     (["--recover-guard-on", "/no/such/valid.raw"], "no such file"),
     (["--recover", "none"], "--recover"),
 ])
@@ -96,7 +97,10 @@ def test_bad_guard_texts_are_refused_in_one_line_before_any_work(tiny_model_dir,
     calib.write_text(text_file.read_text())
     args = base_args(tiny_model_dir, text_file, valid_file)
     args[args.index("--calib") + 1] = str(calib)
-    names = {"TEXT": str(text_file), "CALIB": str(calib), "VALID": str(valid_file)}
+    (tmp_path / "twin").mkdir()
+    twin = tmp_path / "twin" / valid_file.name
+    twin.write_text(valid_file.read_text())
+    names = {"TEXT": str(text_file), "CALIB": str(calib), "VALID": str(valid_file), "TWIN": str(twin)}
     flag = change[0]
     if flag in args and flag != "--recover-guard-on":
         args[args.index(flag) + 1] = change[1]

@@ -53,6 +53,7 @@ from .settings import option
 
 NAMED_SOURCES = ("c4", "wikitext2", "ptb", "offline", "offline-c4", "auto")
 _SOURCE_HELP = "c4 | wikitext2 | ptb | offline | offline-c4 | a .txt/.raw/.jsonl/.json file"
+VALIDATION_SOURCES = ("wikitext2", "ptb", "c4")  # named texts with a validation split (the guard's further texts)
 
 
 def _task_list(text: str) -> list[str]:
@@ -404,24 +405,27 @@ class RunConfig:
             raise ConfigError("recover.guard_texts", ",".join(texts), "are scored on --recover-guard windows "
                               "of each, and --recover-guard is 0: give it a number of windows, or drop "
                               "--recover-guard-on")
-        evals = {_same_text(src) for src in self.eval.sources}
         for src in texts:
-            if src in ("auto", "offline", "offline-c4"):
+            if src in VALIDATION_SOURCES:  # a split of its own: never the evaluated or the calibration windows
+                continue
+            if src in NAMED_SOURCES:
                 raise ConfigError("recover.guard_texts", src, "has no validation split to guard on: use "
-                                  "wikitext2, ptb, c4 or a local file (e.g. wiki.valid.raw)")
-            if src not in NAMED_SOURCES and not Path(os.path.expanduser(src)).is_file():
+                                  f"{', '.join(VALIDATION_SOURCES)} or a local file (e.g. wiki.valid.raw)")
+            if not Path(os.path.expanduser(src)).is_file():
                 raise ConfigError("recover.guard_texts", src, "no such file; use a local file (a validation split) "
-                                  "or one of wikitext2, ptb, c4")
+                                  f"or one of {', '.join(VALIDATION_SOURCES)}")
             check_source(src, "recover.guard_texts")
-            if _same_text(src) in evals and src not in ("wikitext2", "ptb", "c4"):
+            if _same_text(src) in {_same_text(e) for e in self.eval.sources}:
                 raise ConfigError("recover.guard_texts", src, "is also an --eval text: the guard would choose on the "
                                   "windows the run is then scored on; give another split of it (e.g. "
                                   "wiki.valid.raw for wiki.test.raw)")
-            if _same_text(src) == _same_text(self.calib.source) and src not in ("wikitext2", "ptb", "c4"):
+            if _same_text(src) == _same_text(self.calib.source):
                 raise ConfigError("recover.guard_texts", src, "is the calibration text: its held-out windows "
                                   "are guarded already (--recover-guard); give another text")
-        if len(set(map(_same_text, texts))) != len(texts):
-            raise ConfigError("recover.guard_texts", ",".join(texts), "names a text twice")
+        names = [Path(src).name for src in texts]  # each text's name in run.json: one per text
+        if len(set(names)) != len(names):
+            raise ConfigError("recover.guard_texts", ",".join(texts), "names a text twice, or two files of one "
+                              "name: give each guard text a file name of its own")
 
 
 def _same_text(source: str) -> str:

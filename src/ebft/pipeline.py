@@ -260,7 +260,8 @@ def check_guard(model, result, streams: dict, guards: dict, perplexity: dict, ev
                                                        returns_tuple=result.returns_tuple),
                                 guards, device, final="recovered")
     calib = scored[GUARD]
-    record = {"windows": int(guards[GUARD].shape[0]), "pruned_ppl": calib["pruned"], "recovered_ppl": calib["recovered"]}
+    record = {"windows": int(guards[GUARD].shape[0]), "pruned_ppl": calib["pruned"],
+              "recovered_ppl": calib["recovered"]}
     if len(guards) > 1:
         record["texts"] = {name: {"windows": int(guards[name].shape[0]), "pruned_ppl": ppl["pruned"],
                                   "recovered_ppl": ppl["recovered"]} for name, ppl in scored.items()}
