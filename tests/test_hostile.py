@@ -171,6 +171,9 @@ class _FakeModel:
     def tie_weights(self):
         pass
 
+    def named_parameters(self):
+        return iter(())
+
     def eval(self):
         return self
 
@@ -187,6 +190,10 @@ def test_every_transformers_load_gets_trust_remote_code_explicitly(kind, trust, 
     fake = _Recorder(calls)
     monkeypatch.setattr(transformers, "AutoModelForCausalLM", fake("model"))
     monkeypatch.setattr(transformers, "AutoTokenizer", fake("tokenizer"))
+    monkeypatch.setattr(transformers, "AutoConfig", fake("config"))
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", lambda *a, **k: {"tensors": {}})
     monkeypatch.setattr(models, "check_gguf", lambda path: None)
     monkeypatch.setattr(hub, "hub_offline", lambda: True)
     source = {"folder": str(tiny_model_dir), "hub": "some-org/some-model"}.get(kind)

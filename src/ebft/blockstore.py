@@ -52,7 +52,7 @@ from torch import nn
 
 from . import hub
 from .errors import EbftError
-from .models import DTYPES, check_model_folder, check_model_source, find_blocks, resolve_dtype
+from .models import DTYPES, check_model_folder, check_model_source, find_blocks, params_on_meta, resolve_dtype
 from .system import trim_host_memory
 from .weights import INDEX_NAME, ShardWriter, WeightFiles, save_names
 
@@ -68,10 +68,9 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False) 
     Buffers are built by the modules' own constructors (on the CPU, in the dtype the eager
     ``from_pretrained`` gives them), so non-persistent ones - absent from checkpoints - are right.
     """
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
+    with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # from_config skips tying when the weights are on meta
     model.config.use_cache = False

@@ -7,6 +7,8 @@ inside a block. What a block receives as keyword arguments is captured at run ti
 """
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -105,10 +107,11 @@ def load_model(source: str, dtype: str = "auto", device: str = "cpu", trust_remo
     torch_dtype = resolve_dtype(dtype, device)
     trust = bool(trust_remote_code)
     path = builtin_model_path(source) if source in BUILTIN_MODELS else Path(os.path.expanduser(source))
+    reader = None
     if path.is_dir():
         check_model_folder(path, trust)
     elif path.exists() and path.suffix.lower() == ".gguf":
-        check_gguf(path)
+        reader = check_gguf(path)
     elif path.exists():
         raise EbftError(f"model {source!r} is a file but not a .gguf file; pass a Hugging Face model folder "
                         "(config.json + weights), a .gguf file or a hub id")
@@ -119,7 +122,7 @@ def load_model(source: str, dtype: str = "auto", device: str = "cpu", trust_remo
                             "pass a local folder or a .gguf file")
     try:
         if path.exists() and not path.is_dir():
-            model, tokenizer = _load_gguf(path, torch_dtype, trust)
+            model, tokenizer = _load_gguf(path, torch_dtype, trust, reader)
             source_dtype = GGUF_SAVE_DTYPE
         else:
             name = str(path) if path.exists() else source
@@ -269,8 +272,9 @@ def check_safetensors(file: Path) -> None:
         raise bad(f"{size} bytes where its header describes {expected}")
 
 
-def check_gguf(path: Path) -> None:
-    """Check a GGUF file's magic, metadata and that every tensor's data lies inside the file."""
+def check_gguf(path: Path):
+    """Check a GGUF file's magic, metadata and that every tensor's data lies inside the file; return the
+    parsed file (a ``gguf.GGUFReader``: the load parses the file this once, see :func:`_load_gguf`)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -287,13 +291,13 @@ def check_gguf(path: Path) -> None:
         reader = GGUFReader(path)
         end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=reader.data_offset)
         count = len(reader.tensors)
-        del reader
     except Exception as exc:  # numpy/struct errors from a cut or scrambled header
         raise EbftError(f"GGUF file {path} is damaged or truncated ({hub.reason(exc)})") from None
     if end > size:
         raise EbftError(f"GGUF file {path} is truncated: its tensors need {end} bytes, the file has {size}")
     if count == 0:
         raise EbftError(f"GGUF file {path} holds no tensors")
+    return reader
 
 
 @contextmanager
@@ -318,22 +322,99 @@ def _gguf_bar_follows_transformers():
         gguf_utils.tqdm = original
 
 
-def _load_gguf(path: Path, torch_dtype: torch.dtype, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_gguf(path: Path, torch_dtype: torch.dtype, trust_remote_code: bool = False, reader=None):
+    """``(model, tokenizer)`` of a GGUF file, dequantised into a plain model (transformers refuses to save a
+    model it loaded from GGUF; this one saves like any other).
 
-    with _gguf_bar_follows_transformers():
-        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype,
-                                                         trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
-    # transformers refuses to save GGUF-loaded models: rebuild a plain one from config + weights.
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.name_or_path = str(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    model.load_state_dict(quantized.state_dict(), strict=False)
+    The file is parsed once (``reader``, from :func:`check_gguf`) for the config, the tokenizer and the weights
+    (:func:`_one_gguf_parse`), and the model is built with its parameters on the ``meta`` device and the
+    dequantised tensors assigned in place: no random initialisation of weights that are then overwritten, one
+    copy of the weights in memory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with _one_gguf_parse(path, reader), _gguf_bar_follows_transformers():
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+        config.name_or_path = str(path)
+        with params_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]  # (unshared)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+    expected = model.state_dict()
+    for name, tensor in tensors.items():
+        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
+            raise EbftError(f"GGUF file {path}: tensor {name} has shape {tuple(tensor.shape)}, its own metadata "
+                            f"describes {tuple(expected[name].shape)}")
+    model.load_state_dict({k: t.to(torch_dtype) if t.is_floating_point() else t for k, t in tensors.items()
+                           if k in expected}, strict=False, assign=True)
+    del tensors
     model.tie_weights()
+    for name, param in list(model.named_parameters()):  # a bias the file leaves out is zero (as in llama.cpp)
+        if param.device.type == "meta" and name.endswith(".bias"):
+            module, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module), attr, nn.Parameter(torch.zeros(param.shape, dtype=param.dtype),
+                                                                     requires_grad=param.requires_grad))
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise EbftError(f"GGUF file {path} lacks {len(missing)} of the model's weights, e.g. {missing[0]!r}")
     return model, tokenizer
+
+
+@contextmanager
+def _one_gguf_parse(path: Path, reader=None):
+    """Inside, every ``gguf.GGUFReader`` of ``path`` that transformers opens is one reader (``reader``, or the
+    first one made), and gguf's tensor-name map of an architecture is built once: transformers' GGUF code
+    otherwise parses the file again for the config, the tokenizer and the weights (seconds each: every
+    vocabulary entry is a numpy view) and rebuilds the name map for every submodule of the model. Its metadata
+    read (``load_gguf_checkpoint`` without tensors: every vocabulary entry decoded) is kept too."""
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    target = os.path.realpath(path)
+    cache = {target: reader} if reader is not None else {}
+    real_reader, real_map, real_load = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint
+    metadata: dict = {}
+
+    def shared_metadata(file, return_tensors=False, *args, **kwargs):
+        if return_tensors or args or kwargs or os.path.realpath(os.fspath(file)) != target:
+            return real_load(file, return_tensors, *args, **kwargs)
+        if "parsed" not in metadata:
+            metadata["parsed"] = real_load(file)
+        return copy.deepcopy(metadata["parsed"])  # callers may change what they are given
+
+    def shared_reader(file, *args, **kwargs):
+        if args or kwargs or os.path.realpath(os.fspath(file)) != target:
+            return real_reader(file, *args, **kwargs)
+        if target not in cache:
+            cache[target] = real_reader(file)
+        return cache[target]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(real_map)
+    gguf_utils.load_gguf_checkpoint = shared_metadata
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
+        gguf_utils.load_gguf_checkpoint = real_load
+
+
+@contextmanager
+def params_on_meta():
+    """Modules built inside have their parameters on the ``meta`` device (shape and dtype, no storage, no
+    initialisation) and their buffers real: non-persistent buffers such as rotary ``inv_freq`` are computed
+    from the config by the constructors, as a normal build computes them."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 _SAMPLE = 1 << 20  # bytes read at the start, middle and end of a weight file for its fingerprint
