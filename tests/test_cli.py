@@ -31,6 +31,30 @@ def test_run_writes_model_record_and_plot(tiny_model_dir, text_file, tmp_path, c
     assert set(ppl) == {"dense", "pruned", "recovered"}
     assert (out / "model.safetensors").exists() and (out / "block_losses.png").exists()
     assert not list(tmp_path.glob(".run.tmp-*"))
+    # where the time went: the run's phases, the time to the first block, each block's split
+    phases = record["phases"]
+    assert {"load", "tokenize", "capture", "walk", "evaluate"} <= set(phases["seconds"])
+    assert 0 < phases["seconds"]["load"] < phases["to_first_block"] < record["wall_seconds"]
+    for b in record["blocks"]:
+        split = b["seconds_by_phase"]
+        assert {"load block", "statistics", "prune", "recover", "streams", "checkpoint"} <= set(split)
+        assert sum(split.values()) <= b["seconds"] + 0.01
+    assert phases["blocks"]["recover"] == pytest.approx(sum(b["seconds_by_phase"]["recover"] for b in record["blocks"]),
+                                                         abs=0.01)
+
+
+def test_no_eval_pruned_skips_the_pruned_stage_and_is_refused_where_it_does_nothing(tiny_model_dir, text_file,
+                                                                                     tmp_path, capsys):
+    out = tmp_path / "run"
+    args = _run_args(tiny_model_dir, text_file, out, "--epochs", "1", "--recover-guard", "0", "--no-eval-pruned")
+    assert main(args) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert set(record["perplexity"]["corpus.txt"]) == {"dense", "recovered"}
+    capsys.readouterr()
+    assert main(_run_args(tiny_model_dir, text_file, tmp_path / "none", "--recover", "none", "--no-eval-pruned")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval.pruned" in err
+    assert not (tmp_path / "none").exists()
 
 
 def test_saved_model_reloads_with_identical_logits_and_recorded_perplexity(tiny_model_dir, text_file, tmp_path):

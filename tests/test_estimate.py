@@ -115,7 +115,10 @@ def test_optimizer_state_bytes(llama7b):
     lin = 4 * 4096 * 4096 + 3 * 4096 * 11008
     assert mem.optimizer_bytes(llama7b, s) == {
         "fp32 master weights": 4 * lin, "fp32 gradients": 4 * lin, "AdamW moments": 8 * lin,
-        "other state (restore snapshot, frozen weights)": 4 * lin, "masks (bool + fp32)": 5 * lin}
+        "masks (bool)": lin}
+    assert mem.host_fixed_bytes(llama7b, s, "lazy")["restore snapshot of one block (fp32)"] == 4 * lin
+    assert "other state (restore snapshot, frozen weights)" in mem.optimizer_bytes(  # mask tuning's frozen weights
+        llama7b, dataclasses.replace(s, state_bytes=24))
     norms = mem.optimizer_bytes(llama7b, dataclasses.replace(s, train_norms=True))
     assert norms["AdamW moments"] == 8 * (lin + 2 * 4096)
     assert mem.optimizer_bytes(llama7b, dataclasses.replace(s, trains=False, target=None)) == {}
@@ -215,7 +218,7 @@ def test_sizes_come_from_the_run_config_and_the_methods_declarations():
     s = RunSizes.of(cfg, context=4096)
     assert (s.calib_nsamples, s.calib_seqlen, s.recovery_batch, s.eval_texts) == (256, 1024, 8, 1)
     assert s.eval_windows == 341_469 // 2048  # WikiText-2 at min(4096, 2048)
-    assert (s.needs, s.state_bytes, s.target, s.trains) == ({"sq"}, 20, "dense-model", True)  # wanda + ebft, best
+    assert (s.needs, s.state_bytes, s.target, s.trains) == ({"sq"}, 16, "dense-model", True)  # wanda + ebft, best
     cfg.eval.windows = 8
     assert RunSizes.of(cfg).eval_windows == 8
     cfg.prune.method, cfg.recover.method = "sparsegpt", "dsnot"

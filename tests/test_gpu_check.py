@@ -38,7 +38,8 @@ def test_cpu_smoke_writes_which_checks_ran_and_why_others_were_skipped(tmp_path)
     checks = {c["name"]: c for c in record["checks"]}
     assert record["mode"] == "cpu-smoke" and record["ok"] and not record["failed"]
 
-    for name in ("tiny-ebft-cpu-fp32", "block-benchmark", "pipeline-tiny"):  # the CPU parts ran and passed
+    for name in ("whole-run-vs-reference", "llama7b-pipeline", "tiny-ebft-cpu-fp32", "block-benchmark",
+                 "pipeline-tiny"):  # the CPU parts ran and passed
         assert checks[name]["status"] == "pass", checks[name]
         assert name in record["ran"] and name in record["passed"]
     for name in ("tiny-ebft-cuda-bf16", "tiny-ebft-cuda-fp16", "placement-device-vs-pinned",
@@ -52,6 +53,13 @@ def test_cpu_smoke_writes_which_checks_ran_and_why_others_were_skipped(tmp_path)
     assert tiny["pruned_weights"] > 0 and tiny["pruned_nonzero"] == 0
     assert tiny["training_dtypes"] == ["float32"] and tiny["grad_scalers"] == 0 and tiny["losses"]["finite"]
     assert checks["block-benchmark"]["details"]["shape"] == "tiny"
+    whole = checks["whole-run-vs-reference"]["details"]  # ebft and the plain loop on the same windows
+    assert whole["ebft"]["perplexity"] and whole["reference"]["perplexity"]["dense"] > 0
+    assert whole["ebft"]["phases"]["to_first_block"] > 0 and whole["ratio_whole_run"] > 0
+    big = checks["llama7b-pipeline"]["details"]  # the 7B run's code path at a tiny size: phases, disk, plan
+    assert big["shape"] == "tiny" and big["bytes_written"] > 0 and big["checkpoint_bytes"] > 0
+    plan_ckpt = sum(v for k, v in big["plan_disk_bytes"].items() if k.startswith("checkpoint"))
+    assert 0.8 < big["checkpoint_bytes"] / plan_ckpt < 1.5  # the plan's checkpoint arithmetic (+ json, state files)
     assert set(checks["pipeline-tiny"]["details"]["perplexity"]) == {"dense", "pruned", "recovered"}
     assert "| tiny-ebft-cpu-fp32 | pass |" in done.stdout  # the table
 

@@ -154,3 +154,15 @@ def test_parse_pattern_errors_name_field_and_value(pattern, sparsity, scope, fie
     assert message.startswith(f"{field}: got {value};")
     assert "\n" not in message
     assert any(word in message for word in ("allowed", "implies", "required"))
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (3, 5), (16, 33), (0, 4)])
+def test_packed_masks_round_trip(shape):
+    from ebft.masks import pack_bits, unpack_bits
+
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(len(shape))) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(packed, shape), mask)
+    with pytest.raises(ValueError, match="packed bytes do not hold"):
+        unpack_bits(torch.cat([packed, packed.new_zeros(1)]), shape)

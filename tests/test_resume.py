@@ -16,7 +16,7 @@ from conftest import TEXT, block_training
 from ebft import checkpoint as ckpt
 from ebft.cli import main
 
-TIMES = {"seconds", "recover_seconds", "train_seconds", "wall_seconds", "peak_memory_bytes", "prefill_tokens_per_s",
+TIMES = {"seconds", "seconds_by_phase", "phases", "recover_seconds", "train_seconds", "wall_seconds", "peak_memory_bytes", "prefill_tokens_per_s",
          "generate_tokens_per_s"}
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -102,12 +102,14 @@ def test_sigkill_at_several_moments_then_rerun_is_bit_identical(four_blocks, tmp
 
 CASES = {
     "ebft": [],
+    "ebft-no-guard": ["--recover-guard", "0"],  # the "pruned" stage rebuilt from the blocks before recovery
     "ebft-dense-model-holdout": ["--target", "dense-model", "--holdout", "2"],
     "ebft-mask": ["--recover", "ebft-mask", "--method", "magnitude", "--pattern", "2:4"],
     "dsnot-owl": ["--recover", "dsnot", "--allocation", "owl", "--sparsity", "0.6"],
     "sparsegpt-none": ["--method", "sparsegpt", "--recover", "none"],
     "flap": ["--method", "flap", "--sparsity", "0.3"],
     "lazy": ["--lazy"],
+    "lazy-no-guard": ["--lazy", "--recover-guard", "0"],
     "lora": ["--recover", "lora", "--lora-steps", "3"],
     "ebft-gradual": ["--recover", "ebft-gradual", "--sparsity", "0.7"],
 }
@@ -269,3 +271,50 @@ def test_a_checkpoint_missing_a_finished_blocks_shard_is_refused(four_blocks, tm
     err = capsys.readouterr().err
     assert "--no-resume" in err and err.count("\n") == 1
     assert main(_args(root, out, "--lazy", "--no-resume")) == 0
+
+
+def test_a_checkpoint_holds_no_activations(four_blocks, tmp_path, monkeypatch):
+    """What resume cannot recompute, and nothing else: the state files hold the random state alone (the
+    activations are rebuilt by replaying the finished blocks), so a checkpoint is about the finished blocks'
+    weights, their masks and the blocks as the "pruned" stage saw them."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _fail_at(m, "block", 3)
+        with pytest.raises(SimulatedKill):
+            main(_args(four_blocks, out, "--recover-guard", "0"))
+    folder = tmp_path / ".run.ckpt"
+    (state,) = folder.glob("state-*.pt")
+    assert set(torch.load(state, weights_only=True)) == {"rng"} and state.stat().st_size < 20_000
+    assert sorted(p.name for p in (folder / "pruned").iterdir()) == [f"block-{i:05d}.safetensors" for i in range(3)]
+    blocks = sum(p.stat().st_size for p in (folder / "blocks").iterdir())
+    pruned = sum(p.stat().st_size for p in (folder / "pruned").iterdir())
+    assert abs(pruned - blocks) < 0.05 * blocks  # one copy of each finished block, as it was before recovery
+
+
+def test_a_checkpoint_missing_a_pruned_block_is_refused(four_blocks, tmp_path, monkeypatch, capsys):
+    """The "pruned" stage's activations cannot be rebuilt without the block as it was pruned: a checkpoint that
+    lost one is refused in one line, never resumed into other perplexities."""
+    out = tmp_path / "run"
+    args = _args(four_blocks, out, "--recover-guard", "0")
+    with monkeypatch.context() as m:
+        _fail_at(m, "block", 2)
+        with pytest.raises(SimulatedKill):
+            main(args)
+    (tmp_path / ".run.ckpt" / "pruned" / "block-00001.safetensors").unlink()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "block 1 as pruned" in err and "--no-resume" in err
+    assert main([*args, "--no-resume"]) == 0
+
+
+def test_a_checkpoint_of_the_earlier_format_is_discarded(four_blocks, tmp_path, monkeypatch, caplog):
+    """Format 2 held the activations: such a checkpoint is discarded with a warning and the run starts over."""
+    out = tmp_path / "run"
+    _leave_checkpoint(four_blocks, out, monkeypatch)
+    path = tmp_path / ".run.ckpt" / "checkpoint.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps({**info, "format": 2}))
+    assert main(_args(four_blocks, out)) == 0
+    assert "written by another version of ebft" in caplog.text
+    _assert_same_run(out, out)

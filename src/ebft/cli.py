@@ -414,7 +414,7 @@ class _SweepProgress:
 SWEEP_GRID_FLAGS = frozenset({"--method", "--sparsity", "--recover", "--out", "--overwrite"})  # lists in sweep
 # settings of one `ebft run` (its checkpoint, lazy loading): sweeps resume per cell and load eagerly
 RUN_ONLY_FLAGS = frozenset({"--lazy", "--resume", "--checkpoint", "--checkpoint-every", "--rank-timeout", "--export",
-                            "--export-type"})
+                            "--export-type", "--eval-pruned"})  # (a sweep scores each cell's final model only)
 
 
 def sweep_config_from_args(args):

@@ -88,6 +88,9 @@ class EvalConfig:
     zeroshot_limit: int | None = option(None, "first N items of each zero-shot task", low=1, default_text="all")
     speed: bool | None = option(None, "measure prefill and generation tokens/s of the dense and the final model",
                                 default_text="structured runs only")
+    pruned: bool = option(True, "also score the model pruning alone gives, before recovery (the 'pruned' column: "
+                          "one more forward pass of each evaluation text per block; --no-eval-pruned skips it)",
+                          flag="--eval-pruned")
 
 
 _PRUNE_BASE = [
@@ -329,6 +332,8 @@ class RunConfig:
             for name in ("task_data", "zeroshot_limit"):
                 if getattr(self.eval, name) is not None:
                     unused[f"eval.{name}"] = (getattr(self.eval, name), "--zeroshot")
+        if not self.eval.pruned and not recovery.guardable:
+            unused["eval.pruned"] = (False, "a block-wise recovery (without one, 'pruned' is the final model)")
         if not self.checkpoint and self.checkpoint_every != 0:
             unused["checkpoint_every"] = (self.checkpoint_every, "--checkpoint")
         if self.export is None and self.export_type != "f16":

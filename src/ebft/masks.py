@@ -174,3 +174,24 @@ def check_weight(weight: torch.Tensor, mask: torch.Tensor, name: str = "layer") 
     bad = int((weight.ne(0) & ~mask).sum())
     if bad:
         raise MaskError(f"layer {name}: {bad} pruned weights are nonzero")
+
+
+# ----------------------------------------------------------------------------- masks on disk: 1 bit each
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bytes, 8 entries per byte (row-major, the last byte padded with False)."""
+    flat = mask.detach().to("cpu", torch.bool).reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)]).view(-1, 8)
+    return (flat.to(torch.uint8) * _BIT_WEIGHTS).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """The bool tensor of ``shape`` that :func:`pack_bits` packed."""
+    numel = math.prod(shape)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // 8):
+        raise ValueError(f"{packed.numel()} packed bytes do not hold a mask of shape {tuple(shape)}")
+    bits = (packed[:, None] & _BIT_WEIGHTS).ne(0).reshape(-1)
+    return bits[:numel].reshape(shape)

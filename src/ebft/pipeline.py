@@ -54,7 +54,7 @@ from .recover.finish import finish, prepare_finish
 from .recover.recipes import PAPER_DIFFERENCES
 from .report import plot_block_losses
 from .streams import STAGES, Homes, capture_stream
-from .system import host_available, peak_memory, reset_host_peak, seed_everything, versions
+from .system import PhaseClock, host_available, peak_memory, reset_host_peak, seed_everything, versions
 from .walk import MASK_KEY, PruneSpec, RecoverSpec, planning_pass, walk
 from .weights import ShardWriter
 
@@ -185,6 +185,7 @@ class Outcome:
     cost: dict
     plan: dict | None = None  # the allocation's record (OWL's per-block sparsities, FLAP's structure)
     finish: dict | None = None  # the end-to-end finish's record (ebft.recover.finish)
+    phases: dict | None = None  # run.json's time by phase (:func:`phases_record`)
 
     def sparsity_measured(self, model) -> float:
         """Structured pruning: the fraction of block parameters removed; else the masked linears' zeros."""
@@ -203,37 +204,44 @@ class ModelStage:
 
 
 def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, device: str, progress=None,
-                      stages=STAGES, checkpoint=None, placement: dict[str, str] | None = None) -> Outcome:
+                      stages=STAGES, checkpoint=None, placement: dict[str, str] | None = None,
+                      clock: PhaseClock | None = None) -> Outcome:
     """Allocate, prune the loaded ``model`` in place, recover it (block by block, then the whole-model
     stages), evaluate ``data.evals`` at every stage.
 
     The walk's final stage is named "recovered", or "pruned" when the walk does not recover (``--recover
     none``, or a model-scope recovery, which runs after it). ``checkpoint``
     (:class:`ebft.checkpoint.RunCheckpoint`): the allocation and the walk continue from it and are saved to
-    it. ``placement``: where the walk keeps each activation group (:func:`activation_placement`).
+    it. ``placement``: where the walk keeps each activation group (:func:`activation_placement`). ``clock``
+    (:class:`ebft.system.PhaseClock`): the time of capture, plan, walk and evaluate goes to it.
     """
     checkpoint = checkpoint if checkpoint is not None else NO_CHECKPOINT
+    clock = clock or PhaseClock()
     recovery, settings = get_recovery(config.recover.method), config.recovery_settings()
     text = TrainingText(config.calib.source, data.calib_seqlen, config.seed)
     whole = _model_stages(model, tokenizer, config, text, device, progress)  # the finish's teacher: dense model
     homes = Homes(torch.device(device), placement)
-    chain = capture_stream(model, data.calib, torch.device(device), config.batch_size, distributed.current(),
-                           to=homes.home("calibration chain", None))
-    allocation = checkpoint.allocation(lambda: allocate(model, chain, pattern, config, device, progress))
+    with clock.phase("capture"):
+        chain = capture_stream(model, data.calib, torch.device(device), config.batch_size, distributed.current(),
+                               to=homes.home("calibration chain", None))
+    with clock.phase("plan"):
+        allocation = checkpoint.allocation(lambda: allocate(model, chain, pattern, config, device, progress))
     spec = PruneSpec(get_pruner(config.prune.method), allocation.patterns if allocation else pattern,
                      config.prune.layers, config.pruner_settings(), allocation.structures if allocation else None)
     block_wise = recovery.scope == "block"
     budget = budget_seconds(config.recover.budget) if block_wise and config.recover.budget is not None else None
     guards = data.guards if guarded(config) else {}  # (a sweep's data serves cells with and without one)
     recover = RecoverSpec(recovery, settings, config.seed, budget, keep_pruned=bool(guards)) if block_wise else None
-    result = walk(model, chain, spec, recover, {**data.evals, **guards},
-                  {**{name: stages for name in data.evals}, **{name: ("pruned", "final") for name in guards}},
-                  device, config.batch_size, progress, checkpoint=checkpoint, placement=placement)
+    with clock.phase("walk"):
+        result = walk(model, chain, spec, recover, {**data.evals, **guards},
+                      {**{name: stages for name in data.evals}, **{name: ("pruned", "final") for name in guards}},
+                      device, config.batch_size, progress, checkpoint=checkpoint, placement=placement)
     walked = "recovered" if block_wise and recovery.name != "none" else "pruned"
     guard_streams = {k: result.streams.pop(k) for k in list(result.streams) if k.rsplit("/", 1)[0] in guards}
-    perplexity = stage_perplexities(model, result, data.evals, device, final=walked)
-    guard_record = (check_guard(model, result, guard_streams, guards, perplexity, data.evals, device,
-                                config.batch_size) if guards else None)
+    with clock.phase("evaluate"):
+        perplexity = stage_perplexities(model, result, data.evals, device, final=walked)
+        guard_record = (check_guard(model, result, guard_streams, guards, perplexity, data.evals, device,
+                                    config.batch_size) if guards else None)
     records = {"recovered": block_recovery_cost(recovery.name, result.blocks, device)} if block_wise else {}
     for stage in whole:  # LoRA ("recovered"), the finish ("finished"): each evaluated on the model it leaves
         ctx = ModelContext(model, tokenizer, result.masks, text, torch.device(device), config.seed, progress)
@@ -400,22 +408,29 @@ def _run(config: RunConfig, pattern, device: str, lazy: bool, start: float, prog
     scale = {**({"lazy": True} if lazy else {}), **({"world_size": shard.world} if shard else {})}
     resolved = {"device": resolve_device(config.device), "lazy": lazy, "world_size": shard.world if shard else 1}
     checkpoint = RunCheckpoint.open(config, resolved, lazy, shard)  # the device before each rank takes its GPU
+    clock = PhaseClock(device)  # run.json's "phases": where the time went, up to the first block and after
     try:
         suite = _zeroshot_suite(config.eval.zeroshot, config.eval.task_data)  # reads/downloads task data first
-        model, tokenizer = load(config, lazy, device)
-        check_model_fits(model, pattern, config)
-        data = prepare_data(model, tokenizer, config)
+        with clock.phase("load"):
+            model, tokenizer = load(config, lazy, device)
+            check_model_fits(model, pattern, config)
+        with clock.phase("tokenize"):
+            data = prepare_data(model, tokenizer, config)
         checkpoint.check_data(data.calib, {**data.evals, **data.guards})  # the guard's texts too
         checkpoint.begin()
         # speed: structured runs by default, in one process only (ranks would time each other's contention)
         speed_on = config.eval.speed if config.eval.speed is not None else (pattern.structured and shard is None)
         measured = Measurements(suite, config, device, speed_on, progress)
-        measured.dense(model, tokenizer, checkpoint)  # before the walk, which prunes the model in place
+        with clock.phase("dense zero-shot and speed"):
+            measured.dense(model, tokenizer, checkpoint)  # before the walk, which prunes the model in place
         params_dense = sum(p.numel() for p in model.parameters())
         placement = activation_placement(config, model, data, device, lazy)
-        outcome = prune_and_recover(model, tokenizer, config, pattern, data, device, progress, checkpoint=checkpoint,
-                                    placement=placement)
-        measured.final(model, tokenizer, final_stage(config))
+        outcome = prune_and_recover(model, tokenizer, config, pattern, data, device, progress,
+                                    stages=STAGES if config.eval.pruned else ("dense", "final"),
+                                    checkpoint=checkpoint, placement=placement, clock=clock)
+        with clock.phase("final zero-shot and speed"):
+            measured.final(model, tokenizer, final_stage(config))
+        outcome.phases = phases_record(clock, outcome.result, start)
         structure = get_pruner(config.prune.method).make_saveable(model)
         if structure is not None:
             structure = {"params_dense": params_dense, **structure,
@@ -539,9 +554,23 @@ def build_record(config: RunConfig, model, pattern, device: str, data: Data, out
         **({"structure": structure} if structure else {}),
         **({"speed": speed} if speed else {}),
         **zeroshot,
+        **({"phases": outcome.phases} if outcome.phases else {}),
         "wall_seconds": round(time.perf_counter() - start, 2),
         **peak_memory(device),
     }
+
+
+def phases_record(clock: PhaseClock, result, start: float) -> dict:
+    """run.json's ``phases``: seconds per phase of the run (load, tokenize, capture, plan, walk, evaluate, ...;
+    the save is in ``wall_seconds`` only), the time from the start to the walk's first block, and the walk's
+    blocks' time summed by phase (statistics, prune, recover, streams, checkpoint)."""
+    seconds = {k: v for k, v in clock.take().items() if v >= 0.0005}
+    blocks: dict[str, float] = {}
+    for record in result.blocks:
+        for name, value in (record.get("seconds_by_phase") or {}).items():
+            blocks[name] = blocks.get(name, 0.0) + value
+    first = None if result.first_block_at is None else round(result.first_block_at - start, 3)
+    return {"seconds": seconds, "to_first_block": first, "blocks": {k: round(v, 3) for k, v in blocks.items()}}
 
 
 def walk_sparsity(model, result) -> dict:

@@ -24,8 +24,8 @@ import torch
 
 from .capture import BlockCalls, capture
 from .distributed import Shard, ShardedWindows, current
-from .errors import EbftError
 from .models import find_blocks
+from .system import timed
 
 STAGES = ("dense", "pruned", "final")
 CHAIN = "calibration chain"
@@ -103,13 +103,14 @@ class Streams:
     recovered blocks' outputs), the dense model's own stream when a recovery trains towards it, and
     each evaluation text at each stage asked for."""
 
-    def __init__(self, chain: Stream | None, named: dict[str, Stream]):
+    def __init__(self, chain: Stream | None, named: dict[str, Stream], clock=None):
         self.chain, self.named = chain, named
+        self.clock = clock  # ebft.system.PhaseClock: the time of advance() is the "streams" phase
 
     @classmethod
     def open(cls, model, chain: Stream | None, eval_ids: dict[str, torch.Tensor] | None, stages,
              dense_model: bool, device: torch.device, batch_size: int, placement: Homes,
-             pruned_alone: bool = False) -> "Streams":
+             pruned_alone: bool = False, clock=None) -> "Streams":
         """Capture the evaluation texts (once each; every stage starts from a copy) at the stages
         ``stages(name)`` gives for each; with ``dense_model``, branch the dense model's stream off the
         chain; with ``pruned_alone``, the calibration windows through the blocks as pruning alone leaves
@@ -127,8 +128,9 @@ class Streams:
         if pruned_alone and chain is not None:
             named["calib/pruned"] = chain.branch("pruned", placement.pinned(
                 chain.x.to(placement.home(PRUNED_ALONE, chain.x.device), copy=True)))
-        return cls(chain, named)
+        return cls(chain, named, clock)
 
+    @timed("streams")
     def advance(self, stage: str, index: int, block) -> None:
         """Push every stream at ``stage`` (the chain is "final") through block ``index``."""
         for stream in self._all():
@@ -151,25 +153,9 @@ class Streams:
         """How the family's blocks return (a tuple or a tensor): learnt on their first call."""
         return any(s.calls.returns_tuple for s in self._all() if s.calls is not None)
 
-    # ---- what a checkpoint keeps --------------------------------------------------------------
-    def state(self) -> dict[str, torch.Tensor]:
-        tensors = {f"stream/{k}": s.x for k, s in self.named.items()}
-        if self.chain is not None:
-            tensors["calib"] = self.chain.x
-        return tensors
-
-    def load_state(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Put checkpointed activations back (in place); one line naming ``where`` if they do not match."""
-        for key, stream in self.named.items():
-            self._copy(tensors.get(f"stream/{key}"), stream, f"{key} activations", where)
-        if self.chain is not None:
-            self._copy(tensors.get("calib"), self.chain, "calibration chain", where)
-
-    @staticmethod
-    def _copy(saved, stream: Stream, what: str, where: str) -> None:
-        if saved is None or saved.shape != stream.x.shape:
-            raise EbftError(f"resume: the checkpoint {where} holds no matching {what}; pass --no-resume to start over")
-        stream.x.copy_(saved)
+    def carries(self, stage: str) -> bool:
+        """Whether any stream goes through the blocks at ``stage``."""
+        return any(stream.stage == stage for stream in self._all())
 
     def outputs(self) -> dict[str, torch.Tensor]:
         """``{"<text>/<stage>": the last block's outputs}`` of the evaluation streams."""

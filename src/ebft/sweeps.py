@@ -124,6 +124,7 @@ def cell_key(cell: RunConfig) -> str:
     settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
     if cell.finish.method == "none":  # no finish: its settings change nothing (and keys stay as before it existed)
         settings.pop("finish")
+    settings["eval"].pop("pruned", None)  # a cell scores its final model only
     own_prune = {f.name for f in fields_of(cell.pruner_settings())} | {f.name for f in fields_of(AllocationSettings)}
     settings["prune"] = {k: v for k, v in settings["prune"].items()
                          if k in ("method", "sparsity", "pattern", "scope", "layers") or k in own_prune}

@@ -5,11 +5,13 @@ other module asks here.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import random
 import re
 import resource
+import time
 from pathlib import Path
 
 import torch
@@ -148,3 +150,54 @@ def fmt_bytes(n: int | None) -> str:
     if n is None:
         return "-"
     return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 1024 ** 2:.1f} MiB"
+
+
+class PhaseClock:
+    """Seconds spent in named phases (a run's load, tokenize, capture, plan...; a block's statistics, prune,
+    recover, streams, checkpoint), for run.json. On a GPU each phase ends with a synchronisation, so that the
+    work it queued is counted in it (a handful per block: nothing next to a block's training steps)."""
+
+    def __init__(self, device: str | torch.device | None = None):
+        device = torch.device(device) if device is not None else None
+        self.sync = device is not None and device.type == "cuda" and torch.cuda.is_available()
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    def phase(self, name: str):
+        return _Phase(self, name)
+
+    def take(self) -> dict[str, float]:
+        """The phases so far, rounded, and a fresh start."""
+        out, self.seconds = {k: round(v, 3) for k, v in self.seconds.items()}, {}
+        return out
+
+
+class _Phase:
+    def __init__(self, clock: PhaseClock, name: str):
+        self.clock, self.name = clock, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        if self.clock.sync:
+            torch.cuda.synchronize(self.clock.device)
+        seconds = self.clock.seconds
+        seconds[self.name] = seconds.get(self.name, 0.0) + time.perf_counter() - self.start
+        return False
+
+
+def timed(name: str):
+    """Decorator for a method whose object has a ``clock`` (:class:`PhaseClock`, or None): its time goes to
+    phase ``name``. Keeps the walk's loop the algorithm, with the timing beside it."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(self, *args, **kwargs):
+            clock = getattr(self, "clock", None)
+            if clock is None:
+                return fn(self, *args, **kwargs)
+            with clock.phase(name):
+                return fn(self, *args, **kwargs)
+        return inner
+    return wrap
+

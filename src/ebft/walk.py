@@ -33,12 +33,14 @@ from . import distributed
 from .blockstore import store_for
 from .capture import BlockIO
 from .checkpoint import NO_CHECKPOINT, Progress, kill_point, rng_state, set_rng_state
+from .errors import EbftError
 from .masks import Pattern
 from .models import find_blocks, find_linears
 from .prune import BlockSite
 from .recover import BlockContext, get_recovery
 from .stats import LayerStats
 from .streams import STAGES, TARGETS, Homes, Stream, Streams, capture_stream
+from .system import PhaseClock, timed
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class WalkResult:
     # block index -> a function giving its tensors as pruning alone leaves it (RecoverSpec.keep_pruned; not
     # kept lazily): read back from the checkpoint folder where the run checkpoints, else held in host memory
     pruned_states: dict[int, Callable[[], dict[str, torch.Tensor]]] = field(default_factory=dict)
+    first_block_at: float | None = None  # time.perf_counter() when the walk loaded its first block (this process)
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -115,20 +118,20 @@ def walk(model: nn.Module, calib: torch.Tensor | Stream | None, prune: PruneSpec
     blocks are reported to ``progress`` as done at once. ``placement`` (``ebft plan``'s arithmetic):
     where each activation group lives (see :class:`ebft.streams.Homes`).
     """
-    device, progress = torch.device(device), progress or _noop
-    work = BlockWork(model, prune, recover, progress)
+    device, progress, clock = torch.device(device), progress or _noop, PhaseClock(device)
+    work = BlockWork(model, prune, recover, progress, clock)
     where = Homes(device, placement)
     chain = work.chain(model, calib, device, batch_size, where)
     streams = Streams.open(model, chain, eval_ids, work.stages(eval_stages), work.target == "dense-model", device,
-                           batch_size, where, pruned_alone=work.keep_pruned)
-    state = WalkState(model, work, streams, checkpoint, progress, device)
+                           batch_size, where, pruned_alone=work.keep_pruned, clock=clock)
+    state = WalkState(model, work, streams, checkpoint, progress, device, clock)
     for index in state.remaining():
         block = state.load(index)
         alone = work.prune_alone(index, block, streams)               # the guard's baseline: pruning alone
         measured = work.measure(index, block, streams.chain, where)   # statistics (and dense-block targets)
         streams.advance("dense", index, block)                        # dense perplexity, dense-model target
         pruned = work.prune(index, block, measured, alone)            # masks or structure, applied and checked
-        streams.advance("pruned", index, pruned.as_pruned())          # pruned perplexity
+        streams.advance("pruned", index, state.pruned_stage(pruned))  # pruned perplexity
         record = work.recover(pruned, streams, state.time_share(index))
         work.check(pruned)                                            # every mask and pattern still holds
         streams.advance("final", index, block)                        # propagate: the chain and final streams
@@ -161,6 +164,8 @@ class Pruned:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     record: dict = field(default_factory=dict)
     alone: "Alone | None" = None  # the block as pruning alone leaves it (with the guard: BlockWork.keep_pruned)
+    # without the guard, when the run checkpoints the "pruned" stage: this block before recovery, on the host
+    stage_snapshot: dict[str, torch.Tensor] | None = None
 
     @property
     def snapshot(self) -> dict[str, torch.Tensor] | None:
@@ -191,8 +196,9 @@ class BlockWork:
     """The pruner and the recovery with their settings, and what they need of each block."""
 
     def __init__(self, model: nn.Module, prune: PruneSpec | None, recover: RecoverSpec | None,
-                 progress: Callable[..., None]):
+                 progress: Callable[..., None], clock: PhaseClock | None = None):
         recover = recover or RecoverSpec()
+        self.clock = clock  # each block's time by phase (the methods below are @timed)
         recovery = get_recovery(recover.recovery) if isinstance(recover.recovery, str) else recover.recovery
         if recovery.scope != "block":
             raise ValueError(f"recovery {recovery.name!r} trains the whole model: the walk takes block-scope ones only")
@@ -225,6 +231,7 @@ class BlockWork:
         return capture_stream(model, calib, device, batch_size, distributed.current(),
                               to=where.home("calibration chain", None))
 
+    @timed("prune alone (guard)")
     def prune_alone(self, index: int, block: nn.Module, streams: Streams) -> Alone | None:
         """With the guard (``keep_pruned``): a copy of the dense block pruned as a run without recovery prunes
         it — the pruner's statistics on the pruned-alone chain, the same site — before the block's own
@@ -241,6 +248,7 @@ class BlockWork:
         snapshot.update({f"{MASK_KEY}{n}": m.detach().to("cpu", copy=True) for n, m in masks.items()})
         return Alone(alone, snapshot)
 
+    @timed("statistics")
     def measure(self, index: int, block: nn.Module, chain: Stream | None, where: Homes) -> Measured:
         if self.spec is None:
             return Measured()
@@ -252,6 +260,7 @@ class BlockWork:
                  if self.recovery.changes_masks else None)
         return Measured(linears, stats, targets, dense)
 
+    @timed("prune")
     def prune(self, index: int, block: nn.Module, measured: Measured, alone: Alone | None = None) -> Pruned:
         if self.spec is None:
             return Pruned(index, block, None, measured)
@@ -263,6 +272,7 @@ class BlockWork:
             s.keep_only(self.recovery.needs)  # the Hessian is large; free it unless the recovery reads it
         return Pruned(index, block, site, measured, linears, masks, record, alone)
 
+    @timed("recover")
     def recover(self, pruned: Pruned, streams: Streams, time_share: float | None) -> dict:
         """The recovery of one block (nothing without pruning); the block's record."""
         record = {"index": pruned.index, **pruned.record}
@@ -305,8 +315,10 @@ class WalkState:
     """The walk's progress through the blocks: the block store, the checkpoint (resumed from at the
     start, written at block boundaries), records, masks, progress events and the time budget."""
 
-    def __init__(self, model: nn.Module, work: BlockWork, streams: Streams, checkpoint, progress, device):
+    def __init__(self, model: nn.Module, work: BlockWork, streams: Streams, checkpoint, progress, device,
+                 clock: PhaseClock | None = None):
         self.model, self.work, self.streams, self.device = model, work, streams, device
+        self.clock = clock or PhaseClock()
         self.store = store_for(model)
         self.checkpoint = checkpoint if checkpoint is not None else NO_CHECKPOINT
         if self.store.lazy and work.spec is not None and checkpoint is None:
@@ -314,6 +326,8 @@ class WalkState:
                              "checkpoint (ebft.checkpoint.RunCheckpoint), which holds their writer")
         self.progress = progress or _noop
         self.keep_masks = not self.store.lazy
+        # the "pruned" stage's blocks cannot be rebuilt from the finished ones: a checkpoint keeps them
+        self.keeps_pruned_stage = self.checkpoint.saves and streams.carries("pruned")
         self.out = WalkResult()
         self.start, self.saved_tuple = 0, False
         self._started = 0.0
@@ -325,8 +339,12 @@ class WalkState:
 
     def load(self, index: int) -> nn.Module:
         self._started = time.perf_counter()
+        if self.out.first_block_at is None:
+            self.out.first_block_at = self._started
         self.progress("block_start", index=index, total=self.store.num_blocks)
-        block = self.store.load(index, self.device)
+        self.clock.take()  # what came before the block (a resume's replay) is not its time
+        with self.clock.phase("load block"):
+            block = self.store.load(index, self.device)
         kill_point("block", index)
         return block
 
@@ -338,9 +356,36 @@ class WalkState:
         share = max(self.work.budget - spent, 0.0) / (self.store.num_blocks - index)
         return distributed.broadcast_value(share)
 
+    def pruned_stage(self, pruned: Pruned) -> nn.Module:
+        """The block the "pruned" stage goes through (:meth:`Pruned.as_pruned`); without the guard, when the
+        run checkpoints that stage, a host copy of it is kept for the checkpoint (written by :meth:`done`)."""
+        if self.keeps_pruned_stage and pruned.alone is None and self.work.spec is not None:
+            pruned.stage_snapshot = {k: v.detach().to("cpu", copy=True) for k, v in pruned.block.state_dict().items()}
+        return pruned.as_pruned()
+
     def done(self, index: int, pruned: Pruned, record: dict) -> None:
         """The block is finished: keep its masks, hand it back to the store (written into the
-        checkpoint), record it, checkpoint when due, report it."""
+        checkpoint), record it with its time by phase, checkpoint when due, report it."""
+        with self.clock.phase("checkpoint"):
+            self._keep(index, pruned)
+        record["seconds"] = round(time.perf_counter() - self._started, 3)
+        record["seconds_by_phase"] = phases = self.clock.take()
+        self.out.blocks.append(record)
+        log.info("block %d/%d done in %.1f s%s", index + 1, self.store.num_blocks, record["seconds"],
+                 f" (loss {record['loss_before']:.4g} -> {record['loss_after']:.4g})" if "loss_after" in record else "")
+        kill_point("parts", index)
+        if self.checkpoint.due(index + 1, self.store.num_blocks):
+            with self.clock.phase("checkpoint"):
+                self.checkpoint.save(Progress(index + 1, self.out.blocks, self.out.sparsity_counts,
+                                              self._returns_tuple(), rng_state()))
+            saved = self.clock.take()["checkpoint"]  # (the checkpoint just written has the time before it)
+            phases["checkpoint"] = round(phases.get("checkpoint", 0.0) + saved, 3)
+            record["seconds"] = round(record["seconds"] + saved, 3)
+        self.progress("block_end", **record)
+
+    def _keep(self, index: int, pruned: Pruned) -> None:
+        """The finished block's masks, sparsity and pruned-stage snapshot kept; the block handed back to the
+        store, which writes it into the checkpoint."""
         prefix = f"{self.work.prefix}.{index}"
         full = {f"{prefix}.{n}": m.cpu() for n, m in pruned.masks.items()}
         self.out.sparsity_counts.update(
@@ -349,20 +394,15 @@ class WalkState:
         if self.keep_masks:
             self.out.masks.update(full)
             self.checkpoint.save_masks(index, full)
-            if pruned.snapshot is not None:
-                on_disk = self.checkpoint.save_pruned(index, pruned.snapshot)
+        if pruned.snapshot is not None and (self.keep_masks or self.keeps_pruned_stage):
+            on_disk = self.checkpoint.save_pruned(index, pruned.snapshot)
+            if self.keep_masks:  # the guard's fallback (a lazy walk keeps no block to go back to)
                 self.out.pruned_states[index] = (functools.partial(self.checkpoint.pruned, index) if on_disk
                                                  else functools.partial(dict, pruned.snapshot))
+        elif pruned.stage_snapshot is not None:
+            self.checkpoint.save_pruned(index, pruned.stage_snapshot)
+            pruned.stage_snapshot = None
         self.store.release(index, write_to=self.checkpoint.writer)
-        record["seconds"] = round(time.perf_counter() - self._started, 3)
-        self.out.blocks.append(record)
-        log.info("block %d/%d done in %.1f s%s", index + 1, self.store.num_blocks, record["seconds"],
-                 f" (loss {record['loss_before']:.4g} -> {record['loss_after']:.4g})" if "loss_after" in record else "")
-        kill_point("parts", index)
-        if self.checkpoint.due(index + 1, self.store.num_blocks):
-            self.checkpoint.save(Progress(index + 1, self.out.blocks, self.out.sparsity_counts,
-                                          self._returns_tuple(), self.streams.state(), rng_state()))
-        self.progress("block_end", **record)
 
     def _returns_tuple(self) -> bool:
         return self.saved_tuple or self.streams.returns_tuple
@@ -373,28 +413,37 @@ class WalkState:
         return self.out
 
     def _resume(self) -> None:
-        """Bring the walk to its checkpointed state: finished blocks (an eager model's; a lazy model's are
-        in the checkpoint's writer already), masks, records, activations and random state."""
+        """Bring the walk to its checkpointed state: finished blocks, masks, records and random state; the
+        activations rebuilt by running every finished block forward again (:meth:`_replay`)."""
         state = self.checkpoint.restore()
         if state is None:
             return
         self.start, self.saved_tuple = state.next_block, state.returns_tuple
         self.out.blocks = [dict(r) for r in state.records]
         self.out.sparsity_counts = {k: list(v) for k, v in state.sparsity_counts.items()}
-        self.streams.load_state(dict(state.tensors), str(self.checkpoint.folder))
-        if not self.store.lazy:
-            for index in range(state.next_block):
-                self._restore_block(index)
+        start = time.perf_counter()
+        for index in range(state.next_block):
+            self._replay(index)
+        log.info("resumed: %d finished blocks replayed over the activations in %.1f s", state.next_block,
+                 time.perf_counter() - start)
         set_rng_state(state.rng)
         for record in self.out.blocks:
             self.progress("block_start", index=record["index"], total=self.store.num_blocks)
             self.progress("block_end", **record)
 
-    def _restore_block(self, index: int) -> None:
+    def _replay(self, index: int) -> None:
+        """Push every stream through finished block ``index`` at its stage, as the walk did: the dense weights
+        (the model's own, or read again from the source when lazy), the block as the "pruned" stage saw it
+        (from the checkpoint) and the finished block (from the checkpoint, which the model keeps)."""
         prefix = f"{self.work.prefix}.{index}."
-        block = self.store.blocks[index]
+        block = self.store.load(index, self.device)
+        self.streams.advance("dense", index, block)
+        if self.streams.carries("pruned"):
+            self.streams.advance("pruned", index, self._pruned_block(index, block))
         self.work.restore_shape(index, block)
         _set_block_state_(block, self.checkpoint.block_tensors(prefix), prefix)
+        self.streams.advance("final", index, block)
+        self.store.release(index)
         if self.work.keep_pruned and self.keep_masks:  # ({} if the checkpoint has none: the guard says so)
             self.out.pruned_states[index] = functools.partial(self.checkpoint.pruned, index)
         if self.keep_masks and self.work.spec is not None:
@@ -402,6 +451,17 @@ class WalkState:
             # in the order the walk made them (run.json's sparsity lists the layers in this order)
             order = [k for k in self.out.sparsity_counts if k.startswith(prefix)]
             self.out.masks.update({k: saved[k] for k in order})
+
+    def _pruned_block(self, index: int, dense: nn.Module) -> nn.Module:
+        """Block ``index`` as the "pruned" stage saw it, rebuilt from the dense one and the checkpoint."""
+        saved = {k: v for k, v in self.checkpoint.pruned(index).items() if not k.startswith(MASK_KEY)}
+        if not saved:
+            raise EbftError(f"resume: the checkpoint {self.checkpoint.folder} lacks block {index} as pruned (the "
+                            "pruned stage's activations cannot be rebuilt); pass --no-resume to start over")
+        block = copy.deepcopy(dense)
+        self.work.restore_shape(index, block)
+        _set_block_state_(block, saved, "")
+        return block
 
 
 def _set_block_state_(block: nn.Module, tensors: dict[str, torch.Tensor], prefix: str) -> None:

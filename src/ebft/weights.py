@@ -172,8 +172,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     block of a large model is one more block in host memory; here a tensor on an accelerator is
     copied to the host one at a time, and a host tensor is written as it is. The file is the
     safetensors format (an 8-byte little-endian header length, the JSON header padded to 8 bytes,
-    the tensors' bytes in header order, larger elements first so that each is aligned), flushed to disk
-    before returning."""
+    the tensors' bytes in header order, larger elements first so that each is aligned). Not flushed to
+    disk: the caller renames it into place (a kill cannot cut it) and a saved output is flushed whole."""
     # larger elements first: every tensor's offset is then a multiple of its element size
     tensors = dict(sorted(tensors.items(), key=lambda kv: -kv[1].element_size()))
     header, offset = {}, 0
@@ -195,8 +195,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
             t = t.detach().to("cpu").contiguous()
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def read_safetensors_header(path: str | os.PathLike) -> dict:
@@ -264,8 +262,10 @@ class ShardWriter:
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         name = _PART.format(len(self._parts) + 1)
+        # not flushed to disk: the rename protects a shard from a kill; a saved output is flushed as a whole
+        # (ebft.output), and a checkpoint's shard cut by a power loss is found by its size check on resume
         write_atomic(self.folder / name, lambda tmp: write_safetensors(tensors, tmp, metadata={"format": "pt"}),
-                     durable=False)  # write_safetensors flushes to disk itself
+                     durable=False)
         self._parts.append(name)
         for k in tensors:
             self.weight_map[k] = name

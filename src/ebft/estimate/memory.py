@@ -29,9 +29,10 @@ plus ``Σ P_mask`` bytes for the bool masks the walk keeps of every finished blo
 counts the same in host memory, less what the host's weights already hold):
 
 - *recovery* (a training recovery, per block): the untrained weights ``b·(P_blk − P_t)`` + its declared
-  state bytes per trained parameter (EBFT 20: the fp32 master copy 4 that replaces the trained
-  weights, fp32 gradients 4, AdamW's two moments 8, the fp32 snapshot EBFT restores a rejected block
-  from 4; mask tuning 24) + masks ``5·P_mask`` (bool from the pruner 1, the fp32 copy that multiplies gradients 4)
+  state bytes per trained parameter (EBFT 16: the fp32 master copy 4 that replaces the trained
+  weights, fp32 gradients 4, AdamW's two moments 8; mask tuning 24) + the bool masks ``P_mask`` (they
+  multiply the gradients as they are); the fp32 snapshot EBFT restores a rejected block from ``4·P_t``
+  lives in host memory
   + one training step: the activations autograd saves for backward (formula below) + the autocast
   weight copies ``a·(P_lin − P_qkv)`` (bf16 casts of the fp32 master weights that backward needs;
   q/k/v read the block's input, which needs no gradient, so their casts are not saved) + the batch's
@@ -99,7 +100,7 @@ class RunSizes:
     needs: frozenset[str] = frozenset({"sq"})  # statistics the pruner and the recovery declare
     prunes: bool = True  # keeps masks of finished blocks
     trains: bool = True  # the recovery trains blocks (its state bytes below)
-    state_bytes: int = 20  # the recovery's optimiser state per trained parameter
+    state_bytes: int = 16  # the recovery's optimiser state per trained parameter
     target: str | None = "dense-block"  # the recovery's training target (None: it needs none)
     recovers: bool = True  # a recovery other than none (the walk carries a "pruned" stage apart)
     whole_model: str | None = None  # a recovery that trains the whole model after the walk (not planned)
@@ -113,6 +114,7 @@ class RunSizes:
     layers: str | None = None  # regex on linear names inside a block: the pruned (and trained) ones
     attention: str | None = None  # attention implementation; None: what transformers picks for the config
     keep_masks: bool = True  # the walk keeps every finished block's bool masks on the host (run record, LoRA)
+    checkpoint: bool = True  # the walk writes its checkpoint (finished blocks, masks, pruned-stage blocks)
     trust_remote_code: bool = False  # for configs whose model code lives on the hub
     methods: str = "wanda + ebft"  # the pruner and the recovery, for the table
 
@@ -138,7 +140,7 @@ class RunSizes:
         sizes = cls(device=resolve_device(config.device), dtype=config.dtype,
                     precision=training.get("precision", "auto"), load=load, calib_nsamples=config.calib.nsamples,
                     calib_seqlen=config.calib.seqlen, eval_texts=len(sources), eval_windows=windows or 0,
-                    eval_seqlen=config.eval.seqlen,
+                    eval_seqlen=config.eval.seqlen, eval_stages=3 if config.eval.pruned else 2,
                     needs=frozenset(get_pruner(config.prune.method).needs) | recovery.needs,
                     trains=recovery.trains_blocks and recovery.state_bytes > 0, state_bytes=recovery.state_bytes,
                     target=recovery.target_of(settings) if recovery.scope == "block" else None,
@@ -147,7 +149,7 @@ class RunSizes:
                     holdout=training.get("holdout", 0), train_norms=training.get("train_norms", False),
                     guard=config.recover.guard if recovery.guardable else 0,
                     guard_texts=len(config.recover.guard_texts) if recovery.guardable else 0,
-                    walk_batch=config.batch_size, layers=config.prune.layers,
+                    walk_batch=config.batch_size, layers=config.prune.layers, checkpoint=config.checkpoint,
                     trust_remote_code=config.trust_remote_code,
                     methods=f"{config.prune.method} + {recovery.name}")
         return dataclasses.replace(sizes, **found)
@@ -239,7 +241,7 @@ def optimizer_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
     out = {"fp32 master weights": 4 * trained, "fp32 gradients": 4 * trained, "AdamW moments": 8 * trained}
     if per > 16:  # beyond weights, gradients and moments: EBFT's restore snapshot, mask tuning's frozen weights
         out["other state (restore snapshot, frozen weights)"] = (per - 16) * trained
-    out["masks (bool + fp32)"] = 5 * masked
+    out["masks (bool)"] = masked
     return out
 
 
@@ -322,11 +324,36 @@ def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> d
     return phases
 
 
+def disk_bytes(shape: ModelShape, s: RunSizes, load: str) -> dict[str, int]:
+    """The disk a run writes and needs at its peak (when the output is being saved beside the whole
+    checkpoint): the checkpoint holds every finished block in the run dtype, its masks packed 8 to a byte and,
+    when the "pruned" stage is carried (the guard's baseline, or the pruned perplexity), each block as that
+    stage saw it; the output is the model in the run dtype (a lazy run's output links the checkpoint's block
+    shards instead of writing them again). No activations are written."""
+    b = dtype_bytes(s.run_dtype())
+    blocks = b * shape.params_in_blocks
+    masks = sum(shape.mask_params) // 8 if s.prunes else 0
+    pruned_stage = s.prunes and s.recovers and (s.guard > 0 or s.stages() > 2)
+    ckpt = {}
+    if s.checkpoint or load == "lazy":
+        ckpt = {"checkpoint: finished blocks": blocks, "checkpoint: masks (1 bit each)": masks if s.checkpoint else 0}
+        if s.checkpoint and pruned_stage:
+            ckpt["checkpoint: blocks as pruned (the pruned stage)"] = blocks + (masks if s.guard else 0)
+    output = b * (shape.params_outside if load == "lazy" else shape.params_total)
+    out = {**ckpt, "output: the saved model" + (" (block shards linked from the checkpoint)" if load == "lazy"
+                                                 else ""): output}
+    out["written in all"] = sum(out.values())
+    out["peak"] = out["written in all"]  # the checkpoint goes only once the output is saved
+    return out
+
+
 def host_fixed_bytes(shape: ModelShape, s: RunSizes, load: str) -> dict[str, int]:
     w = weight_bytes(shape, s)
     out = {f"weights ({load})": w[load]}
     if s.keep_masks and s.prunes and load != "lazy":  # a lazy walk writes each block out and keeps no masks
         out["masks of finished blocks (bool)"] = sum(shape.mask_params)
+    if s.trains:  # the block as pruned, to restore a block whose training made it worse
+        out["restore snapshot of one block (fp32)"] = 4 * trained_params(shape, s)
     return out
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..system import accelerator_free, fmt_bytes, host_available
-from .memory import (RunSizes, activation_bytes, host_fixed_bytes, seqlens, weight_bytes, working_bytes)
+from .memory import (RunSizes, activation_bytes, disk_bytes, host_fixed_bytes, seqlens, weight_bytes,
+                     working_bytes)
 from .shape import ModelShape, load_config, model_shape
 
 if TYPE_CHECKING:
@@ -107,6 +108,7 @@ class ResourcePlan:
     reductions: list[Reduction] = field(default_factory=list)
     time: "TimeEstimate | None" = None
     notes: list[str] = field(default_factory=list)
+    disk: dict[str, int] = field(default_factory=dict)  # what the run writes (:func:`.memory.disk_bytes`)
 
 
 def _fit(shape: ModelShape, s: RunSizes, free_acc: int | None, free_host: int, reserve: float,
@@ -186,7 +188,7 @@ def plan_resources(config, sizes: RunSizes | None = None, free_accelerator: int 
                      shape=shape, load=load, weights=weight_bytes(shape, s), host_fixed=fixed, activations=groups,
                      phases=phases, working=working, placement=placement,
                      free_accelerator=free_accelerator if s.device.startswith("cuda") else None, free_host=free_host,
-                     time=time_estimate)
+                     time=time_estimate, disk=disk_bytes(shape, s, load))
     if placement.decision == REDUCE and not unknown:
         p.reductions = suggest_reductions(shape, s, free_accelerator, free_host, reserve, host_reserve)
         if s.device.startswith("cuda") and working > placement.accelerator_budget:

@@ -29,6 +29,7 @@ def plan_to_dict(p: ResourcePlan) -> dict:
         "placement": dataclasses.asdict(p.placement),
         "reductions": [dataclasses.asdict(r) for r in p.reductions],
         "time": dataclasses.asdict(p.time) if p.time else None,
+        "disk_bytes": p.disk,
         "notes": list(p.notes),
     }
 
@@ -68,6 +69,12 @@ def render_plan(p: ResourcePlan) -> str:
         row(f"  or reduce {r.flag}", f"{r.current} -> {r.fits_at}")
     if p.reductions and not fitting:
         row("  reduce", "no single setting makes it fit")
+    for k, v in p.disk.items():
+        if k not in ("written in all", "peak"):
+            row(f"disk: {k}", fmt_bytes(v))
+    if p.disk:
+        row("disk total", f"{fmt_bytes(p.disk['written in all'])} written, {fmt_bytes(p.disk['peak'])} at the peak "
+                          "(no activations)")
     if p.time:
         t = p.time
         row("time", f"{_fmt_seconds(t.total_seconds)} ({t.label})")

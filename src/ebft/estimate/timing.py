@@ -23,7 +23,7 @@ from ..models import find_blocks, find_linears
 from ..recover import BlockContext
 from ..recover.ebft import trainable_parameters
 from ..recover.training import BlockTrainingSettings, make_adamw, training_step
-from .memory import RunSizes, seqlens, working_bytes
+from .memory import RunSizes, disk_bytes, seqlens, working_bytes
 from .shape import load_config, model_shape
 
 
@@ -185,6 +185,10 @@ def _measure(config, s: RunSizes, device: torch.device, iters: int, warmup: int,
         t_step *= s_scale
     del model, block, x, io
     per_block = _per_block(s, t_fwd, t_eval, t_step)
+    disk = disk_bytes(shape, s, "eager")
+    written = sum(v for k, v in disk.items() if k.startswith("checkpoint"))
+    if written:  # the block's weights (and masks, and its pruned-stage copy) as each block ends
+        per_block[f"checkpoint (at {DISK_BYTES_PER_S / 1e9:g} GB/s, assumed)"] = written / shape.layers / DISK_BYTES_PER_S
     total = shape.layers * sum(per_block.values())
     measured = f"batch {mb or fb}" + (f", scaled ×{s_scale:.1f} in tokens" if s.trains and s_scale > 1 else "")
     where = ("measured on " if device.type == "cuda" else "ROUGH ESTIMATE of a CPU run, measured on ") + _device_name(device)
@@ -194,6 +198,9 @@ def _measure(config, s: RunSizes, device: torch.device, iters: int, warmup: int,
                         forward_seconds_per_window=t_fwd, eval_forward_seconds_per_window=t_eval,
                         per_block=per_block, total_seconds=total, measured_batch=mb or fb,
                         measured_peak_bytes=peaks[0], predicted_peak_bytes=peaks[1])
+
+
+DISK_BYTES_PER_S = 1e9  # what `ebft plan` assumes a checkpoint's writes cost (page cache, then the disk)
 
 
 def _time_training(model, block, shape, s: RunSizes, device, batch: int, length: int, iters: int, warmup: int,

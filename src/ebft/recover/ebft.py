@@ -52,7 +52,7 @@ def trainable_parameters(block: nn.Module, linears: dict[str, nn.Linear], train_
     return params
 
 
-@register_recovery("ebft", settings=EbftSettings, target=lambda settings: settings.target, state_bytes=20,
+@register_recovery("ebft", settings=EbftSettings, target=lambda settings: settings.target, state_bytes=16,
                    summary="ebft trains the kept weights of each block")
 def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     """Train the kept weights of ``ctx.block`` to reproduce ``ctx.targets``; return the block's record."""
@@ -64,13 +64,13 @@ def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     dtypes = [p.dtype for p in params]
     for p in params:  # fp32 master weights for the block's lifetime
         p.data = p.data.float()
-    saved = [p.detach().clone() for p in params]
+    saved = [p.detach().to("cpu", copy=True) for p in params]  # to restore a rejected block: host memory
     grads = {p: p.requires_grad for p in block.parameters()}  # given back as they were
     for p in block.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    weight_masks = [(linears[name].weight, m.to(ctx.device, torch.float32)) for name, m in masks.items()]
+    weight_masks = [(linears[name].weight, m.to(ctx.device, torch.bool)) for name, m in masks.items()]  # 1 byte each
 
     # what the optimizer can change: the kept weights (a masked weight's gradient is zeroed), biases, norms
     kept = sum(p.numel() for p in params) - sum(int((~m).sum()) for m in masks.values())
@@ -80,7 +80,7 @@ def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
 
     optimizer = make_adamw(params, settings.lr, settings.weight_decay)
     start = time.perf_counter()
-    epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp, weight_masks)
+    epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp, weight_masks, record=record)
     record["train_seconds"] = round(time.perf_counter() - start, 3)  # the epochs alone (ends on a host sync)
 
     for p in block.parameters():

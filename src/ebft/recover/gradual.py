@@ -102,7 +102,7 @@ def ebft_gradual(ctx: BlockContext, settings: GradualSettings) -> dict:
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
-    weight_masks = {name: keep[name].to(torch.float32) for name in masks}
+    weight_masks = {name: keep[name].clone() for name in masks}  # bool: 1 byte each
     for name in masks:
         linears[name].weight.data.mul_(weight_masks[name])
     optimizer = make_adamw(params, settings.lr, settings.weight_decay)
@@ -124,7 +124,7 @@ def ebft_gradual(ctx: BlockContext, settings: GradualSettings) -> dict:
 
     start = time.perf_counter()
     epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp,
-                                        [(linears[n].weight, weight_masks[n]) for n in masks], on_step)
+                                        [(linears[n].weight, weight_masks[n]) for n in masks], on_step, record=record)
     on_step(1, 1)  # the target exactly, whatever the number of steps (a budget may have cut them)
     record["train_seconds"] = round(time.perf_counter() - start, 3)
     for p, g in grads.items():

@@ -120,7 +120,7 @@ def ebft_mask(ctx: BlockContext, settings: MaskTuningSettings) -> dict:
             parametrize.register_parametrization(linears[name], "weight", tuned[name], unsafe=True)
         params = [t.scores for t in tuned.values()]
         optimizer = torch.optim.AdamW(params, lr=settings.mask_lr, betas=(0.9, 0.95), weight_decay=0.0)
-        epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp)
+        epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp, record=record)
         after = float("nan") if failed else loss(train_idx)
         new_masks = {name: t.hard_mask() for name, t in tuned.items()}
     finally:

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..distributed import all_reduce_, reduce_gradients_
 from ..settings import option
+from .steps import Batches, StepRunner, tf32_on_cuda
 
 LOSSES = ("mse", "token-norm")
 TARGETS = ("dense-block", "dense-model")
@@ -136,23 +137,33 @@ def _sharded(ctx) -> bool:
 def evaluate_loss(ctx, index: torch.Tensor, settings: BlockTrainingSettings, amp) -> float:
     """The block loss over the windows ``index`` (mean over windows; over all ranks' windows)."""
     total = torch.zeros((), device=ctx.device)
-    for i in range(0, len(index), settings.batch_size):
-        idx = index[i:i + settings.batch_size]
-        x, y = ctx.inputs[idx].to(ctx.device), ctx.targets[idx].to(ctx.device)
-        if not len(x):  # none of these windows is held here (torch.distributed)
-            continue
-        with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None):
-            total += reconstruction_loss(ctx.forward(x), y, settings.loss) * len(x)
+    batches = Batches(ctx, settings.batch_size)
+    batches.epoch(index)
+    with tf32_on_cuda(ctx.device, amp):
+        for i in range(0, len(index), settings.batch_size):
+            x, y = batches.get(i, i + settings.batch_size)
+            if not len(x):  # none of these windows is held here (torch.distributed)
+                continue
+            total += block_loss(ctx, x, y, settings, amp) * len(x)
     if _sharded(ctx):
         all_reduce_(total)
     return total.item() / max(len(index), 1)
 
 
+def block_loss(ctx, x: torch.Tensor, y: torch.Tensor, settings: BlockTrainingSettings, amp) -> torch.Tensor:
+    """The block's loss on the windows ``x`` against ``y`` under the training precision. On CUDA the autocast
+    keeps no cast cache (a captured graph must not hold one; each weight is cast once per forward anyway)."""
+    with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None,
+                        **({"cache_enabled": False} if ctx.device.type == "cuda" else {})):
+        return reconstruction_loss(ctx.forward(x), y, settings.loss)
+
+
 def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSettings, amp,
-                 weight_masks=(), on_step=None) -> tuple[list[float], bool]:
+                 weight_masks=(), on_step=None, record: dict | None = None) -> tuple[list[float], bool]:
     """``settings.epochs`` shuffled passes over ``train_idx`` minimising the block loss; the learning
     rate decays linearly to 0. The shuffling derives from the run's seed and the block's index.
-    Returns (mean loss of each epoch, whether a loss was non-finite).
+    Returns (mean loss of each epoch, whether a loss was non-finite); ``record`` (the block's) gets how the
+    steps ran (``steps``: eager or a CUDA graph, see :mod:`.steps`).
 
     With a time share (``ctx.time_share``, from ``--recover-budget``) ``settings.epochs`` is a cap: the
     first few steps are timed (:data:`TIMED_STEPS`, the first of them not counted: warm-up), and as many
@@ -166,67 +177,109 @@ def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSetti
     steps_per_epoch = math.ceil(len(train_idx) / settings.batch_size)
     epochs = settings.epochs
     total = {"steps": max(epochs * steps_per_epoch, 1)}
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / total["steps"]))
+    base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
     share = getattr(ctx, "time_share", None)
     timed = min(TIMED_STEPS, total["steps"])  # the budget's decision comes after this many steps
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     generator = torch.Generator().manual_seed(ctx.seed + ctx.index)
 
     sharded = _sharded(ctx)
+    batches = Batches(ctx, settings.batch_size)
+    runner = StepRunner(lambda x, y, batch: step_on(ctx, x, y, batch, params, optimizer, scaler, settings, amp,
+                                                    weight_masks, sharded),
+                        lambda x, y: _no_grad(block_loss, ctx, x, y, settings, amp), device, optimizer,
+                        settings.batch_size, blocked=_graphs_blocked(scaler, sharded, on_step, share))
     epoch_losses, failed = [], False
     ctx.block.train(False)  # no dropout: reconstruct the deterministic block
     epoch, step, clock = 0, 0, [_now(device)]
-    while epoch < epochs:
-        running = torch.zeros((), device=device)
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        order = train_idx[torch.randperm(len(train_idx), generator=generator)]
-        for i in range(0, len(order), settings.batch_size):
-            idx = order[i:i + settings.batch_size]
-            loss = training_step(ctx, idx, params, optimizer, scaler, settings, amp, weight_masks, sharded)
-            if loss is not None:
-                running += loss * len(idx)
-                nonfinite |= ~torch.isfinite(loss)
-            schedule.step()
-            step += 1
-            if on_step is not None:
-                on_step(step, total["steps"])
-            if share is not None and step <= timed:
-                clock.append(_now(device))
-                if step == timed:  # steps after the first (warm-up) say how long an epoch takes
-                    per_step = (clock[-1] - clock[1]) / (timed - 1) if timed > 1 else clock[1] - clock[0]
-                    epochs = epochs_within(share, per_step * steps_per_epoch, settings.epochs, device, sharded)
-                    total["steps"] = max(epochs * steps_per_epoch, 1)
-        if sharded:
-            all_reduce_(running)
-            nonfinite = all_reduce_(nonfinite.float(), "max").bool()
-        epoch_loss = running.item() / len(train_idx)  # one host sync per epoch
-        epoch_losses.append(epoch_loss)
-        ctx.report("epoch", epoch=epoch + 1, epochs=epochs, loss=epoch_loss)
-        if nonfinite.item():
-            failed = True
-            break
-        epoch += 1
+    with tf32_on_cuda(device, amp):
+        while epoch < epochs:
+            running = torch.zeros((), device=device)
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+            order = train_idx[torch.randperm(len(train_idx), generator=generator)]
+            batches.epoch(order)
+            for i in range(0, len(order), settings.batch_size):
+                batch = min(settings.batch_size, len(order) - i)  # windows of this step, over all ranks
+                x, y = batches.get(i, i + batch)
+                loss = runner.step(x, y, batch)
+                if loss is not None:
+                    running += loss * batch
+                    nonfinite |= ~torch.isfinite(loss)
+                step += 1
+                _set_lr(optimizer, base_lrs, max(0.0, 1 - step / total["steps"]))
+                if on_step is not None:
+                    on_step(step, total["steps"])
+                if share is not None and step <= timed:
+                    clock.append(_now(device))
+                    if step == timed:  # steps after the first (warm-up) say how long an epoch takes
+                        per_step = (clock[-1] - clock[1]) / (timed - 1) if timed > 1 else clock[1] - clock[0]
+                        epochs = epochs_within(share, per_step * steps_per_epoch, settings.epochs, device, sharded)
+                        total["steps"] = max(epochs * steps_per_epoch, 1)
+            if sharded:
+                all_reduce_(running)
+                nonfinite = all_reduce_(nonfinite.float(), "max").bool()
+            epoch_loss = running.item() / len(train_idx)  # one host sync per epoch
+            epoch_losses.append(epoch_loss)
+            ctx.report("epoch", epoch=epoch + 1, epochs=epochs, loss=epoch_loss)
+            if nonfinite.item():
+                failed = True
+                break
+            epoch += 1
+    if record is not None:
+        record["steps"] = runner.describe()
     return epoch_losses, failed
+
+
+def _set_lr(optimizer, base_lrs: list[float], factor: float) -> None:
+    """The linear decay: each group's rate ``base · factor`` (filled in place where it is a device tensor, which a
+    captured step reads)."""
+    for group, base in zip(optimizer.param_groups, base_lrs):
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(base * factor)
+        else:
+            group["lr"] = base * factor
+
+
+def _graphs_blocked(scaler, sharded: bool, on_step, share) -> str | None:
+    """Why this block's steps cannot be one captured graph, or None."""
+    if scaler is not None:
+        return "fp16: the GradScaler reads its scale on the host every step"
+    if sharded:
+        return "torch.distributed: gradients are all-reduced between steps"
+    if on_step is not None:
+        return "the recovery changes its mask between steps"
+    if share is not None:
+        return "--recover-budget times the first steps one by one"
+    return None
+
+
+@torch.no_grad()
+def _no_grad(fn, *args):
+    return fn(*args)
 
 
 def training_step(ctx, idx: torch.Tensor, params, optimizer, scaler, settings: BlockTrainingSettings, amp,
                   weight_masks=(), sharded: bool = False) -> torch.Tensor | None:
-    """One optimiser step on the windows ``idx``: the block loss under autocast, backward, (torch.distributed:
-    gradients summed over the ranks), then :func:`optimizer_step`. Returns the loss (detached), or None
-    when this rank held none of the windows. What ``ebft plan`` times is this function."""
-    device = ctx.device
-    x = ctx.inputs[idx].to(device, non_blocking=True)
-    y = ctx.targets[idx].to(device, non_blocking=True)
+    """One optimiser step on the windows ``idx`` (:func:`step_on`). What ``ebft plan`` times is this function."""
+    x = ctx.inputs[idx].to(ctx.device, non_blocking=True)
+    y = ctx.targets[idx].to(ctx.device, non_blocking=True)
+    return step_on(ctx, x, y, len(idx), params, optimizer, scaler, settings, amp, weight_masks, sharded)
+
+
+def step_on(ctx, x: torch.Tensor, y: torch.Tensor, batch: int, params, optimizer, scaler,
+            settings: BlockTrainingSettings, amp, weight_masks=(), sharded: bool = False) -> torch.Tensor | None:
+    """One optimiser step on the windows ``x`` (targets ``y``) of a batch of ``batch``: the block loss under
+    autocast, backward, (torch.distributed: gradients summed over the ranks), then :func:`optimizer_step`.
+    Returns the loss (detached), or None when this rank held none of the batch's windows."""
     loss = None
     if len(x):  # under torch.distributed a rank may hold none of the batch
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            loss = reconstruction_loss(ctx.forward(x), y, settings.loss)
+        loss = block_loss(ctx, x, y, settings, amp)
         if sharded:  # this rank's share of the batch mean
-            loss = loss * (len(x) / len(idx))
+            loss = loss * (len(x) / batch)
         (scaler.scale(loss) if scaler else loss).backward()
         loss = loss.detach()
     elif scaler is not None:  # a scaler must have scaled before it may unscale the (zero) gradients
-        scaler.scale(torch.zeros((), device=device))
+        scaler.scale(torch.zeros((), device=ctx.device))
     if sharded:
         reduce_gradients_(params)
     optimizer_step(params, optimizer, scaler, settings.grad_clip, weight_masks)
