@@ -273,8 +273,12 @@ def test_estimate_time_on_cpu():
     assert torch.equal(torch.get_rng_state(), rng)  # a dry run leaves the run's random state alone
     assert "ESTIMATE" in t.label and t.measured_batch == 4
     assert t.step_seconds > 0 and t.forward_seconds_per_window > 0 and t.eval_forward_seconds_per_window > 0
-    assert set(t.per_block) == {"stats + targets pass", "loss checks", "training", "propagation", "evaluation streams"}
+    assert set(t.per_block) == {"stats + targets pass", "loss checks", "training", "propagation", "evaluation streams",
+                                "checkpoint (at 1 GB/s, assumed)"}
     assert t.per_block["training"] == pytest.approx(2 * 4 * t.step_seconds)
+    shape = estimate.model_shape(cfg)  # a block's weights, its masks at 1 bit and its pruned-stage copy
+    written = 2 * 4 * shape.params_in_blocks + sum(shape.mask_params) // 8
+    assert t.per_block["checkpoint (at 1 GB/s, assumed)"] == pytest.approx(written / shape.layers / 1e9)
     assert t.total_seconds == pytest.approx(2 * sum(t.per_block.values()))
     p = estimate.plan_resources(cfg, s, free_host=8 * GiB, time_estimate=t)
     assert p.placement.decision == "host" and "time" in estimate.render_plan(p)
@@ -331,3 +335,33 @@ def test_the_run_places_activations_by_the_plans_arithmetic(tiny_model_dir, text
             module.capture_stream = real
     assert seen[tuple(data.calib.shape)] == torch.device("cpu")
     assert seen[tuple(next(iter(data.evals.values())).shape)] == torch.device("cpu")  # the walk's device
+
+
+def test_disk_bytes_count_blocks_masks_and_pruned_stage_never_activations(llama7b):
+    """What a run writes: the finished blocks, their masks at 1 bit, the pruned stage's blocks when that stage is
+    carried, and the output; a lazy output links the checkpoint's shards; no checkpoint, no checkpoint bytes."""
+    s = RunSizes(device="cuda", calib_nsamples=256, calib_seqlen=1024, eval_windows=166, eval_seqlen=2048)
+    blocks, masks = 2 * llama7b.params_in_blocks, sum(llama7b.mask_params) // 8
+    disk = mem.disk_bytes(llama7b, s, "eager")
+    assert disk["checkpoint: finished blocks"] == blocks and disk["checkpoint: masks (1 bit each)"] == masks
+    assert disk["checkpoint: blocks as pruned (the pruned stage)"] == blocks  # the pruned perplexity's blocks
+    assert disk["output: the saved model"] == 2 * llama7b.params_total
+    assert disk["written in all"] == disk["peak"] == 2 * blocks + masks + 2 * llama7b.params_total
+    assert disk["written in all"] < 40 * 2**30  # the activation checkpoints alone were ~10 GB per block
+    two_stages = mem.disk_bytes(llama7b, dataclasses.replace(s, eval_stages=2), "eager")
+    assert "checkpoint: blocks as pruned (the pruned stage)" not in two_stages
+    guard = mem.disk_bytes(llama7b, dataclasses.replace(s, eval_stages=2, guard=4), "eager")
+    assert guard["checkpoint: blocks as pruned (the pruned stage)"] == blocks + masks  # with the guard's masks
+    lazy = mem.disk_bytes(llama7b, dataclasses.replace(s, eval_stages=2), "lazy")
+    assert lazy["output: the saved model (block shards linked from the checkpoint)"] == 2 * llama7b.params_outside
+    off = mem.disk_bytes(llama7b, dataclasses.replace(s, checkpoint=False), "eager")
+    assert set(off) == {"output: the saved model", "written in all", "peak"}
+
+
+def test_the_plan_prints_the_disk(capsys):
+    from ebft.cli import main
+
+    assert main(["plan", "--model", str(CONFIGS / "llama-2-7b"), "--device", "cuda", "--free-accelerator", "16GB",
+                 "--free-host", "128GB", "--nsamples", "256", "--seqlen", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "disk: checkpoint: finished blocks" in out and "at the peak (no activations)" in out

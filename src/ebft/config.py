@@ -199,8 +199,9 @@ class RunConfig:
                                  "it and start over)", default_text="auto")
     checkpoint: bool = option(True, "checkpoint the walk in .<out>.ckpt beside --out, so that a killed run "
                               "resumes (removed when the run completes)")
-    checkpoint_every: float = option(0.0, "seconds between checkpoints of the walk's activations (0: after every "
-                                     "block; always after the last)", low=0, metavar="SECONDS")
+    checkpoint_every: float = option(0.0, "seconds between checkpoints of the walk's progress and random state (0: "
+                                     "after every block; always after the last); the finished blocks are written as "
+                                     "each ends", low=0, metavar="SECONDS")
     export: str | None = option(None, "also write the model for {choices} into --out (gguf: model-<type>.gguf for "
                                 "llama.cpp, ollama; structured models with per-layer sizes compacted)",
                                 choices=EXPORT_FORMATS, default_text="none")

@@ -28,7 +28,7 @@ from torch import nn
 from ..models import norm_modules
 from ..settings import option
 from .base import BlockContext, register_recovery
-from .training import (BlockTrainingSettings, autocast_dtype, evaluate_loss, make_adamw, rejection,
+from .training import (BlockTrainingSettings, autocast_dtype, evaluate_loss, make_adamw, mask_dtype, rejection,
                        split_holdout, train_epochs)
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    weight_masks = [(linears[name].weight, m.to(ctx.device, torch.bool)) for name, m in masks.items()]  # 1 byte each
+    weight_masks = [(linears[name].weight, m.to(ctx.device, mask_dtype(ctx.device))) for name, m in masks.items()]
 
     # what the optimizer can change: the kept weights (a masked weight's gradient is zeroed), biases, norms
     kept = sum(p.numel() for p in params) - sum(int((~m).sum()) for m in masks.values())

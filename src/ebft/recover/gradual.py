@@ -34,7 +34,7 @@ from ..masks import Pattern, mask_from_scores
 from ..settings import option
 from .base import BlockContext, register_recovery
 from .ebft import EbftSettings, trainable_parameters
-from .training import autocast_dtype, evaluate_loss, make_adamw, rejection, split_holdout, train_epochs
+from .training import autocast_dtype, evaluate_loss, make_adamw, mask_dtype, rejection, split_holdout, train_epochs
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def ebft_gradual(ctx: BlockContext, settings: GradualSettings) -> dict:
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
-    weight_masks = {name: keep[name].clone() for name in masks}  # bool: 1 byte each
+    weight_masks = {name: keep[name].to(mask_dtype(keep[name].device), copy=True) for name in masks}
     for name in masks:
         linears[name].weight.data.mul_(weight_masks[name])
     optimizer = make_adamw(params, settings.lr, settings.weight_decay)

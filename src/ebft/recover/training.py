@@ -88,6 +88,13 @@ def optimizer_step(params, optimizer, scaler, clip: float | None, masks: list[tu
     optimizer.zero_grad(set_to_none=True)
 
 
+def mask_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the masks that multiply gradients: bool on an accelerator (1 byte a weight; the product
+    promotes in one kernel), fp32 on the CPU (where a float-by-bool product is an order of magnitude slower).
+    The products are the same numbers either way."""
+    return torch.bool if device.type != "cpu" else torch.float32
+
+
 def rejection(failed: bool, after: float, before: float) -> str | None:
     """Why a block's recovery must be undone (a non-finite or a worse final loss), or None."""
     if failed or not math.isfinite(after):
