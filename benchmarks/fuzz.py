@@ -1,6 +1,7 @@
 """The fuzz test at length: N random command lines on a tiny model (see tests/fuzz_cases.py), of every kind:
 `ebft run`, `ebft sweep`, `ebft plan`, `ebft eval --tasks` on damaged task files, resumed runs with damaged
-checkpoints or changed commands, and pairs of processes as two ranks (``--ranks`` of them).
+checkpoints or changed commands, `ebft export` (users' files, its own source, a dead export's leftovers),
+plugin registrations good and bad, and pairs of processes as two ranks (``--ranks`` of them).
 
     python benchmarks/fuzz.py --cases 500 --ranks 10    # prints how many exited 0 and 2, and any failure
 
@@ -33,8 +34,9 @@ def main() -> int:
     import torch
 
     from conftest import TEXT, build_tokenizer, make_tiny_model
-    from fuzz_cases import (KINDS, check_case, check_ranks, check_resume_case, hostile_paths, make_case,
-                            make_plan_case, make_sweep_case, make_task_case, reset)
+    from fuzz_cases import (KINDS, check_case, check_export_case, check_ranks, check_register_case,
+                            check_resume_case, hostile_paths, make_case, make_plan_case, make_sweep_case,
+                            make_task_case, reset)
 
     makers = {"run": make_case, "sweep": make_sweep_case, "plan": make_plan_case, "tasks": make_task_case}
 
@@ -55,6 +57,10 @@ def main() -> int:
         try:
             if kind == "resume":
                 code = check_resume_case(rng, paths, root)
+            elif kind == "export":
+                code = check_export_case(rng, paths, root)
+            elif kind == "register":
+                code = check_register_case(rng)
             else:
                 case = makers[kind](rng, paths)
                 code = check_case(case, root, root / "out")

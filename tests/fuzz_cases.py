@@ -9,7 +9,10 @@ Kinds of case (:data:`KINDS`): ``run`` (`ebft run`), ``sweep`` (`ebft sweep`, so
 folder or a run's output), ``plan`` (`ebft plan` with sizes that are and are not sizes, ``--plan-json``
 anywhere), ``tasks`` (`ebft eval --tasks` on a task file with one record damaged at random) and
 ``resume`` (a run stopped at a random block, its checkpoint damaged or its command changed at random,
-then run again); :func:`check_ranks` runs two processes as two ranks with settings that may differ.
+then run again), ``export`` (`ebft export` of good and bad sources onto new names, a user's files, the
+source itself, with a dead export's leftovers in the folder) and ``register`` (a plugin registered with
+names and settings good and bad); :func:`check_ranks` runs two processes as two ranks with settings that
+may differ.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import hashlib
 import io
 import json
 import random
+import re
+import shutil
 from pathlib import Path
 
 VALID = {
@@ -79,7 +84,9 @@ INVALID = {
 }
 
 
-KINDS = ("run", "sweep", "plan", "tasks", "resume")
+KINDS = ("run", "sweep", "plan", "tasks", "resume", "export", "register")
+# what a killed export leaves (ebft.export.gguf.LEFTOVERS): removed by the next export, not a user's file
+_LEFTOVER = re.compile(r"\.(?:.+\.gguf\.tmp|ebft-gguf)-(\d+)(?:-.+)?")
 
 
 def make_case(rng: random.Random, paths: dict) -> list[str]:
@@ -241,7 +248,8 @@ def fingerprint(root: Path, skip: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` except those under ``skip`` (the run's output)."""
     out = {}
     for path in sorted(root.rglob("*")):
-        beside = any(part.startswith(f".{skip.name}.") for part in path.relative_to(root).parts)
+        parts = path.relative_to(root).parts
+        beside = any(part.startswith(f".{skip.name}.") or _LEFTOVER.fullmatch(part) for part in parts)
         if path.is_file() and skip not in path.parents and path != skip and not beside:
             out[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
@@ -272,13 +280,114 @@ def check_case(args: list[str], root: Path, out: Path) -> int:
     after = fingerprint(root, out)
     if plan_json is not None:
         assert code == 0 or (plan_json.is_file() == plan_existed), (args, "a plan written by a refused command")
-        if code == 0:
-            after.pop(str(plan_json), None)
+        if code == 0 and (not plan_existed or before.get(str(plan_json)) is None or _is_plan(plan_json)):
+            after.pop(str(plan_json), None)  # a new plan, or ebft's earlier plan replaced: never a user's file
             before.pop(str(plan_json), None)
     assert after == before, (args, "a file outside --out changed")
     leftovers = [p for p in out.parent.glob(f".{out.name}.*") if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)]
     assert not leftovers, (args, f"leftover temporary folders {leftovers}")
     return code
+
+
+def _is_plan(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("written_by") == "ebft plan"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def make_export_case(rng: random.Random, paths: dict) -> list[str]:
+    """`ebft export`: good and bad sources, types and destinations (new, a user's file, an earlier export, the
+    source itself, a folder), with or without --overwrite."""
+    source = rng.choice([paths["model"], paths["model"], paths["run_output"], paths["text"], paths["missing"],
+                         paths["fake_gguf"]])
+    out = rng.choice([paths["out"] + ".gguf", paths["out"] + ".gguf", paths["user_gguf"], paths["fake_gguf"],
+                      paths["folder"], paths["out"] + ".bin", str(Path(paths["run_output"]) / "model.gguf")])
+    args = ["export", source, "--out", out, "--type", rng.choice(["f32", "f16", "q8_0", "q8_0", "q9", ""])]
+    if rng.random() < 0.5:
+        args.append("--overwrite")
+    return args
+
+
+def check_export_case(rng: random.Random, paths: dict, root: Path) -> int:
+    """One export case, with a dead export's leftovers planted in the folder: exit 0 or 2 in one line, never a
+    traceback; no file but the destination changes (and a run folder's marker, which lists the export); the
+    destination is replaced only by a success with --overwrite and only if it was a GGUF; after a success in
+    that folder no leftover of the dead process is there."""
+    import subprocess
+    import sys
+
+    from ebft.cli import main
+
+    args = make_export_case(rng, paths)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    planted = [root / f".gone.gguf.tmp-{dead.pid}", root / f".ebft-gguf-{dead.pid}-x1y2"]
+    planted[0].write_bytes(b"GGUF" + bytes(64))
+    planted[1].mkdir(exist_ok=True)
+    out = Path(args[args.index("--out") + 1])
+    existed = out.read_bytes() if out.is_file() else None
+    before = fingerprint(root, out)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(args)
+    text = err.getvalue()
+    assert code in (0, 2) and "Traceback" not in text, (code, args, text[-2000:])
+    if code == 2:
+        lines = [line for line in text.splitlines() if line.startswith("ebft")]
+        assert len(lines) == 1 and "error" in lines[0], (args, text[-2000:])
+    after = fingerprint(root, out)
+    if code == 0:
+        marker = str(out.parent / ".ebft-output")
+        before.pop(marker, None), after.pop(marker, None)
+    assert after == before, (args, "a file other than the export's changed")
+    if existed is not None and not (code == 0 and "--overwrite" in args and existed[:4] == b"GGUF"):
+        assert out.read_bytes() == existed, (args, "the destination was replaced")
+    if existed is None and code == 2:
+        assert not out.is_file(), (args, "a refused export wrote its file")
+    if code == 0 and out.parent == root:
+        assert not any(p.exists() for p in planted), (args, "a dead export's leftovers were not removed")
+    for p in planted:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if code == 0 and out.parent == root and existed is None:
+        out.unlink()
+    return code
+
+
+def check_register_case(rng: random.Random) -> int:
+    """A plugin registered with a name and settings good or bad: refused at once (one line naming the method)
+    or accepted; either way every later command still parses, and a good one shows in --help."""
+    import dataclasses
+
+    from ebft.cli import main
+    from ebft.prune import PRUNERS, register_pruner, unregister_pruner
+    from ebft.recover import RECOVERIES, register_recovery, unregister_recovery
+    from ebft.settings import option
+
+    name = rng.choice(["fuzzy", "fuzz-2", "fuzz_3", "a/b", "a,b", "", "Fuzzy", "x" * 70, "wanda", "ebft", " sp", 7])
+    field_name = rng.choice(["fuzz_power", "sparsity", "epochs", "method", "fuzz_steps"])
+    kind_of_field = rng.choice([(float, option(1.0, "a fuzz setting")), (int, option(2, "a fuzz setting")),
+                                (str, option("x", "a fuzz setting")), (dict, dataclasses.field(default_factory=dict))])
+    settings = dataclasses.make_dataclass("FuzzSettings", [(field_name, *kind_of_field)])
+    pruner = rng.random() < 0.5
+    register, registry = (register_pruner, PRUNERS) if pruner else (register_recovery, RECOVERIES)
+    known = set(registry)
+    try:
+        register(name, settings=settings)(lambda *a: None)
+        accepted = True
+    except ValueError as error:
+        assert "\n" not in str(error) and repr(name) in str(error) or "registered twice" in str(error), str(error)
+        assert set(registry) == known, "a refused registration was kept"
+        accepted = False
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as help_text:
+            assert main(["run", "--help"]) == 0
+        if accepted:
+            assert name in help_text.getvalue()
+    finally:
+        if accepted:
+            (unregister_pruner if pruner else unregister_recovery)(name)
+    return 0 if accepted else 2
 
 
 def reset(out: Path) -> None:
@@ -298,7 +407,9 @@ def hostile_paths(root: Path, model_dir: Path, text_file: Path) -> dict:
     (root / "mine").mkdir(exist_ok=True)
     (root / "mine" / "notes.txt").write_text("keep me")
     (root / "tasks").mkdir(exist_ok=True)
-    return {"model": str(model_dir), "text": str(text_file), "out": str(root / "out"),
+    (root / "mine.gguf").write_text("my notes, in a file named .gguf")
+    (root / "fake.gguf").write_text("not a model")
+    return {"user_gguf": str(root / "mine.gguf"), "fake_gguf": str(root / "fake.gguf"), "model": str(model_dir), "text": str(text_file), "out": str(root / "out"),
             "missing": str(root / "missing.txt"), "empty": str(root / "empty.txt"),
             "binary": str(root / "binary.txt"), "folder": str(root / "folder"),
             "inside_file": str(root / "a-file" / "out"), "user_folder": str(root / "mine"),

@@ -167,10 +167,11 @@ def test_the_pruned_stage_of_a_guarded_run_is_the_model_pruning_alone_gives(tiny
         assert ppl["unguarded"] != ppl["none"]
 
 
-def test_the_guard_keeps_the_recovered_model_when_the_pruned_blocks_cannot_be_read(tiny_model_dir, text_file, tmp_path,
-                                                                                   monkeypatch, caplog):
-    """A damaged snapshot in the checkpoint folder does not end the run at its last step: the recovered model is
-    kept, and the record and the log say why."""
+def test_the_guard_never_saves_the_model_it_rejected_when_the_pruned_blocks_cannot_be_read(
+        tiny_model_dir, text_file, tmp_path, monkeypatch, caplog, capsys):
+    """A snapshot damaged in the checkpoint folder during the run: the guard finds the recovered model worse and
+    cannot put the blocks as pruned back, so the run stops in one line rather than save the model it has just
+    rejected (a resume is then refused up front: tests/test_resume.py)."""
     import ebft.pipeline as pipeline
     from ebft.checkpoint import RunCheckpoint, _damaged
     from ebft.cli import main
@@ -182,7 +183,7 @@ def test_the_guard_keeps_the_recovered_model_when_the_pruned_blocks_cannot_be_re
     monkeypatch.setattr(RunCheckpoint, "pruned", damaged)
     assert main(["run", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
                  "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2", "--epochs", "1",
-                 "--out", str(tmp_path / "out")]) == 0
-    record = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert record["recovery"]["guard"]["kept"].startswith("recovered (worse")
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "not saving the rejected model" in err[-1] and not (tmp_path / "out").exists()
     assert any("is damaged" in r.message for r in caplog.records)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ebft import atomic, output
 from ebft.errors import ConfigError, EbftError
@@ -173,6 +174,12 @@ class _FakeModel:
 
     def named_parameters(self):
         return iter(())
+
+    def get_input_embeddings(self):  # as wide as any tokenizer (the vocabulary check)
+        return type("Embedding", (), {"weight": torch.empty(10**6, 1, device="meta")})()
+
+    def __len__(self):  # (also the stand-in tokenizer)
+        return 1
 
     def eval(self):
         return self

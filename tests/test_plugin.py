@@ -4,6 +4,7 @@ estimator, the CLI and sweeps read about them. No other file knows these two met
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -125,3 +126,82 @@ def test_ebft_sweep_runs_and_keys_their_cells(plugins, tiny_model_dir, text_file
     assert main([*grid, "--shift-power", "2"]) == 0
     newer = set(p.name for p in (out / "cells").glob("*-*-*.json")) - set(again)
     assert {tuple(n.split("-")[:2]) for n in newer} == {("shift", "none"), ("shift", "nudge")}
+
+
+# ----------------------------------------------------------------------------- a bad registration, at once
+
+@dataclass
+class ClashesWithTheSection:
+    sparsity: float = option(0.5, "a pruner's own sparsity: the prune section has one")
+
+
+@dataclass
+class NoDefault:
+    rate: float
+
+
+@dataclass
+class AnObject:
+    table: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclass
+class EpochsAsText:
+    epochs: str = option("two", "EBFT's epochs are an int: this one is text")
+
+
+@dataclass
+class PrunerEpochs:
+    epochs: int = option(2, "a pruner's epochs: EBFT's --epochs is taken")
+
+
+@dataclass
+class RecoverySeed:
+    seed: int = option(0, "a recovery's seed: the run's --seed is taken")
+
+
+@pytest.mark.parametrize("kind,name,settings,needle", [
+    ("pruner", "my/pruner", None, "use lowercase letters"),
+    ("pruner", "a,b", None, "use lowercase letters"),
+    ("pruner", "", None, "use lowercase letters"),
+    ("recovery", "My Recovery", None, "use lowercase letters"),
+    ("pruner", "clash", ClashesWithTheSection, "setting 'sparsity' is one of the section's own"),
+    ("recovery", "textepochs", EpochsAsText, "'epochs' is declared twice with different types or defaults"),
+    ("pruner", "untyped", dict, "settings must be a dataclass"),
+    ("pruner", "nodefault", NoDefault, "setting 'rate' has no default"),
+    ("recovery", "anobject", AnObject, "setting 'table' is not a bool, int, float, str or list"),
+    ("pruner", "epochy", PrunerEpochs, "would be the flag --epochs, which recovery 'ebft'"),
+    ("recovery", "seedy", RecoverySeed, "would be the flag --seed, which the run's own settings already declares"),
+])
+def test_a_bad_registration_is_refused_when_made(kind, name, settings, needle):
+    """Refused at the decorator, in one line naming the method, so a plugin's mistake never breaks a later run
+    (a name with a '/' became a path in ebft sweep; a setting clashing with the section broke every command)."""
+    from ebft.prune import PRUNERS
+    from ebft.recover import RECOVERIES
+
+    register = register_pruner if kind == "pruner" else register_recovery
+    kwargs = {} if settings is None else {"settings": settings}
+    with pytest.raises(ValueError, match=needle) as error:
+        register(name, **kwargs)(lambda *a: None)
+    assert repr(name) in str(error.value) and "\n" not in str(error.value)
+    assert name not in PRUNERS and name not in RECOVERIES
+    assert main(["run", "--help"]) == 0  # every later command still works
+
+
+def test_a_pruner_that_writes_nan_into_kept_weights_is_stopped(tiny_model_dir, text_file, tmp_path, capsys):
+    def nanny(weight, stats, pattern, settings) -> PruneResult:
+        mask = mask_from_scores(weight.abs(), pattern)
+        out = weight.clone()
+        out[mask.nonzero()[0][0], mask.nonzero()[0][1]] = float("nan")
+        return PruneResult(mask, out)
+
+    register_pruner("nanny")(nanny)
+    try:
+        out = tmp_path / "out"
+        assert main(["run", *_common(tiny_model_dir, text_file), "--method", "nanny", "--recover", "none",
+                     "--out", str(out)]) == 2
+    finally:
+        unregister_pruner("nanny")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ebft: error: pruner 'nanny'") and "NaN" in err
+    assert not out.exists()

@@ -318,3 +318,37 @@ def test_a_checkpoint_of_the_earlier_format_is_discarded(four_blocks, tmp_path, 
     assert main(_args(four_blocks, out)) == 0
     assert "written by another version of ebft" in caplog.text
     _assert_same_run(out, out)
+
+
+def test_a_damaged_pruned_copy_is_refused_before_any_work(four_blocks, tmp_path, monkeypatch, capsys):
+    """The guard's fallback (each finished block as pruned) cannot be recomputed: a checkpoint whose copy is cut
+    short is refused when the resume starts, never found after the work (when the guard would have to save
+    the model it had just rejected)."""
+    out = tmp_path / "run"
+    _leave_checkpoint(four_blocks, out, monkeypatch)
+    copy = tmp_path / ".run.ckpt" / "pruned" / "block-00001.safetensors"
+    copy.write_bytes(copy.read_bytes()[:-100])
+    capsys.readouterr()
+    assert main(_args(four_blocks, out)) == 2  # refused as the walk resumes, before block 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "block 1 as pruned" in err and "damaged" in err and "--no-resume" in err
+
+
+def test_a_weight_file_written_with_its_time_set_back_is_found(tmp_path):
+    """What the fingerprint promises: a write anywhere in a weight file is found, even outside the three
+    sampled MiB and with the modification time restored (the change time moves and cannot be set back)."""
+    from ebft.models import model_files_fingerprint
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(bytes(5 * 2**20))
+    before = model_files_fingerprint(str(folder))
+    stat = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(int(1.5 * 2**20))  # between the start and middle samples
+        f.write(b"\x01")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert weights.stat().st_mtime_ns == stat.st_mtime_ns
+    assert model_files_fingerprint(str(folder)) != before

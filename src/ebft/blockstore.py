@@ -52,7 +52,7 @@ from torch import nn
 
 from . import hub
 from .errors import EbftError
-from .models import DTYPES, check_model_folder, check_model_source, find_blocks, params_on_meta, resolve_dtype
+from .models import DTYPES, check_loaded, check_model_folder, check_model_source, find_blocks, params_on_meta, resolve_dtype
 from .system import trim_host_memory
 from .weights import INDEX_NAME, ShardWriter, WeightFiles, save_names
 
@@ -112,6 +112,7 @@ def load_lazy(source: str, dtype: str = "auto", device: str = "cpu", revision: s
     model.config.name_or_path = name
     model._ebft_source_dtype = source_dtype if isinstance(source_dtype, torch.dtype) else DTYPES.get(source_dtype)
     _load_generation_config(model, name, revision)
+    check_loaded(model, tokenizer, name)
     return model, tokenizer, LazyBlocks(model, files)
 
 
@@ -233,10 +234,11 @@ class LazyBlocks(_Blocks):
         prefix = getattr(model, "base_model_prefix", "") or ""
         state = model.state_dict(keep_vars=True)
         self._source: dict[str, str] = {}  # saved name -> checkpoint key
-        missing = []
+        missing, known = [], set()
         for name, aliases in self._aliases.items():
             candidates = [name, *aliases]
             candidates += [n[len(prefix) + 1:] for n in candidates if prefix and n.startswith(prefix + ".")]
+            known.update(candidates)
             key = next((c for c in candidates if c in files.weight_map), None)
             if key is not None:
                 self._source[name] = key
@@ -245,6 +247,11 @@ class LazyBlocks(_Blocks):
         if missing:
             raise EbftError(f"{files.source}: the checkpoint lacks {len(missing)} weights of "
                             f"{type(model).__name__}, e.g. {missing[0]!r}")
+        extra = sorted(k for k in files.weight_map if k not in known and not k.endswith("inv_freq"))
+        if extra:
+            raise EbftError(f"model {files.source}: its config.json and its weights disagree: the weights hold "
+                            f"{extra[0]}{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}, which the "
+                            "config has no place for")
         self._units: dict[int | None, list[str]] = defaultdict(list)  # block index (None: outside) -> saved names
         for name in self._aliases:
             self._units[self._unit(name)].append(name)
@@ -284,6 +291,9 @@ class LazyBlocks(_Blocks):
             if t.shape != current[name].shape:
                 raise EbftError(f"{self.files.source}: {self._source[name]} has shape {tuple(t.shape)}, "
                                 f"the model expects {tuple(current[name].shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise EbftError(f"model {self.files.source}: weight {self._source[name]} holds NaN or infinite "
+                                "values (a damaged file)")
             if name in params:
                 t = nn.Parameter(t, requires_grad=params[name].requires_grad)
             for site in (name, *self._aliases[name]):

@@ -44,7 +44,6 @@ activations) is discarded with a warning.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -63,7 +62,7 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed
 from .allocation import Allocation
-from .atomic import write_atomic, write_json
+from .atomic import check_unlocked, take_lock, write_atomic, write_json
 from .errors import EbftError
 from .masks import pack_bits, unpack_bits
 from .models import check_safetensors, model_files_fingerprint
@@ -273,7 +272,7 @@ class RunCheckpoint:
                             f"{'holds none' if folder.exists() else 'does not exist'}); drop --resume to start it")
         if folder.exists() and main:
             _check_ours(folder)
-            _check_unlocked(folder)  # before the model loads: another run of this --out holds it
+            check_unlocked(folder / LOCK, _busy(folder))  # before the model loads: another run of this --out holds it
         if not (config.checkpoint or lazy):
             return NO_CHECKPOINT
         ckpt = cls(folder, info, float(config.checkpoint_every), bool(config.checkpoint), shard)
@@ -286,7 +285,7 @@ class RunCheckpoint:
         empty it unless resuming, record what the run is."""
         if self.main:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = _take_lock(self.folder, create=True)
+            self._lock_fd = take_lock(self.folder / LOCK, True, _busy(self.folder))
             if self._fresh:
                 self._clear()
             self._write_info()
@@ -372,8 +371,24 @@ class RunCheckpoint:
             rng = torch.load(path, map_location="cpu", weights_only=True)["rng"]
         except Exception as exc:  # truncated, empty, not a torch file, not what ebft writes
             raise _damaged(path, exc) from None
+        self._check_pruned(progress["next_block"])
         return Progress(progress["next_block"], progress["records"], progress["sparsity_counts"],
                         progress["returns_tuple"], rng)
+
+    def _check_pruned(self, finished: int) -> None:
+        """The finished blocks' copies as pruned (the guard's fallback, the "pruned" stage's blocks) are whole,
+        or the resume is refused before the next block: they cannot be recomputed without redoing the blocks
+        (headers and sizes are read, not the weights; a missing copy is refused where it is read)."""
+        for index in range(finished):
+            path = self.folder / "pruned" / f"block-{index:05d}.safetensors"
+            if not path.exists():
+                continue
+            try:
+                check_safetensors(path)
+            except EbftError as exc:
+                raise EbftError(f"resume: block {index} as pruned (kept for the guard and the pruned stage; it "
+                                f"cannot be recomputed) is damaged in the checkpoint: {exc}; pass --no-resume to "
+                                "start over") from None
 
     def block_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The tensors written for the block whose names start with ``prefix`` (e.g. ``model.layers.3.``)."""
@@ -558,29 +573,9 @@ class NoCheckpoint:
 NO_CHECKPOINT = NoCheckpoint()
 
 
-def _take_lock(folder: Path, create: bool) -> int | None:
-    """An exclusive lock on ``folder/lock`` (its file descriptor), or one line if another run holds it."""
-    import fcntl
-
-    try:
-        fd = os.open(folder / LOCK, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise EbftError(f"out: another ebft run is using the checkpoint {folder} (the same --out); "
-                            "wait for it to finish or give another --out") from None
-        raise
-    return fd
-
-
-def _check_unlocked(folder: Path) -> None:
-    fd = _take_lock(folder, create=False)
-    if fd is not None:
-        os.close(fd)
+def _busy(folder: Path) -> str:
+    return (f"out: another ebft run is using the checkpoint {folder} (the same --out); wait for it to finish or "
+            "give another --out")
 
 
 def _found_checkpoint(folder: Path, resuming: bool) -> dict | None:

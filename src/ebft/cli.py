@@ -200,7 +200,7 @@ def show_plan(config, args) -> dict:
     print(render_plan(plan))
     data = plan_to_dict(plan)
     if plan_json is not None:
-        write_json(plan_json, data)
+        write_json(plan_json, {"written_by": "ebft plan", **data}, replace=_plan_json_problem)
     return data
 
 
@@ -225,7 +225,23 @@ def _plan_json_path(text: str | None) -> Path | None:
         raise ConfigError("--plan-json", text, f"its folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK):
         raise ConfigError("--plan-json", text, f"its folder {path.parent} is not writable")
+    if os.path.lexists(path) and (problem := _plan_json_problem(path)) is not None:
+        raise ConfigError("--plan-json", text, f"exists and {problem.removeprefix('it ')}")
     return path
+
+
+def _plan_json_problem(path: Path) -> str | None:
+    """Why the existing ``path`` may not be replaced by ``--plan-json`` (None: it may): only a plan that
+    ebft wrote is replaced, never another file (a model's config.json, a YAML, a text)."""
+    if path.is_symlink() or not path.is_file():
+        return "it is not a regular file"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if not isinstance(old, dict) or old.get("written_by") != "ebft plan":
+        return "it is not a plan ebft wrote; ebft replaces only its own (give another file name)"
+    return None
 
 
 def _task_list(text: str) -> list[str]:
@@ -259,6 +275,8 @@ def _saved_eval_settings(model: str, args) -> dict | None:
 def config_from_args(args):
     """A RunConfig from ``--config`` (if given) with every typed flag on top."""
     config = RunConfig.from_yaml(args.config) if getattr(args, "config", None) else RunConfig()
+    given = [path for dest, path in args.dests.items() if getattr(args, dest, None) is not None]
+    config.mark_given(given)
     for dest, path in args.dests.items():
         value = getattr(args, dest, None)
         if value is None:
@@ -431,6 +449,10 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
+    except argparse.ArgumentError as exc:  # two settings with one flag: a plugin registered in this process
+        print(f"ebft: error: {exc} (two settings declare this flag; a plugin's setting needs another name)",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "datasets", "huggingface_hub"):
@@ -445,10 +467,12 @@ def main(argv=None) -> int:
         with interrupt_on_signals(), download_progress(_DownloadBar()):
             _dispatch(args)
     except EbftError as exc:
+        _close_bars()
         rank = distributed.env_rank()
         print(f"ebft{f'[rank {rank}]' if rank else ''}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
+        _close_bars()
         code = 128 + int(getattr(exc, "signum", signal.SIGINT))
         if args.command == "sweep":
             print(f"ebft: interrupted; the finished cells are kept in {args.out}/cells (rerun to resume)", file=sys.stderr)
@@ -461,11 +485,21 @@ def main(argv=None) -> int:
     return 0
 
 
+def _close_bars() -> None:
+    """End the progress bars still drawn, so that the last line is the error alone."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _dispatch(args) -> None:
     """Run the parsed command; errors and interruptions are handled by :func:`main`."""
     if args.command == "plan" or (args.command == "run" and args.dry_run):
         show_plan(config_from_args(args), args)
     elif args.command == "run":
+        for flag in ("free_accelerator", "free_host", "measure", "plan_json"):
+            if getattr(args, flag, None) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')}", getattr(args, flag), "applies only to the plan: "
+                                  "add --dry-run (or use ebft plan)")
         config = config_from_args(args)
         main_rank = distributed.is_main_process()  # under torchrun the other ranks are quiet
         root, level = logging.getLogger(), logging.getLogger().level

@@ -45,9 +45,11 @@ from .models import DTYPE_CHOICES, check_model_source
 from .checkpoint import folder_for
 from .output import check_out, is_ebft_output
 from .prune import PRUNERS, get_pruner
+from .prune.base import SECTION_BASE as PRUNE_BASE
 from .recover import RECOVERIES, get_recovery
+from .recover.base import SECTION_BASE as RECOVER_BASE
 from .recover.finish import FinishSettings
-from .recover.recipes import DEFAULT_RECIPE, RECIPES, recipe_fields
+from .recover.recipes import RECIPES, recipe_fields
 from .recover.recipes import value as recipe_value
 from .settings import option
 
@@ -93,40 +95,6 @@ class EvalConfig:
                           flag="--eval-pruned")
 
 
-_PRUNE_BASE = [
-    ("method", str, option("wanda", "pruner: {choices}", choices=lambda: tuple(sorted(PRUNERS)))),
-    ("sparsity", float | None, option(None, "fraction of weights set to zero, in [0, 1); structured: the "
-                                      "fraction of the blocks' parameters removed", low=0, high=1, high_open=True,
-                                      default_text="0.5; implied by an N:M pattern; 0.2 structured")),
-    ("pattern", str, option("unstructured", "unstructured; N:M keeping N of every M consecutive weights along "
-                            "the input (2:4 is 50 %); or structured (whole heads and MLP channels removed, "
-                            "with method flap; implied by it)")),
-    ("scope", str | None, option(None, "unstructured ratio per output row or per layer: {choices}",
-                                 choices=("row", "layer"), default_text="the method's paper: wanda row, "
-                                 "magnitude/sparsegpt layer")),
-    ("layers", str | None, option(None, "regex on linear names inside a block, e.g. mlp (never embeddings or "
-                                  "lm_head)", default_text="all linears")),
-]
-_RECOVER_BASE = [
-    ("method", str, option("ebft", "recovery: {choices} — {summaries}", flag="--recover",
-                           choices=lambda: tuple(sorted(RECOVERIES)))),
-    ("recipe", str, option(DEFAULT_RECIPE, "block-training settings not given explicitly come from: {choices} "
-                           "(best: what ebft measured to recover the most; paper: the EBFT reference code's values, "
-                           "to compare with the paper)", choices=tuple(RECIPES))),
-    ("guard", int, option(4, "held-out windows of the calibration text on which the recovered model must do no "
-                          "worse end to end than the model pruning alone gives (a --recover none run's), else that "
-                          "one is kept (0: no check)", low=0,
-                          high=4096, flag="--recover-guard", metavar="WINDOWS")),
-    ("guard_texts", list[str], option([], "further texts the guard checks (the recovered model must do no worse on "
-                                      "each, else pruning alone's model is kept): WINDOWS windows of the "
-                                      "evaluation length from each; wikitext2, ptb, c4: their validation split; "
-                                      "a file: as written (a validation split, never an --eval text)",
-                                      flag="--recover-guard-on", metavar="TEXT")),
-    ("budget", str | None, option(None, "time for the block-wise training of all blocks, e.g. 90s, 10m, 1.5h: each "
-                                  "block gets what is left over the blocks left, and as many epochs as fit in it "
-                                  "run (--epochs becomes a cap; at least one); not bit-reproducible",
-                                  flag="--recover-budget", metavar="TIME", default_text="none: the epochs decide")),
-]
 _COMPOSED: dict[str, tuple[tuple, type]] = {}
 
 
@@ -141,14 +109,14 @@ def _composed(name: str, registry: dict, build) -> type:
 def prune_config_class() -> type:
     """``prune:``: the method, pattern, scope, layers, the allocation's and every pruner's settings."""
     return _composed("PruneConfig", PRUNERS, lambda: st.compose(
-        "PruneConfig", _PRUNE_BASE, [AllocationSettings, *(p.settings for p in PRUNERS.values())],
+        "PruneConfig", PRUNE_BASE, [AllocationSettings, *(p.settings for p in PRUNERS.values())],
         "What to prune: the pruner, the pattern, the allocation over blocks, each pruner's options."))
 
 
 def recover_config_class() -> type:
     """``recover:``: the method, recipe, budget and every recovery's settings, composed into one section."""
     summaries = "; ".join(r.summary for r in RECOVERIES.values() if r.summary)
-    base = [(n, t, _with_help(f, f.metadata["help"].replace("{summaries}", summaries))) for n, t, f in _RECOVER_BASE]
+    base = [(n, t, _with_help(f, f.metadata["help"].replace("{summaries}", summaries))) for n, t, f in RECOVER_BASE]
     return _composed("RecoverConfig", RECOVERIES, lambda: st.compose(
         "RecoverConfig", base, [r.settings for r in RECOVERIES.values()],
         "Recovery after pruning; each method's own settings, composed into one section.",
@@ -222,7 +190,19 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        return _build(cls, data if data is not None else {}, "")
+        config = _build(cls, data if data is not None else {}, "")
+        config.mark_given(f"{k}.{f}" if isinstance(v, dict) else k for k, v in (data or {}).items()
+                          for f in (v if isinstance(v, dict) else [None]))
+        return config
+
+    def mark_given(self, keys) -> None:
+        """Record settings the user gave (a flag typed, a YAML key), even with their default value: a given
+        setting for a stage this run does not have is refused (:meth:`unused_settings`), not ignored."""
+        self._given = getattr(self, "_given", frozenset()) | frozenset(keys)
+
+    def _set(self, key: str, value, default) -> bool:
+        """Whether the setting ``key`` was given or differs from its default."""
+        return value != default or key in getattr(self, "_given", ())
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "RunConfig":
@@ -305,11 +285,11 @@ class RunConfig:
         ``--recover-budget`` for a recovery that does not train."""
         unused: dict[str, tuple[object, str]] = {}
         pruner, recovery = get_pruner(self.prune.method), get_recovery(self.recover.method)
-        own = {f.name for f in dataclasses.fields(pruner.settings)} | {b[0] for b in _PRUNE_BASE} | {"allocation"}
+        own = {f.name for f in dataclasses.fields(pruner.settings)} | {b[0] for b in PRUNE_BASE} | {"allocation"}
         if self.prune.allocation == "owl":
             own |= {"owl_lambda", "owl_threshold"}
         for f in st.fields_of(self.prune):
-            if f.name not in own and getattr(self.prune, f.name) != st.default_of(f):
+            if f.name not in own and self._set(f"prune.{f.name}", getattr(self.prune, f.name), st.default_of(f)):
                 owners = [n for n, p in PRUNERS.items() if f.name in {g.name for g in dataclasses.fields(p.settings)}]
                 unused[f"prune.{f.name}"] = (getattr(self.prune, f.name),
                                              f"--method {' or '.join(owners)}" if owners else "--allocation owl")
@@ -319,7 +299,7 @@ class RunConfig:
         if any(name in RECIPES[self.recover.recipe] for name in own):
             own.add("recipe")
         for f in st.fields_of(self.recover):
-            if f.name not in own and getattr(self.recover, f.name) != st.default_of(f):
+            if f.name not in own and self._set(f"recover.{f.name}", getattr(self.recover, f.name), st.default_of(f)):
                 owners = [n for n, r in RECOVERIES.items() if f.name in {g.name for g in dataclasses.fields(r.settings)}
                           or (f.name == "recipe" and any(k in RECIPES[self.recover.recipe]
                                                          for k in (g.name for g in dataclasses.fields(r.settings))))
@@ -327,7 +307,7 @@ class RunConfig:
                 unused[f"recover.{f.name}"] = (getattr(self.recover, f.name), f"--recover {' or '.join(owners)}")
         if self.finish.method == "none":
             for f in st.fields_of(self.finish):
-                if f.name != "method" and getattr(self.finish, f.name) != st.default_of(f):
+                if f.name != "method" and self._set(f"finish.{f.name}", getattr(self.finish, f.name), st.default_of(f)):
                     unused[f"finish.{f.name}"] = (getattr(self.finish, f.name), "--finish kd or lm")
         if not self.eval.zeroshot:
             for name in ("task_data", "zeroshot_limit"):
@@ -335,9 +315,9 @@ class RunConfig:
                     unused[f"eval.{name}"] = (getattr(self.eval, name), "--zeroshot")
         if not self.eval.pruned and not recovery.guardable:
             unused["eval.pruned"] = (False, "a block-wise recovery (without one, 'pruned' is the final model)")
-        if not self.checkpoint and self.checkpoint_every != 0:
+        if not self.checkpoint and self._set("checkpoint_every", self.checkpoint_every, 0):
             unused["checkpoint_every"] = (self.checkpoint_every, "--checkpoint")
-        if self.export is None and self.export_type != "f16":
+        if self.export is None and self._set("export_type", self.export_type, "f16"):
             unused["export_type"] = (self.export_type, "--export gguf")
         return unused
 
@@ -379,6 +359,9 @@ class RunConfig:
         if pattern.structured and self.prune.layers is not None:
             raise ConfigError("prune.layers", self.prune.layers, "structured pruning chooses heads and channels "
                               "over whole blocks; leave layers unset")
+        if check_unused and pattern.n and "prune.scope" in getattr(self, "_given", ()):
+            raise ConfigError("prune.scope", self.prune.scope, f"applies to unstructured sparsity; {pattern.n}:"
+                              f"{pattern.m} groups lie inside one row whatever the scope: drop it")
         check_allocation(self.allocation_settings(), pattern)
         if self.export is not None:
             check_type(self.export_type)
@@ -503,6 +486,17 @@ def _build(cls, data, prefix: str):
         sub = sections().get(key) if cls is RunConfig else None
         kwargs[key] = _build(sub, value, f"{key}.") if sub else value
     return cls(**kwargs)
+
+
+def _claim_flags() -> None:
+    """The flags of the run's own settings and of the sections without methods: a plugin's setting may not
+    take one of them (:func:`ebft.settings.flag_clash`)."""
+    st.claim_flags(RunConfig, "", "the run's own settings")
+    for name, cls in (("calib", CalibConfig), ("eval", EvalConfig), ("finish", FinishSettings)):
+        st.claim_flags(cls, name, f"the {name} section")
+
+
+_claim_flags()
 
 
 def sections() -> dict[str, type]:

@@ -23,21 +23,18 @@ This module imports torch lazily so that the CLI's checks, and the kill tests, s
 """
 from __future__ import annotations
 
-import ctypes
-import errno
 import json
 import logging
 import os
 import re
 import shutil
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
-from .atomic import fsync_file, fsync_folder, pid_alive, write_json
+from .atomic import RENAME_EXCHANGE, fsync_file, fsync_folder, pid_alive, renameat2, write_json
 from .errors import ConfigError, EbftError
 
 log = logging.getLogger(__name__)
@@ -121,7 +118,8 @@ def ebft_output_problem(folder: str | os.PathLike) -> str | None:
         listed = marker.get("files") if isinstance(marker, dict) and marker.get("written_by") == "ebft" else None
         if not isinstance(listed, list) or not all(isinstance(f, str) for f in listed):
             return f"its {MARKER} file is not ebft's"
-        extra = sorted(set(files) - set(listed) - {MARKER})
+        added = marker.get("added") if isinstance(marker.get("added"), list) else []
+        extra = sorted(set(files) - set(listed) - set(added) - {MARKER})
         if extra:
             return f"it holds files ebft did not write ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})"
         missing = sorted(set(listed) - set(files))
@@ -140,8 +138,9 @@ def ebft_output_problem(folder: str | os.PathLike) -> str | None:
 
 
 SWEEP_MARKER = ".ebft-sweep"  # JSON: {"written_by": "ebft", "kind": "sweep", "version": ..}
+SWEEP_LOCK = "lock"  # held by the sweep running in the folder
 # what a sweep writes into its folder (a folder holding only these, written before the marker existed, is one)
-_SWEEP_FILES = re.compile(r"(cells|models|results\.(json|md|png)|\.results\.(json|md|png)\.tmp-\d+)")
+_SWEEP_FILES = re.compile(r"(cells|models|lock|results\.(json|md|png)|\.results\.(json|md|png)\.tmp-\d+)")
 
 
 def sweep_folder_problem(folder: str | os.PathLike) -> str | None:
@@ -165,6 +164,23 @@ def sweep_folder_problem(folder: str | os.PathLike) -> str | None:
     if foreign:
         return f"holds files an ebft sweep did not write ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})"
     return None
+
+
+def note_added_file(path: str | os.PathLike) -> bool:
+    """Record in the marker of the ebft output that holds ``path`` (a file ebft wrote there afterwards, such
+    as an ``ebft export`` into a run's folder) that ebft wrote it, so that a later ``--overwrite`` still
+    knows the folder as its own (the file may be deleted again: it is not required). False when the folder
+    is not a complete ebft output (nothing is written)."""
+    path = Path(path)
+    folder = path.parent
+    marker = _read_json(folder / MARKER)
+    if not isinstance(marker, dict) or marker.get("written_by") != "ebft" or ebft_output_problem(folder) not in (
+            None, f"it holds files ebft did not write ({path.name})"):
+        return False
+    added = [f for f in marker.get("added") or [] if isinstance(f, str)]
+    if path.name not in added and path.name not in (marker.get("files") or []):
+        write_json(folder / MARKER, {**marker, "added": sorted({*added, path.name})}, durable=False)
+    return True
 
 
 def mark_sweep_folder(folder: str | os.PathLike) -> None:
@@ -458,34 +474,10 @@ def _rename(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-_renameat2 = None
-
-
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where unsupported
     (other systems, old kernels or C libraries, filesystems without it such as some network mounts)."""
-    global _renameat2
-    if not sys.platform.startswith("linux"):
-        return False
-    if _renameat2 is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).renameat2
-        except (OSError, AttributeError):
-            _renameat2 = False
-            return False
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        _renameat2 = fn
-    if _renameat2 is False:
-        return False
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
+    return renameat2(a, b, RENAME_EXCHANGE)
 
 
 def _umask() -> int:

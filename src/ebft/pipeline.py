@@ -42,6 +42,7 @@ from .config import RunConfig, budget_seconds, check_device, check_source, resol
 from .data import adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
 from .errors import ConfigError, EbftError
 from .estimate import REDUCE, RunSizes, plan_resources
+from .export import check_export_model
 from .export.gguf import source_gguf_of, write_gguf
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, model_perplexities, stage_perplexities
 from .evaluation.speed import measure_speed
@@ -281,11 +282,10 @@ def check_guard(model, result, streams: dict, guards: dict, perplexity: dict, ev
     record["worse_on"] = worse
     prefix, blocks = find_blocks(model)
     if len(result.pruned_states) != len(blocks) or not all(_readable(read) for read in result.pruned_states.values()):
-        # a lazy walk keeps no block to go back to; a checkpoint of an earlier version holds none
-        log.warning("recovery made the model worse end to end on the guard's windows (%s), but the blocks as "
-                    "pruned were not kept (--lazy, or resumed from a checkpoint without them or with a damaged "
-                    "one): kept the recovered ones", said)
-        return {**record, "kept": "recovered (worse; the pruned blocks were not kept)"}
+        # never the model the guard has just rejected: the checkpoint's copies were damaged during the run
+        raise EbftError(f"the guard: recovery made the model worse end to end ({said}) and the blocks as pruned "
+                        "cannot be read back from the checkpoint (damaged): not saving the rejected model; rerun with "
+                        "--no-resume")
     log.warning("recovery made the model worse end to end on the guard's windows (%s): keeping every block as "
                 "pruned", said)
     for index, read in result.pruned_states.items():
@@ -390,9 +390,13 @@ def run(config: RunConfig, progress=None) -> dict:
     if config.out and distributed.is_main_process():
         discard_if_finished(config.out)  # a finished run killed before it removed its checkpoint
     pattern = config.validate()
+    if config.export is not None:
+        check_export_model(config.model, config.trust_remote_code)  # before any work, not after it
     world = distributed.env_world_size()
     check_distributed(config, world)
     lazy = decide_lazy(config, pattern, world)
+    if lazy:
+        guard_off_when_lazy(config)
     device = distributed.rank_device(resolve_device(config.device))
     with distributed.process_group(device, config.rank_timeout):
         return _run(config, pattern, device, lazy, start, progress)
@@ -606,6 +610,21 @@ def lazy_blockers(config: RunConfig, pattern) -> list[str]:
     return why
 
 
+def guard_off_when_lazy(config: RunConfig) -> None:
+    """A lazy run writes each block as it finishes, so the end-to-end guard could not put the blocks as pruned
+    back: a guard the user asked for is refused in one line; the default one is turned off (not paid for)."""
+    if not guarded(config):
+        return
+    given = getattr(config, "_given", ())
+    if "recover.guard" in given or config.recover.guard_texts:
+        key = "recover.guard_texts" if config.recover.guard_texts else "recover.guard"
+        raise ConfigError(key, config.recover.guard_texts or config.recover.guard,
+                          "the guard cannot put the pruned blocks back in a lazy run (each block is written as it "
+                          "finishes): drop the guard (--recover-guard 0) or load the model whole (--no-lazy)")
+    log.warning("lazy loading: the end-to-end guard is off (a lazy run cannot put the pruned blocks back)")
+    config.recover.guard = 0
+
+
 def decide_lazy(config: RunConfig, pattern, world: int = 1) -> bool:
     """``--lazy``: yes (refused with one line if the run needs the whole model); ``--no-lazy``: no;
     unset: yes when the safetensors weights, times the ranks on this host, exceed half the available
@@ -630,8 +649,12 @@ def decide_lazy(config: RunConfig, pattern, world: int = 1) -> bool:
 
 
 def check_distributed(config: RunConfig, world: int) -> None:
-    """What a run under torchrun cannot do, refused before anything is loaded."""
+    """What a run under torchrun cannot do, refused before anything is loaded; and a torchrun setting given
+    to a run in one process (it would do nothing)."""
     if world < 2:
+        if "rank_timeout" in getattr(config, "_given", ()):
+            raise ConfigError("rank_timeout", config.rank_timeout, "applies only under torchrun (2 or more ranks), "
+                              "and this run is one process: drop it")
         return
     if get_recovery(config.recover.method).scope == "model":
         block_wise = ", ".join(n for n, r in RECOVERIES.items() if r.scope == "block")

@@ -176,9 +176,12 @@ def compose(name: str, base: list[tuple[str, type, dataclasses.Field]], parts: l
     defaults_from = defaults_from or {}
     seen: dict[str, tuple] = {}
     specs = list(base)
+    own = {n for n, _, _ in base}
     for part in parts:
         hints = typing.get_type_hints(part)
         for f in dataclasses.fields(part):
+            if f.name in own:
+                raise TypeError(f"{name}: setting {f.name!r} is one of the section's own settings")
             spec = (hints[f.name], default_of(f))
             if f.name in seen:
                 if seen[f.name] != spec:
@@ -193,6 +196,77 @@ def compose(name: str, base: list[tuple[str, type, dataclasses.Field]], parts: l
     cls = dataclasses.make_dataclass(name, specs)
     cls.__doc__ = doc
     return cls
+
+
+# ----------------------------------------------------------------------------- one flag per setting
+
+_FLAGS: dict[str, tuple[str, str, set]] = {}  # flag -> (section, field, who declared it)
+
+
+def _flags_of(specs) -> list[tuple[str, str]]:
+    """``(field name, flag)`` of a settings dataclass, or of ``(name, type, field)`` specs (a section's base)."""
+    if isinstance(specs, type):
+        return [(f.name, flag_of(f)) for f in fields_of(specs) if f.metadata.get("cli", True)]
+    return [(n, f.metadata.get("flag") or "--" + n.replace("_", "-")) for n, _, f in specs if f.metadata.get("cli", True)]
+
+
+def flag_clash(specs, section: str) -> str | None:
+    """Why ``specs`` cannot take their flags (one flag is one setting, across every section): None if they can.
+    The same field of the same section may be declared by several methods (they share it)."""
+    for name, flag in _flags_of(specs):
+        if flag in _FLAGS and _FLAGS[flag][:2] != (section, name):
+            owner = ", ".join(sorted(_FLAGS[flag][2]))
+            return f"setting {name!r} would be the flag {flag}, which {owner} already declares"
+    return None
+
+
+def claim_flags(specs, section: str, owner: str) -> None:
+    """Record the flags of ``specs`` (a settings dataclass or a section's base specs) as ``owner``'s."""
+    problem = flag_clash(specs, section)
+    if problem is not None:
+        raise ValueError(f"{owner}: {problem}")
+    for name, flag in _flags_of(specs):
+        _FLAGS.setdefault(flag, (section, name, set()))[2].add(owner)
+
+
+def release_flags(owner: str) -> None:
+    """Forget ``owner``'s flags (an unregistered method); a flag another method shares stays."""
+    for flag in list(_FLAGS):
+        _FLAGS[flag][2].discard(owner)
+        if not _FLAGS[flag][2]:
+            del _FLAGS[flag]
+
+
+METHOD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_SETTING_TYPES = (bool, int, float, str, list)
+
+
+def check_registration(kind: str, name, fn, settings, section: str, base, others) -> None:
+    """A pruner's or recovery's registration checked when it is made, as one ``ValueError`` naming the method:
+    its name (it becomes a flag value, a YAML value, a file name, an item of a comma-separated list), its
+    function, and its settings (a dataclass whose fields all have defaults and plain types, composing with
+    the section's ``base`` fields and the ``others`` methods' settings), so that a bad plugin never breaks
+    a later run."""
+    if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
+        raise ValueError(f"{kind} name {name!r}: use lowercase letters, digits, '-' and '_' (first a letter or "
+                         "digit, at most 64)")
+    if not callable(fn):
+        raise ValueError(f"{kind} {name!r}: {fn!r} is not a function")
+    if not (isinstance(settings, type) and dataclasses.is_dataclass(settings)):
+        raise ValueError(f"{kind} {name!r}: settings must be a dataclass (fields declared with "
+                         f"ebft.settings.option), not {settings!r}")
+    try:
+        for f in dataclasses.fields(settings):
+            if f.default is _MISSING and f.default_factory is _MISSING:
+                raise TypeError(f"setting {f.name!r} has no default")
+            if field_type(settings, f)[0] not in _SETTING_TYPES:
+                raise TypeError(f"setting {f.name!r} is not a bool, int, float, str or list of str")
+        compose(section, list(base), [*others, settings], "")
+    except (TypeError, ValueError, NameError) as exc:
+        raise ValueError(f"{kind} {name!r}: its settings do not fit the {section} section ({exc})") from None
+    problem = flag_clash(settings, section)
+    if problem is not None:
+        raise ValueError(f"{kind} {name!r}: {problem}")
 
 
 def _copy_field(f: dataclasses.Field) -> dataclasses.Field:

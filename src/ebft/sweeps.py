@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +30,12 @@ from pathlib import Path
 import torch
 
 from .allocation import AllocationSettings
-from .atomic import write_json, write_text
+from .atomic import check_unlocked, take_lock, write_json, write_text
 from .config import RunConfig, resolve_device
 from .errors import ConfigError, EbftError
 from .evaluation.perplexity import model_perplexities
 from .models import load_model
-from .output import atomic_folder, check_out, mark_sweep_folder, save_pretrained, sweep_folder_problem
+from .output import SWEEP_LOCK, atomic_folder, check_out, mark_sweep_folder, save_pretrained, sweep_folder_problem
 from .pipeline import check_model_fits, final_stage, guardable, guarded, prepare_data, prune_and_recover
 from .prune import PRUNERS, get_pruner
 from .recover import RECOVERIES
@@ -258,43 +259,50 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
             datasets[key] = prepare_data(model, tokenizer, cell)
         return datasets[key]
 
+    lock, busy = None, f"out: another ebft sweep is using {out}; wait for it to finish or give another --out"
     if todo or dense is None:
+        check_unlocked(out / SWEEP_LOCK, busy)  # before the model loads
         model, tokenizer = load_model(base.model, base.dtype, device, trust_remote_code=base.trust_remote_code)
         for cell, pattern in todo:
             check_model_fits(model, pattern, cell)
         original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         pristine = copy.deepcopy(model) if any(p.structured for _, p in todo) else None
         mark_sweep_folder(out)
-        folder.mkdir(parents=True, exist_ok=True)
+        lock = take_lock(out / SWEEP_LOCK, True, busy)
+    try:
+        if lock is not None:
+            folder.mkdir(parents=True, exist_ok=True)
         if dense is None:
             dense = _dense_perplexity(model, data_for(base).evals, base, device)
             write_json(_dense_path(base, folder), {"model": base.model, "perplexity": dense})
-
-    finished = []
-    for index, (cell, pattern) in enumerate(cells):
-        name = names[index]
-        path = folder / f"{name}.json"
-        record = _read_cell(path)
-        if record is not None:
+        finished = []
+        for index, (cell, pattern) in enumerate(cells):
+            name = names[index]
+            path = folder / f"{name}.json"
+            record = _read_cell(path)
+            if record is not None:
+                finished.append(record)
+                progress("cell_skip", index=index, total=len(cells), name=name)
+                continue
+            progress("cell_start", index=index, total=len(cells), name=name)
+            if pristine is not None:  # a structured cell may have shrunk the model: start from the whole one
+                model = copy.deepcopy(pristine)
+            else:
+                model.load_state_dict(original)
+            record = _run_cell(model, tokenizer, cell, pattern, data_for(cell), device, progress, name.rsplit("-", 1)[1])
+            if save_models:
+                get_pruner(cell.prune.method).make_saveable(model)
+                with atomic_folder(out / "models" / name, overwrite=True) as tmp:
+                    save_pretrained(model, tokenizer, tmp)
+            write_json(path, record)
             finished.append(record)
-            progress("cell_skip", index=index, total=len(cells), name=name)
-            continue
-        progress("cell_start", index=index, total=len(cells), name=name)
-        if pristine is not None:  # a structured cell may have shrunk the model: start from the whole one
-            model = copy.deepcopy(pristine)
-        else:
-            model.load_state_dict(original)
-        record = _run_cell(model, tokenizer, cell, pattern, data_for(cell), device, progress, name.rsplit("-", 1)[1])
-        if save_models:
-            get_pruner(cell.prune.method).make_saveable(model)
-            with atomic_folder(out / "models" / name, overwrite=True) as tmp:
-                save_pretrained(model, tokenizer, tmp)
-        write_json(path, record)
-        finished.append(record)
-        progress("cell_end", index=index, total=len(cells), name=name, seconds=record["seconds"],
-                 perplexity=record["perplexity"])
-        if on_cell is not None:
-            on_cell(dense, finished)
+            progress("cell_end", index=index, total=len(cells), name=name, seconds=record["seconds"],
+                     perplexity=record["perplexity"])
+            if on_cell is not None:
+                on_cell(dense, finished)
+    finally:
+        if lock is not None:
+            os.close(lock)
     return dense, finished
 
 

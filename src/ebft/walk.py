@@ -297,7 +297,8 @@ class BlockWork:
 
     def check(self, pruned: Pruned) -> None:
         if self.spec is not None:
-            self.spec.pruner.check_block(pruned.block, pruned.linears, pruned.masks, pruned.site)
+            by = f"after recovery {self.recovery.name!r}" if self.recovery is not None else None
+            self.spec.pruner.check_block(pruned.block, pruned.linears, pruned.masks, pruned.site, by)
 
     def restore_shape(self, index: int, block: nn.Module) -> None:
         """Give a dense block (read back from a checkpoint) the shape its pruning left it in."""

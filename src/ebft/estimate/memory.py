@@ -147,7 +147,7 @@ class RunSizes:
                     recovers=recovery.name != "none", whole_model=recovery.name if recovery.scope == "model" else None,
                     recovery_batch=training.get("batch_size", 8), epochs=training.get("epochs", 1),
                     holdout=training.get("holdout", 0), train_norms=training.get("train_norms", False),
-                    guard=config.recover.guard if recovery.guardable else 0,
+                    guard=config.recover.guard if recovery.guardable and config.lazy is not True else 0,
                     guard_texts=len(config.recover.guard_texts) if recovery.guardable else 0,
                     walk_batch=config.batch_size, layers=config.prune.layers, checkpoint=config.checkpoint,
                     trust_remote_code=config.trust_remote_code,

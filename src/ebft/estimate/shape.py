@@ -6,14 +6,13 @@ counts per block and outside the blocks for any architecture that transformers b
 from __future__ import annotations
 
 import copy
-import os
 import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..models import find_blocks, find_linears, norm_modules
+from ..models import find_blocks, find_linears, load_config, norm_modules
 
 
 @dataclass(frozen=True)
@@ -53,19 +52,6 @@ class ModelShape:
     @property
     def block_params(self) -> int:
         return max(self.params_blocks)
-
-
-def load_config(source, trust_remote_code: bool = False):
-    """A transformers config from a folder, a hub id, a ``.gguf`` file or a config object (no weights)."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(source, PretrainedConfig):
-        return source
-    path = os.path.expanduser(str(source))
-    if path.endswith(".gguf"):
-        return AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
-                                          trust_remote_code=trust_remote_code)
-    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def meta_model(config, attention: str | None = None, trust_remote_code: bool = False) -> nn.Module:

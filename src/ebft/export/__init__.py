@@ -18,15 +18,16 @@ import os
 from pathlib import Path
 
 from ..errors import ConfigError, EbftError
-from ..models import check_model_source, load_model
-from .gguf import K_QUANTS, TYPES, GgufReport, check_type, source_gguf_of, write_gguf
+from ..models import BUILTIN_MODELS, builtin_model_path, check_model_source, load_config, load_model
+from ..output import note_added_file
+from .gguf import K_QUANTS, TYPES, GgufReport, check_family, check_type, replace_problem, source_gguf_of, write_gguf
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("gguf",)
-GGUF_MAGIC = b"GGUF"
 
-__all__ = ["FORMATS", "TYPES", "K_QUANTS", "GgufReport", "export", "check_export_target", "write_gguf"]
+__all__ = ["FORMATS", "TYPES", "K_QUANTS", "GgufReport", "export", "check_export_model", "check_export_target",
+           "write_gguf"]
 
 
 def check_export_target(out, overwrite: bool = False, inputs=()) -> Path:
@@ -47,14 +48,24 @@ def check_export_target(out, overwrite: bool = False, inputs=()) -> Path:
                 os.path.realpath(os.path.expanduser(str(given))) == os.path.realpath(path):
             raise ConfigError("--out", out, "is the model being exported; write the export elsewhere")
     if os.path.lexists(path):
-        if path.is_symlink() or not path.is_file():
-            raise ConfigError("--out", out, "exists and is not a regular file")
         if not overwrite:
             raise ConfigError("--out", out, "already exists; pass --overwrite to replace a GGUF file")
-        with open(path, "rb") as f:
-            if f.read(4) != GGUF_MAGIC:
-                raise ConfigError("--out", out, "exists and is not a GGUF file; ebft replaces only GGUF files")
+        problem = replace_problem(path, inputs)
+        if problem is not None:
+            raise ConfigError("--out", out, f"exists and {problem.removeprefix('it ')}")
     return path
+
+
+def check_export_model(model: str, trust_remote_code: bool = False) -> None:
+    """Before any model loads: the model's family and rope are ones the GGUF export writes (read from its
+    config alone). A config that cannot be read here is left to the load, which says why in one line."""
+    source = builtin_model_path(model) if model in BUILTIN_MODELS else model
+    try:
+        config = load_config(str(source), trust_remote_code)
+    except Exception:  # noqa: BLE001 - the load reports it
+        log.debug("export: could not read the config of %s before loading", model, exc_info=True)
+        return
+    check_family(config)
 
 
 def export(model: str, out, fmt: str = "gguf", kind: str = "f16", overwrite: bool = False,
@@ -67,13 +78,17 @@ def export(model: str, out, fmt: str = "gguf", kind: str = "f16", overwrite: boo
                           "reads its sparse formats, see the README's Deploy section)")
     check_type(kind)
     check_model_source(model)
-    path = check_export_target(out, overwrite, inputs=[model])
+    check_export_model(model, trust_remote_code)
+    source_gguf = source_gguf_of(model)
+    path = check_export_target(out, overwrite, inputs=[model, source_gguf])
     net, tokenizer = load_model(model, "float32", "cpu", trust_remote_code=trust_remote_code)
     try:
-        report = write_gguf(net, tokenizer, path, kind, source_gguf_of(model))
+        report = write_gguf(net, tokenizer, path, kind, source_gguf, overwrite=overwrite)
     except (OSError, ValueError) as exc:
         if isinstance(exc, EbftError):
             raise
         raise EbftError(f"gguf: could not write {path} ({type(exc).__name__}: {exc})") from None
+    if note_added_file(path):
+        log.info("%s is an ebft output: its marker now lists %s", path.parent, path.name)
     log.info("wrote %s: %s, %s, %.1f MiB", path, report.architecture, kind, report.bytes / 2**20)
     return report

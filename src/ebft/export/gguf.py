@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..atomic import write_atomic
+from ..atomic import clean_dead, write_atomic
 from ..errors import EbftError
 from ..models import BUILTIN_MODELS, builtin_model_path, find_blocks
 from .compact import LayerSize, compact_, compacted_sizes, uniform
@@ -58,6 +58,10 @@ PLAIN_TYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 TYPES = PLAIN_TYPES + K_QUANTS
 QUANT_BLOCK = 32
+GGUF_MAGIC = b"GGUF"
+# what an export killed mid-way leaves beside its file: ``.<name>.gguf.tmp-<pid>`` and the k-quant
+# scratch folder ``.ebft-gguf-<pid>-<random>``
+LEFTOVERS = r"\.(?:.+\.gguf\.tmp|ebft-gguf)-(\d+)(?:-.+)?"
 
 
 @dataclass
@@ -123,11 +127,38 @@ def sliding_window(config) -> int | None:
     return window
 
 
+def replace_problem(path: Path, inputs=()) -> str | None:
+    """Why the existing ``path`` may not be replaced by an export (None: it may): only a GGUF file that
+    is not one of the export's ``inputs`` (the model, the GGUF its tokenizer comes from) is replaced."""
+    if path.is_symlink() or not path.is_file():
+        return "it is not a regular file"
+    for given in inputs:
+        if given and os.path.exists(os.path.expanduser(str(given))) and \
+                os.path.realpath(os.path.expanduser(str(given))) == os.path.realpath(path):
+            return "it is the model being exported (or the GGUF its tokenizer comes from); write elsewhere"
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                return "it is not a GGUF file; ebft replaces only GGUF files"
+    except OSError as error:
+        return f"it cannot be read ({error.strerror or error})"
+    return None
+
+
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str = "f16",
-               source_gguf: str | os.PathLike | None = None) -> GgufReport:
+               source_gguf: str | os.PathLike | None = None, overwrite: bool = False) -> GgufReport:
     """Write ``model`` (changed in place: compacted, padded) and its tokenizer as a GGUF file at ``path``
-    (atomically). ``source_gguf``: a GGUF file whose tokenizer metadata is carried over."""
+    (atomically). ``source_gguf``: a GGUF file whose tokenizer metadata is carried over. A file at
+    ``path`` (there before, or appearing while the file is written) is replaced only with ``overwrite``
+    and only if it is a GGUF file other than ``source_gguf`` (:func:`replace_problem`), else
+    :class:`EbftError`. What killed exports left in the folder is removed first."""
     check_type(kind)
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    if os.path.lexists(path):
+        problem = replace_problem(path, [source_gguf]) if overwrite else "it exists (pass overwrite=True)"
+        if problem is not None:
+            raise EbftError(f"gguf: not replacing {path}: {problem}")
+    clean_dead(path.parent, LEFTOVERS)
     arch, permute, per_layer_arch = check_family(model.config)
     multiple = 1 if kind in ("f32", "f16", "bf16") else QUANT_BLOCK
     sizes, notes = compacted_sizes(model, multiple), []
@@ -145,18 +176,18 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
     if compacted:
         arch = per_layer_arch
     plain = kind if kind in PLAIN_TYPES else "f32"  # k-quants: llama.cpp quantizes an f32 file
-    path = Path(path)
 
     def write(tmp: Path) -> None:
         if plain == kind:
             _write(model, tokenizer, tmp, arch, sizes, kind, permute, source_gguf)
             return
-        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=".ebft-gguf-") as scratch:
+        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".ebft-gguf-{os.getpid()}-") as scratch:
             full = Path(scratch) / "f32.gguf"
             _write(model, tokenizer, full, arch, sizes, "f32", permute, source_gguf)
             _k_quantize(full, tmp, kind)
 
-    write_atomic(path, write, durable=False)
+    write_atomic(path, write, durable=False,
+                 replace=(lambda p: replace_problem(p, [source_gguf])) if overwrite else False)
     return GgufReport(str(path), arch, kind, path.stat().st_size,
                       [{"heads": s.heads, "kv_heads": s.kv_heads, "ffn": s.ffn} for s in sizes], compacted,
                       sum(p.numel() for p in model.parameters()), notes)
@@ -350,7 +381,28 @@ def source_gguf_of(model_source: str) -> Path | None:
         try:
             given = json.loads(record.read_text(encoding="utf-8"))["config"]["model"]
         except (OSError, ValueError, KeyError, TypeError):
+            log.warning("%s is damaged (no config.model): the tokenizer is rebuilt from the folder's files", record)
             return None
         if isinstance(given, str) and given != str(model_source):
-            return source_gguf_of(given)
+            return _recorded_gguf(record, given)
     return None
+
+
+def _recorded_gguf(record: Path, given: str) -> Path | None:
+    """The GGUF a run's record names as its model: one line if it is not a GGUF, a warning if it is gone
+    (the tokenizer is then rebuilt from the run folder's own files)."""
+    found = source_gguf_of(given)
+    if found is None:
+        if given.lower().endswith(".gguf"):
+            log.warning("%s names the model %s, which is not there: the tokenizer is rebuilt from the run "
+                        "folder's files", record, given)
+        return None
+    try:
+        with open(found, "rb") as f:
+            magic = f.read(4)
+    except OSError as error:
+        raise EbftError(f"{record} names the model {found}, which cannot be read ({error.strerror or error})") from None
+    if magic != GGUF_MAGIC:
+        raise EbftError(f"{record} names the model {found}, which is not a GGUF file (its tokenizer is carried "
+                        "into the export); restore that file or correct config.model in the record")
+    return found

@@ -31,9 +31,11 @@ import logging
 import torch
 from torch import nn
 
+from ..allocation import AllocationSettings
 from ..errors import ConfigError, EbftError
 from ..masks import SCOPES, MaskError, Pattern, check_mask, check_weight, validate_width
 from ..models import find_blocks, find_linears
+from ..settings import check_registration, claim_flags, option, release_flags
 from ..stats import STAT_KINDS, LayerStats
 from ..structured import bias_slot_problem, block_layout, check_layouts, make_saveable_, shrink_block_
 
@@ -87,19 +89,29 @@ class Pruner:
             full = f"{site.prefix}.{name}"
             result = self(linear.weight.data.float(), stats.get(name), site.pattern, settings)
             weight = linear.weight.data if result.weight is None else result.weight.to(linear.weight.dtype)
+            if not isinstance(result.mask, torch.Tensor):
+                raise EbftError(f"pruner {self.name!r}: {full}: returned a {type(result.mask).__name__} as its mask, "
+                                "not a tensor")
             linear.weight.data = weight * result.mask.to(weight.device, weight.dtype)
-            check_mask(result.mask, site.pattern, full)
-            check_weight(linear.weight.data, result.mask, full)
             masks[name] = result.mask
+        self.check_block(block, linears, masks, site)
         return masks, {}
 
     def check_block(self, block: nn.Module, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
-                    site: BlockSite) -> None:
-        """Every mask follows the pattern and every masked weight is exactly zero."""
-        for name, mask in masks.items():
-            full = f"{site.prefix}.{name}"
-            check_mask(mask, site.pattern, full)
-            check_weight(linears[name].weight.data, mask, full)
+                    site: BlockSite, by: str | None = None) -> None:
+        """Every mask follows the pattern, every masked weight is exactly zero and every weight is finite;
+        else one line naming the layer and ``by`` (what changed the block last; default: this pruner), so that
+        a plugin's mistake is caught where it is made."""
+        try:
+            for name, mask in masks.items():
+                full = f"{site.prefix}.{name}"
+                check_mask(mask, site.pattern, full)
+                check_weight(linears[name].weight.data, mask, full)
+            for name, linear in linears.items():
+                if not torch.isfinite(linear.weight.data).all():
+                    raise MaskError(f"layer {site.prefix}.{name}: its weights hold NaN or infinity")
+        except MaskError as error:
+            raise EbftError(f"{by or f'pruner {self.name!r}'}: {error}") from None
 
     def restore_shape(self, block: nn.Module, site: BlockSite) -> None:
         """Give a dense block the shape this pruner left it in (resuming from a checkpoint): nothing to do."""
@@ -139,13 +151,15 @@ class StructuredPruner(Pruner):
         layout = block_layout(block, site.config)
         return {}, {"kv_groups_kept": layout.num_kv_heads, "channels_kept": layout.intermediate_size}
 
-    def check_block(self, block, linears, masks, site) -> None:
-        """The block has exactly the units its structure keeps (the structured twin of the mask checks)."""
+    def check_block(self, block, linears, masks, site, by: str | None = None) -> None:
+        """The block has exactly the units its structure keeps (the structured twin of the mask checks), and
+        finite weights; else one line naming the layer and ``by`` (default: this pruner)."""
         layout = block_layout(block, site.config)
         structure = site.structure
         if (layout.num_kv_heads, layout.intermediate_size) != (len(structure.attention_keep), len(structure.mlp_keep)):
             raise MaskError(f"{site.prefix}: {layout.num_kv_heads} KV groups and {layout.intermediate_size} "
                             f"channels, expected {len(structure.attention_keep)} and {len(structure.mlp_keep)}")
+        super().check_block(block, linears, {}, site, by)
 
     def restore_shape(self, block, site) -> None:
         shrink_block_(block, site.config, site.structure, None)
@@ -179,6 +193,24 @@ class StructuredPruner(Pruner):
 
 PRUNERS: dict[str, Pruner] = {}
 
+SECTION_BASE = [
+    ("method", str, option("wanda", "pruner: {choices}", choices=lambda: tuple(sorted(PRUNERS)))),
+    ("sparsity", float | None, option(None, "fraction of weights set to zero, in [0, 1); structured: the "
+                                      "fraction of the blocks' parameters removed", low=0, high=1, high_open=True,
+                                      default_text="0.5; implied by an N:M pattern; 0.2 structured")),
+    ("pattern", str, option("unstructured", "unstructured; N:M keeping N of every M consecutive weights along "
+                            "the input (2:4 is 50 %); or structured (whole heads and MLP channels removed, "
+                            "with method flap; implied by it)")),
+    ("scope", str | None, option(None, "unstructured ratio per output row or per layer: {choices}",
+                                 choices=("row", "layer"), default_text="the method's paper: wanda row, "
+                                 "magnitude/sparsegpt layer")),
+    ("layers", str | None, option(None, "regex on linear names inside a block, e.g. mlp (never embeddings or "
+                                  "lm_head)", default_text="all linears")),
+]
+claim_flags(SECTION_BASE, "prune", "the prune section")
+claim_flags(AllocationSettings, "prune", "the allocation")
+
+
 
 def register_pruner(name: str, needs=(), default_scope: str = "row", settings: type = NoSettings,
                     structured: bool = False):
@@ -192,8 +224,11 @@ def register_pruner(name: str, needs=(), default_scope: str = "row", settings: t
     def register(fn):
         if name in PRUNERS:
             raise ValueError(f"pruner {name!r} is registered twice")
+        check_registration("pruner", name, fn, settings, "prune", SECTION_BASE,
+                           [AllocationSettings, *(p.settings for p in PRUNERS.values())])
         kind = StructuredPruner if structured else Pruner
         PRUNERS[name] = kind(name, fn, needs, default_scope, settings)
+        claim_flags(settings, "prune", f"pruner {name!r}")
         return fn
 
     return register
@@ -202,6 +237,7 @@ def register_pruner(name: str, needs=(), default_scope: str = "row", settings: t
 def unregister_pruner(name: str) -> None:
     """Remove a registered pruner (a plugin or a test that registered its own)."""
     PRUNERS.pop(name, None)
+    release_flags(f"pruner {name!r}")
 
 
 def get_pruner(name: str) -> Pruner:

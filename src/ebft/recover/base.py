@@ -45,7 +45,9 @@ from torch import nn
 
 from ..data import calibration_windows
 from ..errors import ConfigError
+from ..settings import check_registration, claim_flags, option, release_flags
 from ..stats import STAT_KINDS
+from .recipes import DEFAULT_RECIPE, RECIPES
 
 TARGETS = ("dense-block", "dense-model")
 
@@ -144,6 +146,29 @@ class Recovery:
 
 RECOVERIES: dict[str, Recovery] = {}
 
+SECTION_BASE = [
+    ("method", str, option("ebft", "recovery: {choices} — {summaries}", flag="--recover",
+                           choices=lambda: tuple(sorted(RECOVERIES)))),
+    ("recipe", str, option(DEFAULT_RECIPE, "block-training settings not given explicitly come from: {choices} "
+                           "(best: what ebft measured to recover the most; paper: the EBFT reference code's values, "
+                           "to compare with the paper)", choices=tuple(RECIPES))),
+    ("guard", int, option(4, "held-out windows of the calibration text on which the recovered model must do no "
+                          "worse end to end than the model pruning alone gives (a --recover none run's), else that "
+                          "one is kept (0: no check)", low=0,
+                          high=4096, flag="--recover-guard", metavar="WINDOWS")),
+    ("guard_texts", list[str], option([], "further texts the guard checks (the recovered model must do no worse on "
+                                      "each, else pruning alone's model is kept): WINDOWS windows of the "
+                                      "evaluation length from each; wikitext2, ptb, c4: their validation split; "
+                                      "a file: as written (a validation split, never an --eval text)",
+                                      flag="--recover-guard-on", metavar="TEXT")),
+    ("budget", str | None, option(None, "time for the block-wise training of all blocks, e.g. 90s, 10m, 1.5h: each "
+                                  "block gets what is left over the blocks left, and as many epochs as fit in it "
+                                  "run (--epochs becomes a cap; at least one); not bit-reproducible",
+                                  flag="--recover-budget", metavar="TIME", default_text="none: the epochs decide")),
+]
+claim_flags(SECTION_BASE, "recover", "the recover section")
+
+
 
 def register_recovery(name: str, settings: type = NoSettings, target: str | Callable | None = "dense-block",
                       changes_masks: bool = False, scope: str = "block", needs=(), structured: bool = True,
@@ -159,8 +184,11 @@ def register_recovery(name: str, settings: type = NoSettings, target: str | Call
     def wrap(fn):
         if name in RECOVERIES:
             raise ValueError(f"recovery {name!r} is registered twice")
+        check_registration("recovery", name, fn, settings, "recover", SECTION_BASE,
+                           [r.settings for r in RECOVERIES.values()])
         RECOVERIES[name] = Recovery(name, fn, settings, target, changes_masks, scope, frozenset(needs), structured,
                                     state_bytes, summary)
+        claim_flags(settings, "recover", f"recovery {name!r}")
         return fn
     return wrap
 
@@ -168,6 +196,7 @@ def register_recovery(name: str, settings: type = NoSettings, target: str | Call
 def unregister_recovery(name: str) -> None:
     """Remove a registered recovery (a plugin or a test that registered its own)."""
     RECOVERIES.pop(name, None)
+    release_flags(f"recovery {name!r}")
 
 
 @dataclass(frozen=True)
