@@ -19,14 +19,15 @@ from pathlib import Path
 
 from ..errors import ConfigError, EbftError
 from ..models import check_model_source, load_model
-from .gguf import K_QUANTS, TYPES, GgufReport, check_type, source_gguf_of, write_gguf
+from .gguf import K_QUANTS, TYPES, GgufReport, Origin, check_type, origin_of, write_gguf
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("gguf",)
 GGUF_MAGIC = b"GGUF"
 
-__all__ = ["FORMATS", "TYPES", "K_QUANTS", "GgufReport", "export", "check_export_target", "write_gguf"]
+__all__ = ["FORMATS", "TYPES", "K_QUANTS", "GgufReport", "Origin", "export", "check_export_target", "origin_of",
+           "write_gguf"]
 
 
 def check_export_target(out, overwrite: bool = False, inputs=()) -> Path:
@@ -70,7 +71,7 @@ def export(model: str, out, fmt: str = "gguf", kind: str = "f16", overwrite: boo
     path = check_export_target(out, overwrite, inputs=[model])
     net, tokenizer = load_model(model, "float32", "cpu", trust_remote_code=trust_remote_code)
     try:
-        report = write_gguf(net, tokenizer, path, kind, source_gguf_of(model))
+        report = write_gguf(net, tokenizer, path, kind, origin_of(model, name=path.stem))
     except (OSError, ValueError) as exc:
         if isinstance(exc, EbftError):
             raise
