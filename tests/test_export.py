@@ -20,7 +20,8 @@ from ebft.cli import main
 from ebft.export import Origin, export, write_gguf
 from ebft.export.compact import compact_, layer_sizes
 from ebft.export import vocab
-from ebft.export.gguf import _rope_interleave, llama_cpp_available, model_chain, source_gguf_of
+from ebft.export.gguf import llama_cpp_available, model_chain, source_gguf_of
+from ebft.gguf_layout import rope_interleave
 from ebft.models import find_blocks
 from ebft.structured import ATTENTION, MLP, block_layout, make_saveable_, resize_units_
 
@@ -133,9 +134,10 @@ def test_each_family_reads_back_through_transformers_unchanged(tmp_path, tok, ar
 
 def test_rope_interleave_pairs_each_half_with_its_partner():
     w = torch.arange(8.0)[:, None]  # one head of 8 rows: pairs (0,4) (1,5) (2,6) (3,7) become (0,1) (2,3) ...
-    assert _rope_interleave(w, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert rope_interleave(w, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     two = torch.arange(16.0)[:, None]
-    assert _rope_interleave(two, 2).flatten().tolist()[8:] == [8, 12, 9, 13, 10, 14, 11, 15]
+    assert rope_interleave(two, 2).flatten().tolist()[8:] == [8, 12, 9, 13, 10, 14, 11, 15]
+    assert torch.equal(rope_interleave(rope_interleave(two, 2), 2, inverse=True), two)
 
 
 def test_a_padded_flap_model_is_compacted_exactly(flap_runs):
@@ -361,6 +363,19 @@ def test_each_family_pruned_is_written_as_an_architecture_llama_cpp_reads(tmp_pa
         heads = 2 * (kv[i] if written == "deci" else max(kv))  # 2 query heads per KV group, of 16
         assert tuple(tensors[f"blk.{i}.attn_q.weight"].shape) == (64, 16 * heads)
         assert (f"blk.{i}.attn_q.bias" in tensors) is (arch == "qwen2")
+
+
+@pytest.mark.parametrize("structure", sorted(PRUNED))
+@pytest.mark.parametrize("arch", sorted(WRITTEN_AS))
+def test_ebft_reads_each_family_pruned_back_exactly(tmp_path, tok, arch, structure):
+    """Qwen2 written as llama keeps its Q/K/V biases, Qwen3 its head size, deci its per-layer sizes."""
+    from ebft.models import load_model
+
+    folder = _pruned_folder(arch, structure, tok, tmp_path / "model")
+    export(str(folder), tmp_path / "m.gguf", kind="f32")
+    ids = _ids(len(tok))
+    back, _ = load_model(str(tmp_path / "m.gguf"), "float32")
+    assert np.abs(_logits(back, ids) - _logits(load_model(str(folder), "float32")[0], ids)).max() < 1e-5
 
 
 @needs_llama_cpp

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..atomic import write_atomic
 from ..errors import EbftError
+from ..gguf_layout import rope_interleave
 from ..models import BUILTIN_MODELS, builtin_model_path, find_blocks
 from .compact import LayerSize, compact_, compacted_sizes, uniform
 from .vocab import add_tokenizer
@@ -280,14 +281,8 @@ def _tensors(model, sizes: list[LayerSize], permute: bool):
         if permute and name.startswith(prefix + ".") and (".q_proj." in name or ".k_proj." in name):
             index = int(name[len(prefix) + 1:].split(".", 1)[0])
             heads = sizes[index].heads if ".q_proj." in name else sizes[index].kv_heads
-            tensor = _rope_interleave(tensor, heads)
+            tensor = rope_interleave(tensor, heads)
         yield name, tensor
-
-
-def _rope_interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of each head reordered from rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1)."""
-    d = w.shape[0] // heads
-    return w.reshape(heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _file_type(kind: str) -> int:
