@@ -335,20 +335,21 @@ def _load_gguf(path: Path, torch_dtype: torch.dtype, trust_remote_code: bool = F
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    reader = reader if reader is not None else check_gguf(path)
-    deci = gguf_architecture(reader) == DECI
+    deci = reader is not None and gguf_architecture(reader) == DECI
     with _one_gguf_parse(path, reader), _gguf_bar_follows_transformers():
         if deci:
             config = deci_config(reader, path)
         else:
             config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
-            _complete_config(config, reader)
+            if reader is not None:
+                _complete_config(config, reader)
         config.name_or_path = str(path)
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         if deci:  # transformers knows no deci config; the tokenizer is built from the file's tokenizer alone
             tensors = deci_tensors(reader, model, path)
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name,
+                                                                trust_remote_code=trust_remote_code)
         else:
             tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
