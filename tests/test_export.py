@@ -13,11 +13,17 @@ import pytest
 import torch
 import transformers as tf
 
-from conftest import build_tokenizer, make_tiny_model, smollm2_gguf, tiny_run_folder
+from torch import nn
+
+from conftest import TEXT, build_tokenizer, make_tiny_model, smollm2_gguf, tiny_run_folder
 from ebft.cli import main
-from ebft.export import export, write_gguf
+from ebft.export import Origin, export, write_gguf
 from ebft.export.compact import compact_, layer_sizes
-from ebft.export.gguf import _rope_interleave, llama_cpp_available
+from ebft.export import vocab
+from ebft.export.gguf import llama_cpp_available, model_chain, source_gguf_of
+from ebft.gguf_layout import rope_interleave
+from ebft.models import find_blocks
+from ebft.structured import ATTENTION, MLP, block_layout, make_saveable_, resize_units_
 
 TOKENS = 40
 
@@ -36,6 +42,37 @@ def _qwen3(vocab: int):
 
 def _model(arch: str, tok):
     return _qwen3(len(tok)) if arch == "qwen3" else make_tiny_model(arch, vocab_size=len(tok))
+
+
+# what FLAP leaves of each of 2 blocks (KV groups of 2, MLP channels of 128): dense, uniform, adaptive with one
+# block keeping every head, adaptive with no block keeping every head
+PRUNED = {"dense": ((2, 2), (128, 128)), "uniform": ((1, 1), (64, 64)), "adaptive": ((2, 1), (96, 40)),
+          "no-full-layer": ((1, 1), (96, 40))}
+# the architecture each family's pruned model is written as
+WRITTEN_AS = {"llama": {"dense": "llama", "uniform": "llama", "adaptive": "deci", "no-full-layer": "deci"},
+              "mistral": {"dense": "llama", "uniform": "llama", "adaptive": "deci", "no-full-layer": "deci"},
+              "qwen2": {"dense": "qwen2", "uniform": "llama", "adaptive": "deci", "no-full-layer": "deci"},
+              "qwen3": dict.fromkeys(PRUNED, "qwen3")}
+
+
+def _pruned_folder(arch: str, structure: str, tok, folder: Path) -> Path:
+    """A tiny model of ``arch`` with FLAP's cuts (:data:`PRUNED`), saved as ebft saves it (padded to one block
+    shape): Llama with compensation biases on o_proj and down_proj, Qwen2 with its Q/K/V biases, all nonzero."""
+    model = _model(arch, tok)
+    kv, ffn = PRUNED[structure]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for i, block in enumerate(find_blocks(model)[1]):
+            resize_units_(block, block_layout(block, model.config), ATTENTION, list(range(2 - kv[i], 2)))
+            resize_units_(block, block_layout(block, model.config), MLP, list(range(128 - ffn[i], 128)))
+            for name, linear in block.named_modules():
+                compensated = arch == "llama" and name.endswith(("o_proj", "down_proj")) and structure != "dense"
+                if isinstance(linear, nn.Linear) and (linear.bias is not None or compensated):
+                    linear.bias = nn.Parameter(torch.randn(linear.weight.shape[0], generator=g))
+    make_saveable_(model)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def _ids(vocab: int) -> torch.Tensor:
@@ -97,9 +134,10 @@ def test_each_family_reads_back_through_transformers_unchanged(tmp_path, tok, ar
 
 def test_rope_interleave_pairs_each_half_with_its_partner():
     w = torch.arange(8.0)[:, None]  # one head of 8 rows: pairs (0,4) (1,5) (2,6) (3,7) become (0,1) (2,3) ...
-    assert _rope_interleave(w, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert rope_interleave(w, 1).flatten().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     two = torch.arange(16.0)[:, None]
-    assert _rope_interleave(two, 2).flatten().tolist()[8:] == [8, 12, 9, 13, 10, 14, 11, 15]
+    assert rope_interleave(two, 2).flatten().tolist()[8:] == [8, 12, 9, 13, 10, 14, 11, 15]
+    assert torch.equal(rope_interleave(rope_interleave(two, 2), 2, inverse=True), two)
 
 
 def test_a_padded_flap_model_is_compacted_exactly(flap_runs):
@@ -134,8 +172,9 @@ def test_adaptive_flap_is_written_as_deci_with_per_layer_sizes(flap_runs, tmp_pa
             assert f"blk.{i}.attn_output.bias" in tensors
         assert f"blk.{i}.ffn_down.bias" in tensors  # every block lost MLP channels
         assert f"blk.{i}.attn_q.bias" not in tensors  # zero biases are left out
-    padded = export(str(flap_runs["adaptive"]), tmp_path / "uniform-type.gguf", kind=kind)
-    assert padded.bytes == report.bytes
+    (tmp_path / "again").mkdir()
+    again = export(str(flap_runs["adaptive"]), tmp_path / "again" / path.name, kind=kind)
+    assert again.bytes == report.bytes
 
 
 def test_uniform_flap_stays_its_familys_architecture(flap_runs, tmp_path):
@@ -153,7 +192,7 @@ def test_the_builtin_models_tokenizer_is_carried_over(tmp_path):
     from gguf import GGUFReader
 
     model = make_tiny_model("llama", vocab_size=49152)
-    write_gguf(model, None, tmp_path / "m.gguf", "f16", source_gguf=source)
+    write_gguf(model, None, tmp_path / "m.gguf", "f16", Origin(gguf=source))
     new, old = GGUFReader(tmp_path / "m.gguf").fields, GGUFReader(source).fields
     for key in ("tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.chat_template"):
         assert new[key].contents() == old[key].contents()
@@ -169,6 +208,59 @@ def test_ebft_run_exports_into_its_output(tmp_path):
     record = json.loads((out / "run.json").read_text())
     assert record["export"]["file"] == "model-q8_0.gguf" and (out / "model-q8_0.gguf").stat().st_size > 0
     assert "model-q8_0.gguf" in json.loads((out / ".ebft-output").read_text())["files"]
+    _, fields = _fields(out / "model-q8_0.gguf")
+    assert fields["general.name"] == "out" and fields["general.basename"] == "model"  # not the temporary folder's
+    assert fields["general.quantization_version"] == 2
+
+
+def test_general_metadata_is_what_llama_cpps_converter_writes(tmp_path, tok):
+    folder = tmp_path / "tiny-llama"
+    make_tiny_model("llama", vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlanguage: en\nlicense: apache-2.0\n---\n# a tiny model\n")
+    report = export(str(folder), tmp_path / "small.gguf", kind="f16")
+    _, fields = _fields(tmp_path / "small.gguf")
+    assert fields["general.type"] == "model" and fields["general.name"] == "small"
+    assert fields["general.basename"] == "tiny-llama" and fields["general.license"] == "apache-2.0"
+    assert fields["general.size_label"] == f"{report.params / 1e3:.0f}K" and 1e4 < report.params < 1e6
+    assert "general.quantization_version" not in fields  # not quantized
+    export(str(folder), tmp_path / "q.gguf", kind="q8_0")
+    assert _fields(tmp_path / "q.gguf")[1]["general.quantization_version"] == 2
+
+
+def test_a_run_of_a_relative_gguf_path_carries_its_tokenizer_from_any_folder(tmp_path, tok, monkeypatch):
+    """run.json records --model as given (models/m.gguf) and the folder the run was made in: an export from
+    elsewhere still finds the source GGUF, copies its tokenizer and licence (nothing rebuilt)."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (work / "models").mkdir(parents=True)
+    elsewhere.mkdir()
+    source = work / "models" / "m.gguf"
+    write_gguf(make_tiny_model("llama", vocab_size=len(tok)), tok, source, "f32",
+               Origin(basename="tiny", license="mit"))
+    (work / "text.txt").write_text(TEXT)
+    monkeypatch.chdir(work)
+    assert main(["run", "--model", "models/m.gguf", "--calib", "text.txt", "--nsamples", "4", "--seqlen", "32",
+                 "--eval", "text.txt", "--eval-seqlen", "32", "--eval-windows", "2", "--recover", "none",
+                 "--out", "runs/r"]) == 0
+    monkeypatch.chdir(elsewhere)
+    assert source_gguf_of(str(work / "runs" / "r")) == source.resolve()
+    copied, real = [], vocab._copy_tokenizer
+    monkeypatch.setattr(vocab, "_copy_tokenizer", lambda writer, reader: copied.append(1) or real(writer, reader))
+    export(str(work / "runs" / "r"), elsewhere / "r.gguf", kind="f32")
+    _, fields = _fields(elsewhere / "r.gguf")
+    assert copied and fields["general.license"] == "mit" and fields["general.basename"] == "tiny"
+    assert fields["general.name"] == "r"
+
+
+def test_a_relative_model_path_without_a_recorded_folder_is_found_beside_the_run(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (tmp_path / "runs" / "m.gguf").write_bytes(b"GGUF")
+    (run / "run.json").write_text(json.dumps({"config": {"model": "../m.gguf"}}))  # recorded before cwd was
+    monkeypatch.chdir(tmp_path)
+    assert model_chain("runs/r") == ["runs/r", str((tmp_path / "runs" / "m.gguf").resolve())]
+    (run / "run.json").write_text(json.dumps({"config": {"model": "org/model"}}))  # a hub id stays as it is
+    assert model_chain("runs/r") == ["runs/r", "org/model"]
 
 
 # ----------------------------------------------------------------------------- refused in one line
@@ -254,11 +346,59 @@ def test_llama_cpp_runs_flap_models_exactly(flap_runs, tmp_path, structure):
 
 
 @needs_llama_cpp
+@pytest.mark.parametrize("structure", sorted(PRUNED))
+@pytest.mark.parametrize("arch", sorted(WRITTEN_AS))
+def test_each_family_pruned_is_written_as_an_architecture_llama_cpp_reads(tmp_path, tok, arch, structure):
+    folder = _pruned_folder(arch, structure, tok, tmp_path / "model")
+    report = export(str(folder), tmp_path / "m.gguf", kind="f32")
+    reader, fields = _fields(tmp_path / "m.gguf")
+    written = WRITTEN_AS[arch][structure]
+    assert report.architecture == written == fields["general.architecture"]
+    kv, ffn = PRUNED[structure]
+    if written == "deci":
+        assert list(fields["deci.attention.head_count_kv"]) == list(kv)
+        assert list(fields["deci.feed_forward_length"]) == list(ffn)
+    tensors = {t.name: t for t in reader.tensors}
+    for i in range(2):
+        heads = 2 * (kv[i] if written == "deci" else max(kv))  # 2 query heads per KV group, of 16
+        assert tuple(tensors[f"blk.{i}.attn_q.weight"].shape) == (64, 16 * heads)
+        assert (f"blk.{i}.attn_q.bias" in tensors) is (arch == "qwen2")
+
+
+@pytest.mark.parametrize("structure", sorted(PRUNED))
+@pytest.mark.parametrize("arch", sorted(WRITTEN_AS))
+def test_ebft_reads_each_family_pruned_back_exactly(tmp_path, tok, arch, structure):
+    """Qwen2 written as llama keeps its Q/K/V biases, Qwen3 its head size, deci its per-layer sizes."""
+    from ebft.models import load_model
+
+    folder = _pruned_folder(arch, structure, tok, tmp_path / "model")
+    export(str(folder), tmp_path / "m.gguf", kind="f32")
+    ids = _ids(len(tok))
+    back, _ = load_model(str(tmp_path / "m.gguf"), "float32")
+    assert np.abs(_logits(back, ids) - _logits(load_model(str(folder), "float32")[0], ids)).max() < 1e-5
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("structure", sorted(PRUNED))
+@pytest.mark.parametrize("arch", sorted(WRITTEN_AS))
+def test_llama_cpp_runs_each_family_pruned_exactly(tmp_path, tok, arch, structure):
+    folder = _pruned_folder(arch, structure, tok, tmp_path / "model")
+    model = tf.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = _ids(len(tok))
+    expected = _logits(model, ids)
+    export(str(folder), tmp_path / "m.gguf", kind="f32")
+    got = llama_cpp_logits(tmp_path / "m.gguf", ids)
+    assert np.abs(got - expected).max() <= 1e-3
+    assert (got.argmax(-1) == expected.argmax(-1)).all()
+
+
+@needs_llama_cpp
 def test_k_quants_are_made_by_llama_cpp_and_run(flap_runs, tmp_path):
     report = export(str(flap_runs["adaptive"]), tmp_path / "q4.gguf", kind="q4_k_m")
     f16 = export(str(flap_runs["adaptive"]), tmp_path / "f16.gguf", kind="f16")
     assert report.architecture == "deci" and report.bytes < f16.bytes
     assert all(layer["ffn"] % 32 == 0 for layer in report.layers)
+    assert _fields(tmp_path / "q4.gguf")[1]["general.quantization_version"] == 2
     model = tf.AutoModelForCausalLM.from_pretrained(flap_runs["adaptive"]).eval()
     ids = _ids(model.config.vocab_size)
     got = llama_cpp_logits(tmp_path / "q4.gguf", ids)

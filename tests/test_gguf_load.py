@@ -4,15 +4,20 @@ built-in SmolLM2 file."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
+from gguf import GGUFReader
 
-from conftest import build_tokenizer, make_tiny_model, smollm2_gguf
+from conftest import TEXT, build_tokenizer, make_tiny_model, smollm2_gguf, tiny_run_folder
 from ebft import models
-from ebft.export import write_gguf
+from ebft.cli import main
+from ebft.export import export, write_gguf
 from ebft.models import load_model, params_on_meta
+from ebft.pipeline import evaluate
 
 
 @pytest.fixture(scope="module")
@@ -114,4 +119,53 @@ def test_a_gguf_missing_a_weight_is_one_line(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", lacking)
     with pytest.raises(models.EbftError, match=r"lacks 1 of the model's weights, e.g. 'model.layers.\d.self_attn"):
+        load_model(str(path), "float32")
+
+
+def test_a_compact_deci_file_reads_back_evaluates_and_exports_again(tmp_path, capsys):
+    """Adaptive FLAP exported compact (llama.cpp's deci, per-layer sizes): ebft reads it as the padded Llama it
+    saves, with the same logits and perplexity as the run's folder, and exports it again as the same deci."""
+    root = tiny_run_folder(tmp_path, 4)
+    run, text = tmp_path / "flap", str(root / "text.txt")
+    assert main(["run", "--model", str(root / "model"), "--calib", text, "--nsamples", "8", "--seqlen", "32",
+                 "--eval", text, "--eval-seqlen", "32", "--eval-windows", "2", "--method", "flap", "--sparsity", "0.5",
+                 "--recover", "none", "--no-speed", "--out", str(run)]) == 0
+    report = export(str(run), tmp_path / "flap.gguf", kind="f32")
+    assert report.architecture == "deci" and len({(s["kv_heads"], s["ffn"]) for s in report.layers}) > 1
+    folder, _ = load_model(str(run), "float32")
+    model, tokenizer = load_model(str(tmp_path / "flap.gguf"), "float32")
+    ids = torch.randint(0, folder.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids).logits - folder(ids).logits).abs().max() < 1e-4
+    assert tokenizer(TEXT[:300])["input_ids"] == tf.AutoTokenizer.from_pretrained(run)(TEXT[:300])["input_ids"]
+    expected = evaluate(str(run), [text], seqlen=32, windows=4)[Path(text).name]
+    got = evaluate(str(tmp_path / "flap.gguf"), [text], seqlen=32, windows=4)[Path(text).name]
+    assert abs(got - expected) <= 1e-3 * expected
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "flap.gguf"), "--eval", text, "--eval-seqlen", "32",
+                 "--eval-windows", "4"]) == 0
+    assert f"{expected:.3f}" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "flap.gguf"), "--out", str(tmp_path / "again.gguf"), "--type", "f32"]) == 0
+    again = GGUFReader(tmp_path / "again.gguf").fields
+    assert again["general.architecture"].contents() == "deci"
+    assert again["deci.feed_forward_length"].contents() == [s["ffn"] for s in report.layers]
+    assert again["deci.attention.head_count_kv"].contents() == [s["kv_heads"] for s in report.layers]
+
+
+def test_a_deci_file_ebft_cannot_hold_is_one_line(tmp_path, tok):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "nas.gguf"
+    writer = GGUFWriter(str(path), "deci")
+    writer.add_block_count(2)
+    writer.add_embedding_length(64)
+    writer.add_head_count([4, 4])
+    writer.add_head_count_kv([2, 0])  # a layer without attention (Nemotron-NAS has them)
+    writer.add_feed_forward_length([128, 128])
+    writer.add_tensor("token_embd.weight", np.zeros((len(tok), 64), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(models.EbftError, match="deci layer without attention"):
         load_model(str(path), "float32")

@@ -117,3 +117,22 @@ def test_what_an_export_cannot_write_is_refused_before_the_model_loads(tmp_path,
     assert main(["export", str(root / "model"), "--out", str(tmp_path / "o.gguf")]) == 2
     assert needle in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_a_token_with_no_row_in_the_embedding_is_one_line(tiny, tmp_path, capsys):
+    """transformers adds <|endoftext|> to the tokenizer of a GGUF whose vocabulary lacks it, one id past the
+    embedding: the model loads (with a warning), and a text that holds the token is refused in one line
+    instead of an index error in the middle of the work."""
+    from conftest import build_tokenizer, make_tiny_model
+    from ebft.export import write_gguf
+
+    tok = build_tokenizer()
+    write_gguf(make_tiny_model("llama", vocab_size=len(tok)), tok, tmp_path / "m.gguf", "f32")
+    text = (tiny / "text.txt").read_text()
+    (tmp_path / "eot.txt").write_text("<|endoftext|> " + text[:4000])
+    assert main(["eval", "--model", str(tmp_path / "m.gguf"), "--eval", str(tmp_path / "eot.txt"),
+                 "--eval-seqlen", "32", "--eval-windows", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1].startswith("ebft: error: the eot.txt text holds the token '<|endoftext|>'"), err
+    assert main(["eval", "--model", str(tmp_path / "m.gguf"), "--eval", str(tiny / "text.txt"),
+                 "--eval-seqlen", "32", "--eval-windows", "1"]) == 0

@@ -24,6 +24,7 @@ from torch import nn
 from . import hub
 from .atomic import write_atomic
 from .errors import ConfigError, EbftError
+from .gguf_layout import BIAS_TENSORS, DECI, deci_config, deci_tensors, gguf_architecture
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,14 @@ def check_loaded(model, tokenizer, where: str) -> None:
     """A loaded model's last checks, in one line naming ``where``: every token id its tokenizer can
     produce has a row in the embedding, and no weight holds NaN or infinity (a damaged file)."""
     rows = model.get_input_embeddings().weight.shape[0]
-    if tokenizer is not None and len(tokenizer) > rows:
-        raise EbftError(f"model {where}: its tokenizer has {len(tokenizer)} tokens but its embedding only {rows} "
+    base = getattr(tokenizer, "vocab_size", None) if tokenizer is not None else None
+    if isinstance(base, int) and base > rows:
+        raise EbftError(f"model {where}: its tokenizer has {base} tokens but its embedding only {rows} "
                         "rows (config vocab_size and tokenizer files disagree)")
+    if tokenizer is not None and len(tokenizer) > rows:  # added tokens (transformers adds one to GGUF vocabularies)
+        beyond = [t for t, i in tokenizer.get_vocab().items() if i >= rows]
+        log.warning("model %s: the tokenizer's added tokens %s have no row in the embedding (%d rows): a text "
+                    "holding them is refused", where, ", ".join(sorted(beyond)[:3]), rows)
     for name, param in model.named_parameters():
         if param.device.type != "meta" and param.is_floating_point() and not torch.isfinite(param).all():
             raise EbftError(f"model {where}: weight {name} holds NaN or infinite values (a damaged file)")
@@ -384,27 +390,64 @@ def _load_gguf(path: Path, torch_dtype: torch.dtype, trust_remote_code: bool = F
     The file is parsed once (``reader``, from :func:`check_gguf`) for the config, the tokenizer and the weights
     (:func:`_one_gguf_parse`), and the model is built with its parameters on the ``meta`` device and the
     dequantised tensors assigned in place: no random initialisation of weights that are then overwritten, one
-    copy of the weights in memory."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    copy of the weights in memory. A ``deci`` file (ebft's compact FLAP export) is read by
+    :mod:`ebft.gguf_layout` as the padded Llama ebft saves; every other architecture by transformers."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+    deci = reader is not None and gguf_architecture(reader) == DECI
     with _one_gguf_parse(path, reader), _gguf_bar_follows_transformers():
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+        if deci:
+            config = deci_config(reader, path)
+        else:
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+            if reader is not None:
+                _complete_config(config, reader)
         config.name_or_path = str(path)
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-        tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]  # (unshared)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=trust_remote_code)
+        if deci:  # transformers knows no deci config; the tokenizer is built from the file's tokenizer alone
+            tensors = deci_tensors(reader, model, path)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name,
+                                                                trust_remote_code=trust_remote_code)
+        else:
+            tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name,
+                                                      trust_remote_code=trust_remote_code)
+    _assign_gguf_tensors(model, tensors, torch_dtype, path)
+    return model, tokenizer
+
+
+def _complete_config(config, reader) -> None:
+    """What transformers' GGUF config leaves out: the bias flags (``attention_bias``, ``mlp_bias``) where the
+    file holds such biases (else they would be dropped: a Qwen2 written as llama), and ``head_dim`` from the
+    file's key length (Qwen3's config otherwise keeps its default, 128)."""
+    key_length = reader.fields.get(f"{gguf_architecture(reader)}.attention.key_length")
+    if key_length is not None and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length.contents())
+    names = [t.name for t in reader.tensors]
+    for flag, pattern in BIAS_TENSORS.items():
+        if getattr(config, flag, None) is False and any(pattern.match(n) for n in names):
+            setattr(config, flag, True)
+
+
+def _assign_gguf_tensors(model: nn.Module, tensors: dict, torch_dtype: torch.dtype, path: Path) -> None:
+    """The file's tensors into the model built on meta (shapes checked), tied weights tied, biases the file
+    leaves out zero (as in llama.cpp); a tensor with no place or a weight missing is one line."""
     expected = model.state_dict()
     for name, tensor in tensors.items():
         if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
             raise EbftError(f"GGUF file {path}: tensor {name} has shape {tuple(tensor.shape)}, its own metadata "
                             f"describes {tuple(expected[name].shape)}")
-    model.load_state_dict({k: t.to(torch_dtype) if t.is_floating_point() else t for k, t in tensors.items()
-                           if k in expected}, strict=False, assign=True)
-    del tensors
+    unused = [name for name in tensors if name not in expected]
+    if unused:
+        raise EbftError(f"GGUF file {path}: {len(unused)} of its tensors have no place in the "
+                        f"{type(model).__name__} its metadata describes, e.g. {unused[0]!r}")
+    model.load_state_dict({k: t.to(torch_dtype) if t.is_floating_point() else t for k, t in tensors.items()},
+                          strict=False, assign=True)
+    tensors.clear()
     model.tie_weights()
-    for name, param in list(model.named_parameters()):  # a bias the file leaves out is zero (as in llama.cpp)
+    for name, param in list(model.named_parameters()):
         if param.device.type == "meta" and name.endswith(".bias"):
             module, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module), attr, nn.Parameter(torch.zeros(param.shape, dtype=param.dtype),
@@ -412,7 +455,6 @@ def _load_gguf(path: Path, torch_dtype: torch.dtype, trust_remote_code: bool = F
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise EbftError(f"GGUF file {path} lacks {len(missing)} of the model's weights, e.g. {missing[0]!r}")
-    return model, tokenizer
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from .data import adds_bos, calibration_windows, eval_tokens, resolve_source, so
 from .errors import ConfigError, EbftError
 from .estimate import REDUCE, RunSizes, plan_resources
 from .export import check_export_model
-from .export.gguf import source_gguf_of, write_gguf
+from .export.gguf import origin_of, write_gguf
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, model_perplexities, stage_perplexities
 from .evaluation.speed import measure_speed
 from .evaluation.zeroshot import average, evaluate_suite, load_tasks, plan_tasks
@@ -133,8 +133,21 @@ def prepare_data(model, tokenizer, config: RunConfig, calibrate: bool = True) ->
     calib = (calibration_windows(tokenizer, config.calib.source, config.calib.nsamples, calib_seqlen, config.seed)
              if calibrate else None)
     evals, protocol = eval_sets(tokenizer, config.eval.sources, eval_seqlen, config.eval.windows)
-    return Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes,
+    data = Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes,
                 guard_sets(tokenizer, config, calib_seqlen, eval_seqlen) if calibrate and guarded(config) else {})
+    check_token_ids(model, tokenizer, {"calibration": calib, **evals, **data.guards})
+    return data
+
+
+def check_token_ids(model, tokenizer, texts: dict) -> None:
+    """Every token id of every text has a row in the embedding (a tokenizer's added token may not), else one
+    line naming the text and the token, never an index error mid-run."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    for name, ids in texts.items():
+        if ids is not None and ids.numel() and int(ids.max()) >= rows:
+            token = int(ids.max())
+            raise EbftError(f"the {name} text holds the token {tokenizer.convert_ids_to_tokens(token)!r} (id {token}), "
+                            f"which the model's embedding ({rows} rows) has no row for")
 
 
 def guard_sets(tokenizer, config: RunConfig, calib_seqlen: int, eval_seqlen: int) -> dict[str, torch.Tensor]:
@@ -504,7 +517,7 @@ def save_run(model, tokenizer, config: RunConfig, pattern, make_record: Callable
         if record.get("structure") is not None:
             record["structure"]["file_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         if config.export is not None:  # from the folder as saved (a lazy run holds no model in memory)
-            report = export_saved(tmp, config, source_gguf_of(config.model))
+            report = export_saved(tmp, config, origin_of(config.model, name=Path(config.out).name))
             record["export"] = {"format": config.export, "file": Path(report.path).name, **{
                 k: v for k, v in dataclasses.asdict(report).items() if k != "path"}}
         write_json(tmp / "run.json", record)
@@ -514,11 +527,12 @@ def save_run(model, tokenizer, config: RunConfig, pattern, make_record: Callable
     return record
 
 
-def export_saved(folder, config: RunConfig, source_gguf):
-    """The saved model in ``folder``, exported (``--export``) into it as ``model-<type>.gguf``."""
+def export_saved(folder, config: RunConfig, origin):
+    """The saved model in ``folder`` (a temporary name), exported (``--export``) into it as
+    ``model-<type>.gguf``; ``origin``: the run's name and where its model came from."""
     model, tokenizer = load_model(str(folder), "float32", "cpu")
     return write_gguf(model, tokenizer, Path(folder) / f"model-{config.export_type}.gguf", config.export_type,
-                      source_gguf)
+                      origin)
 
 
 def _save_lazy(model, tokenizer, checkpoint, folder, dtype) -> None:
@@ -544,6 +558,7 @@ def build_record(config: RunConfig, model, pattern, device: str, data: Data, out
                      "calib_seqlen": data.calib_seqlen, "eval_seqlen": data.eval_seqlen, "pattern": str(pattern),
                      "recovery_settings": dataclasses.asdict(config.recovery_settings()),
                      "pruner_settings": dataclasses.asdict(config.pruner_settings()), "notes": data.notes,
+                     "cwd": os.getcwd(),  # where a relative --model path is found again (ebft export)
                      **({"recipe_differences": PAPER_DIFFERENCES} if config.recover.recipe == "paper" else {}),
                      **(scale or {})},
         "versions": versions(),

@@ -20,14 +20,15 @@ from pathlib import Path
 from ..errors import ConfigError, EbftError
 from ..models import BUILTIN_MODELS, builtin_model_path, check_model_source, load_config, load_model
 from ..output import note_added_file
-from .gguf import K_QUANTS, TYPES, GgufReport, check_family, check_type, replace_problem, source_gguf_of, write_gguf
+from .gguf import (K_QUANTS, TYPES, GgufReport, Origin, check_family, check_type, origin_of, replace_problem,
+                   write_gguf)
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("gguf",)
 
-__all__ = ["FORMATS", "TYPES", "K_QUANTS", "GgufReport", "export", "check_export_model", "check_export_target",
-           "write_gguf"]
+__all__ = ["FORMATS", "TYPES", "K_QUANTS", "GgufReport", "Origin", "export", "check_export_model",
+           "check_export_target", "origin_of", "write_gguf"]
 
 
 def check_export_target(out, overwrite: bool = False, inputs=()) -> Path:
@@ -79,11 +80,11 @@ def export(model: str, out, fmt: str = "gguf", kind: str = "f16", overwrite: boo
     check_type(kind)
     check_model_source(model)
     check_export_model(model, trust_remote_code)
-    source_gguf = source_gguf_of(model)
-    path = check_export_target(out, overwrite, inputs=[model, source_gguf])
+    origin = origin_of(model)  # the output's name: the file's own (write_gguf)
+    path = check_export_target(out, overwrite, inputs=[model, origin.gguf])
     net, tokenizer = load_model(model, "float32", "cpu", trust_remote_code=trust_remote_code)
     try:
-        report = write_gguf(net, tokenizer, path, kind, source_gguf, overwrite=overwrite)
+        report = write_gguf(net, tokenizer, path, kind, origin, overwrite=overwrite)
     except (OSError, ValueError) as exc:
         if isinstance(exc, EbftError):
             raise

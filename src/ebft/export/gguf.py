@@ -6,9 +6,11 @@ whose blocks differ (FLAP adaptive) is first compacted (:mod:`.compact`: the all
 channels of ebft's padded save removed, exactly) and written as llama.cpp's ``deci`` architecture — the
 one Nemotron-NAS models use — which reads per-layer arrays ``deci.attention.head_count``,
 ``deci.attention.head_count_kv`` and ``deci.feed_forward_length`` and takes the optional
-``attn_output.bias`` / ``ffn_down.bias`` where FLAP's bias compensation goes. ``deci`` is Llama's block,
-so only Llama-like families (``llama``, ``mistral``) are written that way; a non-uniform Qwen model has
-no such architecture in llama.cpp and is written padded (exact, not smaller), with a warning.
+``attn_output.bias`` / ``ffn_down.bias`` where FLAP's bias compensation goes, and the optional Q/K/V biases.
+``deci`` is Llama's block, so Llama, Mistral and Qwen2 (Llama's block with Q/K/V biases) are written that
+way; Qwen3 (norms on Q and K) has no such architecture in llama.cpp and is written padded (exact, not
+smaller), with a warning. llama.cpp builds ``qwen2`` attention hidden x hidden wide, so a Qwen2 model
+whose heads no longer fill the hidden size (uniform FLAP) is written as ``llama``, the same block.
 
 **Exact, and what llama.cpp needs to read it right.** Q and K rows are permuted per head from
 transformers' rotate-half layout to the interleaved layout of llama.cpp's normal rope (``llama`` and
@@ -22,9 +24,13 @@ zero). Norms and biases stay fp32, as llama.cpp's own converter writes them.
 llama-cpp-python is installed (``pip install 'ebft[gguf]'``). Quantized types quantize rows in blocks of
 32, so MLP widths are padded with zero channels to a multiple of 32 (exact).
 
-**Tokenizer.** Carried over from the source GGUF when the model came from one (the built-in SmolLM2, a
-``.gguf`` file, or a run of either), else built from the Hugging Face tokenizer (byte-level BPE
-``gpt2`` tokenizers and Llama's byte-fallback BPE, with merges, special tokens and chat template).
+**Tokenizer** (:mod:`.vocab`). Carried over from the source GGUF when the model came from one (the
+built-in SmolLM2, a ``.gguf`` file, or a run of either, wherever it was made: :func:`model_chain`), else
+built from the Hugging Face tokenizer so that llama.cpp tokenizes as transformers does.
+
+**Metadata.** ``general.name`` is the output's name (the run's folder, the file's), ``general.basename`` and
+``general.license`` the source model's (its GGUF's, or its folder's name and model card), ``general.size_label``
+from the parameters written, ``general.quantization_version`` in quantized files, as llama.cpp's converter.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +52,21 @@ from torch import nn
 
 from ..atomic import clean_dead, write_atomic
 from ..errors import EbftError
+from ..gguf_layout import rope_interleave
 from ..models import BUILTIN_MODELS, builtin_model_path, find_blocks
 from .compact import LayerSize, compact_, compacted_sizes, uniform
+from .vocab import add_tokenizer
 
 log = logging.getLogger(__name__)
 
-# family -> (gguf architecture name, rope layout permuted for llama.cpp's normal rope, per-layer arch or None)
-FAMILIES = {"llama": ("llama", True, "deci"), "mistral": ("llama", True, "deci"),
-            "qwen2": ("qwen2", False, None), "qwen3": ("qwen3", False, None)}
+# family -> (its own GGUF architecture, the architecture for blocks of different sizes or None)
+FAMILIES = {"llama": ("llama", "deci"), "mistral": ("llama", "deci"), "qwen2": ("qwen2", "deci"),
+            "qwen3": ("qwen3", None)}
+# architectures llama.cpp runs with its normal rope: Q and K rows are permuted per head for it
+NORMAL_ROPE = ("llama", "deci")
+# architectures whose attention llama.cpp builds hidden x hidden wide: a model whose heads no longer fill the
+# hidden size is written as the Llama block they are (Qwen2's is Llama's with Q/K/V biases)
+FULL_WIDTH = {"qwen2": "llama"}
 PLAIN_TYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 TYPES = PLAIN_TYPES + K_QUANTS
@@ -102,8 +115,9 @@ def llama_cpp_available() -> bool:
     return probe.returncode == 0
 
 
-def check_family(config) -> tuple[str, bool, str | None]:
-    """The family's GGUF architecture, or one line saying why this model cannot be written."""
+def check_family(config) -> tuple[str, str | None]:
+    """The family's GGUF architecture and the one for blocks of different sizes (None: none), or one line
+    saying why this model cannot be written."""
     family = getattr(config, "model_type", type(config).__name__)
     if family not in FAMILIES:
         raise EbftError(f"gguf: the {family} family is not one ebft writes for llama.cpp (it writes "
@@ -145,45 +159,57 @@ def replace_problem(path: Path, inputs=()) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Origin:
+    """What the file says about where the model came from (``general.*``), and the GGUF whose tokenizer is
+    carried over. Names and licence left None come from that GGUF where there is one."""
+
+    name: str | None = None  # general.name: the output's name
+    basename: str | None = None  # general.basename: the source model's
+    license: str | None = None
+    gguf: Path | None = None
+
+
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str = "f16",
-               source_gguf: str | os.PathLike | None = None, overwrite: bool = False) -> GgufReport:
+               origin: Origin | None = None, overwrite: bool = False) -> GgufReport:
     """Write ``model`` (changed in place: compacted, padded) and its tokenizer as a GGUF file at ``path``
-    (atomically). ``source_gguf``: a GGUF file whose tokenizer metadata is carried over. A file at
-    ``path`` (there before, or appearing while the file is written) is replaced only with ``overwrite``
-    and only if it is a GGUF file other than ``source_gguf`` (:func:`replace_problem`), else
-    :class:`EbftError`. What killed exports left in the folder is removed first."""
+    (atomically). ``origin``: names, licence and a GGUF file whose tokenizer metadata is carried over. A file
+    at ``path`` (there before, or appearing while the file is written) is replaced only with ``overwrite``
+    and only if it is a GGUF file other than the origin's (:func:`replace_problem`), else :class:`EbftError`.
+    What killed exports left in the folder is removed first."""
     check_type(kind)
     path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    source_gguf = origin.gguf if origin is not None else None
     if os.path.lexists(path):
         problem = replace_problem(path, [source_gguf]) if overwrite else "it exists (pass overwrite=True)"
         if problem is not None:
             raise EbftError(f"gguf: not replacing {path}: {problem}")
     clean_dead(path.parent, LEFTOVERS)
-    arch, permute, per_layer_arch = check_family(model.config)
+    family_arch, per_layer_arch = check_family(model.config)
     multiple = 1 if kind in ("f32", "f16", "bf16") else QUANT_BLOCK
     sizes, notes = compacted_sizes(model, multiple), []
     window = sliding_window(model.config)
     if window is not None:
-        notes.append(f"{arch}: llama.cpp has no sliding window for this architecture: the file computes exactly "
-                     f"what the model does on up to {window} tokens, full attention beyond")
+        notes.append(f"{family_arch}: llama.cpp has no sliding window for this architecture: the file computes "
+                     f"exactly what the model does on up to {window} tokens, full attention beyond")
         log.warning(notes[-1])
     compacted = not uniform(sizes) and per_layer_arch is not None
     if not uniform(sizes) and per_layer_arch is None:
-        notes.append(f"{arch}: llama.cpp reads no per-layer head counts or MLP widths for this family: written "
-                     "padded to one block shape (exact, not smaller)")
+        notes.append(f"{family_arch}: llama.cpp reads no per-layer head counts or MLP widths for this family: "
+                     "written padded to one block shape (exact, not smaller)")
         log.warning(notes[-1])
     sizes = compact_(model, multiple, drop=uniform(sizes) or compacted)
-    if compacted:
-        arch = per_layer_arch
+    arch = per_layer_arch if compacted else _narrow_architecture(model.config, sizes, family_arch, notes)
     plain = kind if kind in PLAIN_TYPES else "f32"  # k-quants: llama.cpp quantizes an f32 file
+    origin = replace(origin or Origin(), name=(origin and origin.name) or path.stem)
 
     def write(tmp: Path) -> None:
         if plain == kind:
-            _write(model, tokenizer, tmp, arch, sizes, kind, permute, source_gguf)
+            _write(model, tokenizer, tmp, arch, sizes, kind, origin)
             return
         with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".ebft-gguf-{os.getpid()}-") as scratch:
             full = Path(scratch) / "f32.gguf"
-            _write(model, tokenizer, full, arch, sizes, "f32", permute, source_gguf)
+            _write(model, tokenizer, full, arch, sizes, "f32", origin)
             _k_quantize(full, tmp, kind)
 
     write_atomic(path, write, durable=False,
@@ -193,17 +219,32 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, kind: str =
                       sum(p.numel() for p in model.parameters()), notes)
 
 
+def _narrow_architecture(config, sizes: list[LayerSize], arch: str, notes: list[str]) -> str:
+    """``arch``, or the Llama block for a family llama.cpp builds hidden-wide when the heads lost no longer
+    fill the hidden size (llama.cpp would refuse the file: "attn_q.weight has wrong shape")."""
+    if arch not in FULL_WIDTH or sizes[0].heads * head_dim_of(config) == config.hidden_size:
+        return arch
+    notes.append(f"{arch}: llama.cpp's {arch} needs query heads filling the hidden size; {sizes[0].heads} heads of "
+                 f"{head_dim_of(config)} are written as {FULL_WIDTH[arch]}, the same block")
+    log.info(notes[-1])
+    return FULL_WIDTH[arch]
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 # ----------------------------------------------------------------------------- the file
 
-def _write(model, tokenizer, path: Path, arch: str, sizes: list[LayerSize], kind: str, permute: bool,
-           source_gguf) -> None:
+def _write(model, tokenizer, path: Path, arch: str, sizes: list[LayerSize], kind: str, origin: Origin) -> None:
     import gguf
 
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     per_layer = not uniform(sizes)
-    writer.add_name(Path(str(getattr(config, "name_or_path", "") or "model")).name or "model")
+    source = gguf.GGUFReader(origin.gguf) if origin.gguf is not None else None
+    _add_general(writer, origin, source, sum(p.numel() for p in model.parameters()), kind)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(len(sizes))
@@ -217,9 +258,9 @@ def _write(model, tokenizer, path: Path, arch: str, sizes: list[LayerSize], kind
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(_file_type(kind))
-    _add_tokenizer(writer, tokenizer, source_gguf)
+    add_tokenizer(writer, tokenizer, source, int(config.vocab_size))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], len(sizes))
-    for name, tensor in _tensors(model, sizes, permute):
+    for name, tensor in _tensors(model, sizes, arch in NORMAL_ROPE):
         target = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if target is None:
             raise EbftError(f"gguf: no GGUF name for {name}")
@@ -230,6 +271,32 @@ def _write(model, tokenizer, path: Path, arch: str, sizes: list[LayerSize], kind
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _add_general(writer, origin: Origin, source, params: int, kind: str) -> None:
+    """``general.*`` as llama.cpp's converter writes them: type, name, basename, size label, licence, and the
+    quantization version of a quantized file."""
+    from gguf import GGML_QUANT_VERSION
+    from gguf.utility import size_label
+
+    writer.add_type("model")
+    writer.add_name(origin.name)
+    basename = origin.basename or _field(source, "general.basename")
+    if basename:
+        writer.add_basename(basename)
+    writer.add_size_label(size_label(params, 0, 0, 0))
+    license_ = origin.license or _field(source, "general.license")
+    if license_:
+        writer.add_license(license_)
+    if kind not in ("f32", "f16", "bf16"):
+        writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+def _field(reader, key: str):
+    """A string field of a GGUF file (``reader``: its GGUFReader, or None), or None."""
+    field = reader.fields.get(key) if reader is not None else None
+    value = field.contents() if field is not None else None
+    return value if isinstance(value, str) and value else None
 
 
 def _tensors(model, sizes: list[LayerSize], permute: bool):
@@ -246,14 +313,8 @@ def _tensors(model, sizes: list[LayerSize], permute: bool):
         if permute and name.startswith(prefix + ".") and (".q_proj." in name or ".k_proj." in name):
             index = int(name[len(prefix) + 1:].split(".", 1)[0])
             heads = sizes[index].heads if ".q_proj." in name else sizes[index].kv_heads
-            tensor = _rope_interleave(tensor, heads)
+            tensor = rope_interleave(tensor, heads)
         yield name, tensor
-
-
-def _rope_interleave(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rows of each head reordered from rotate-half pairs (i, i + d/2) to interleaved pairs (2i, 2i + 1)."""
-    d = w.shape[0] // heads
-    return w.reshape(heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _file_type(kind: str) -> int:
@@ -307,102 +368,97 @@ def _quiet_stderr():
         os.close(saved)
 
 
-# ----------------------------------------------------------------------------- the tokenizer
+# ----------------------------------------------------------------------------- where the model came from
 
-def _add_tokenizer(writer, tokenizer, source_gguf) -> None:
-    if source_gguf is not None:
-        _copy_tokenizer(writer, Path(source_gguf))
-        return
-    import gguf
-
-    with tempfile.TemporaryDirectory(prefix="ebft-tokenizer-") as folder:
-        tokenizer.save_pretrained(folder)
-        data = json.loads((Path(folder) / "tokenizer.json").read_text(encoding="utf-8")) \
-            if (Path(folder) / "tokenizer.json").is_file() else {}
-        model = data.get("model", {})
-        if model.get("type") == "BPE" and model.get("byte_fallback"):
-            vocab = gguf.LlamaHfVocab(Path(folder))
-        elif model.get("type") == "BPE":
-            vocab = gguf.BpeVocab(Path(folder))
-        else:
-            raise EbftError(f"gguf: a {model.get('type') or type(tokenizer).__name__} tokenizer cannot be written "
-                            "to GGUF by ebft (byte-level BPE and Llama's BPE can)")
-        tokens, scores, types = [], [], []
-        for text, score, kind in vocab.all_tokens():
-            tokens.append(text)
-            scores.append(score)
-            types.append(kind)
-        writer.add_tokenizer_model(vocab.tokenizer_model)
-        writer.add_tokenizer_pre(_pre_tokenizer(data))
-        writer.add_token_list(tokens)
-        if vocab.tokenizer_model == "llama":
-            writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        gguf.SpecialVocab(Path(folder), load_merges=vocab.tokenizer_model == "gpt2",
-                          n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-
-
-def _pre_tokenizer(data: dict) -> str:
-    """llama.cpp's name of the pre-tokenizer: GPT-2's regex when the tokenizer's is byte-level with it,
-    else the default (token ids are unaffected; text may split differently in llama.cpp)."""
-    pre = data.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    log.warning("gguf: the tokenizer's pre-tokenizer is not one ebft names for llama.cpp: written as 'default'")
-    return "default"
-
-
-def _copy_tokenizer(writer, source: Path) -> None:
-    """Every ``tokenizer.*`` key of the source GGUF, as it is."""
-    from gguf import GGUFReader, GGUFValueType
-
-    reader = GGUFReader(source)
-    for key, f in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = f.types[0]
-        if vtype == GGUFValueType.ARRAY:
-            writer.add_key_value(key, f.contents(), vtype, sub_type=f.types[-1])
-        else:
-            writer.add_key_value(key, f.contents(), vtype)
+def origin_of(model_source: str, name: str | None = None) -> Origin:
+    """The :class:`Origin` of ``model_source`` (a model, or an ebft run of one, or a run of that ...): the
+    GGUF it came from if any (the built-in model, a ``.gguf`` file), else the original model's folder name
+    and its model card's licence. ``name``: the output's (default: the file's own)."""
+    chain = model_chain(model_source)
+    for run, given in zip(chain, chain[1:]):
+        _check_recorded(Path(os.path.expanduser(run)) / "run.json", given)
+    gguf_file = next((g for g in map(_gguf_file, chain) if g is not None), None)
+    if gguf_file is not None:
+        return Origin(name, gguf=gguf_file)
+    original = Path(os.path.expanduser(chain[-1]))
+    return Origin(name, original.name or None, next((c for c in map(_card_license, chain) if c), None))
 
 
 def source_gguf_of(model_source: str) -> Path | None:
     """The GGUF file a model came from, if any: a ``.gguf`` path, the built-in model, or an ebft run of
     either (its run.json names the model)."""
+    return origin_of(model_source).gguf
 
-    if model_source in BUILTIN_MODELS:
-        return builtin_model_path(model_source)
-    path = Path(os.path.expanduser(str(model_source)))
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return path
-    record = path / "run.json"
-    if record.is_file():
-        try:
-            given = json.loads(record.read_text(encoding="utf-8"))["config"]["model"]
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warning("%s is damaged (no config.model): the tokenizer is rebuilt from the folder's files", record)
-            return None
-        if isinstance(given, str) and given != str(model_source):
-            return _recorded_gguf(record, given)
+
+def model_chain(model_source: str) -> list[str]:
+    """``model_source``, then the model its run.json names, and so on: a run of a run of a model. A relative
+    path recorded in a run.json is resolved against the folder the run was made in (its ``resolved.cwd``), the
+    run's folder, then the current folder: the first that exists."""
+    chain = [str(model_source)]
+    while len(chain) < 32:
+        given = _recorded_model(chain[-1])
+        if given is None or given in chain:
+            break
+        chain.append(given)
+    return chain
+
+
+def _recorded_model(source: str) -> str | None:
+    folder = Path(os.path.expanduser(source))
+    try:
+        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        given, cwd = record["config"]["model"], (record.get("resolved") or {}).get("cwd")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        if (folder / "run.json").is_file():
+            log.warning("%s is damaged (no config.model): its model's tokenizer and names are not carried over",
+                        folder / "run.json")
+        return None
+    if not isinstance(given, str) or given in BUILTIN_MODELS or os.path.isabs(os.path.expanduser(given)):
+        return given if isinstance(given, str) else None
+    bases = ([Path(cwd)] if isinstance(cwd, str) else []) + [folder, Path.cwd()]
+    found = next((base / given for base in bases if (base / given).exists()), None)
+    return str(found.resolve()) if found is not None else given  # a hub id, or a path no longer there
+
+
+def _gguf_file(source: str) -> Path | None:
+    if source in BUILTIN_MODELS:
+        return builtin_model_path(source)
+    path = Path(os.path.expanduser(source))
+    return path if path.is_file() and path.suffix.lower() == ".gguf" else None
+
+
+def _card_license(source: str) -> str | None:
+    """The ``license:`` of a model folder's model card (README.md's YAML front matter), or None."""
+    card = Path(os.path.expanduser(source)) / "README.md"
+    try:
+        text = card.read_text(encoding="utf-8") if card.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    for line in text[3:].split("\n---", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "license" and value.strip().strip("'\""):
+            return value.strip().strip("'\"")
     return None
 
 
-def _recorded_gguf(record: Path, given: str) -> Path | None:
-    """The GGUF a run's record names as its model: one line if it is not a GGUF, a warning if it is gone
-    (the tokenizer is then rebuilt from the run folder's own files)."""
-    found = source_gguf_of(given)
-    if found is None:
-        if given.lower().endswith(".gguf"):
-            log.warning("%s names the model %s, which is not there: the tokenizer is rebuilt from the run "
-                        "folder's files", record, given)
-        return None
+def _check_recorded(record: Path, given: str) -> None:
+    """A model a run's record names: one line if it is a ``.gguf`` that is not a GGUF (its tokenizer would be
+    carried into the export), a warning if it is gone (the tokenizer is then rebuilt from the run folder's
+    own files)."""
+    path = Path(os.path.expanduser(given))
+    if path.suffix.lower() != ".gguf":
+        return
+    if not path.exists():
+        log.warning("%s names the model %s, which is not there: the tokenizer is rebuilt from the run "
+                    "folder's files", record, given)
+        return
     try:
-        with open(found, "rb") as f:
+        with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as error:
-        raise EbftError(f"{record} names the model {found}, which cannot be read ({error.strerror or error})") from None
+        raise EbftError(f"{record} names the model {path}, which cannot be read ({error.strerror or error})") from None
     if magic != GGUF_MAGIC:
-        raise EbftError(f"{record} names the model {found}, which is not a GGUF file (its tokenizer is carried "
+        raise EbftError(f"{record} names the model {path}, which is not a GGUF file (its tokenizer is carried "
                         "into the export); restore that file or correct config.model in the record")
-    return found
