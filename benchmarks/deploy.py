@@ -9,8 +9,10 @@ folder's size, GGUF files in f32, f16, q8_0 and q4_k_m (``ebft export``; k-quant
 perplexity of the offline text (8 windows of 512 tokens) computed by ebft on the saved model and by
 llama.cpp on each GGUF file (the same token windows, f32 KV cache), and llama.cpp's prompt (256 tokens)
 and generation (64 tokens) speed of the f16 files, every model timed in the same process with the dense
-one (median of 3, 2 threads), reported as the ratio pruned / dense. Writes benchmarks/results/deploy.json
-and prints the table.
+one (median of 3, 2 threads), reported as the ratio pruned / dense. And what `ebft eval --model FILE.gguf`
+gives for the f32 file (ebft reading the GGUF back, `deci` included) against run.json's own figure for the
+recovered model (the folder is saved in bfloat16 for this GGUF source: the difference is that rounding).
+Writes benchmarks/results/deploy.json and prints the table.
 """
 from __future__ import annotations
 
@@ -147,6 +149,12 @@ def main(argv=None) -> int:
             row["gguf"][kind] = {"mib": round(path.stat().st_size / 2**20, 1), "ppl": round(ppl, 3),
                                  "vs_ebft": round(ppl / ebft_ppl - 1, 5)}
             print(f"{name} {kind}: {row['gguf'][kind]}", flush=True)
+        row["gguf_f32_ebft_ppl"] = eval_windows(str(work / f"{name.replace(':', 'of')}-f32.gguf"))[1]
+        if name != "dense":
+            row["run_json_ppl"] = json.loads((Path(folder) / "run.json").read_text())["perplexity"]["offline"]["recovered"]
+            row["gguf_vs_run_json"] = round(row["gguf_f32_ebft_ppl"] / row["run_json_ppl"] - 1, 5)
+        print(f"{name}: ebft eval of the f32 file {row['gguf_f32_ebft_ppl']:.4f}, run.json "
+              f"{row.get('run_json_ppl', '-')}", flush=True)
         rows[name] = row
     speed = llama_cpp_speed({name: work / f"{name.replace(':', 'of')}-f16.gguf" for name in folders})
     for name, row in rows.items():
@@ -156,13 +164,14 @@ def main(argv=None) -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "deploy.json").write_text(json.dumps(rows, indent=1))
     print("| model | saved (MiB) | f16 | q8_0 | q4_k_m (MiB) | ppl ebft | llama.cpp f32 / f16 / q8_0 / q4_k_m "
-          "| prompt × | generate × |\n|---|---:|---:|---:|---:|---:|---|---:|---:|")
+          "| prompt × | generate × | run.json | ebft eval f32.gguf |\n|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         g = r["gguf"]
         print(f"| {name} | {r['saved_mib'] or '-'} | {g['f16']['mib']} | {g['q8_0']['mib']} | {g['q4_k_m']['mib']} | "
               f"{r['ebft_ppl']:.2f} | {g['f32']['ppl']:.2f} / {g['f16']['ppl']:.2f} / {g['q8_0']['ppl']:.2f} / "
               f"{g['q4_k_m']['ppl']:.2f} | {r.get('speed_vs_dense', {}).get('prompt', '-')} | "
-              f"{r.get('speed_vs_dense', {}).get('generate', '-')} |")
+              f"{r.get('speed_vs_dense', {}).get('generate', '-')} | {r.get('run_json_ppl', '-')} | "
+              f"{r['gguf_f32_ebft_ppl']:.4f} |")
     return 0
 
 

@@ -211,6 +211,21 @@ def test_ebft_run_exports_into_its_output(tmp_path):
     _, fields = _fields(out / "model-q8_0.gguf")
     assert fields["general.name"] == "out" and fields["general.basename"] == "model"  # not the temporary folder's
     assert fields["general.quantization_version"] == 2
+    # the file is made from the folder as saved: run.json says in which dtype (its figures are the run's own)
+    assert record["resolved"]["save_dtype"] == "float32" and record["export"]["from_dtype"] == "float32"
+
+
+def test_a_run_of_a_gguf_records_the_dtype_it_saved_and_exported(tmp_path, tok):
+    """A GGUF source is saved in bfloat16 by default: run.json says so, since its float32 perplexities then
+    differ from the saved folder's (and the exported file's) by that rounding."""
+    write_gguf(make_tiny_model("llama", vocab_size=len(tok)), tok, tmp_path / "m.gguf", "f32")
+    root = tiny_run_folder(tmp_path / "t", 2)
+    out = tmp_path / "out"
+    assert main(["run", "--model", str(tmp_path / "m.gguf"), "--calib", str(root / "text.txt"), "--nsamples", "4",
+                 "--seqlen", "32", "--eval", str(root / "text.txt"), "--eval-seqlen", "32", "--eval-windows", "2",
+                 "--recover", "none", "--export", "gguf", "--export-type", "f32", "--out", str(out)]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["resolved"]["save_dtype"] == "bfloat16" and record["export"]["from_dtype"] == "bfloat16"
 
 
 def test_general_metadata_is_what_llama_cpps_converter_writes(tmp_path, tok):

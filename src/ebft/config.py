@@ -360,7 +360,7 @@ class RunConfig:
             raise ConfigError("prune.layers", self.prune.layers, "structured pruning chooses heads and channels "
                               "over whole blocks; leave layers unset")
         if check_unused and pattern.n and "prune.scope" in getattr(self, "_given", ()):
-            raise ConfigError("prune.scope", self.prune.scope, f"applies to unstructured sparsity; {pattern.n}:"
+            raise ConfigError("--scope (prune.scope)", self.prune.scope, f"applies to unstructured sparsity; {pattern.n}:"
                               f"{pattern.m} groups lie inside one row whatever the scope: drop it")
         check_allocation(self.allocation_settings(), pattern)
         if self.export is not None:

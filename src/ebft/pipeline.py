@@ -514,12 +514,14 @@ def save_run(model, tokenizer, config: RunConfig, pattern, make_record: Callable
         else:
             save_pretrained(model, tokenizer, tmp, dtype)
         record = make_record()
+        record["resolved"]["save_dtype"] = str(dtype).removeprefix("torch.")  # what the files (and --export) hold
         if record.get("structure") is not None:
             record["structure"]["file_bytes"] = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
         if config.export is not None:  # from the folder as saved (a lazy run holds no model in memory)
             report = export_saved(tmp, config, origin_of(config.model, name=Path(config.out).name))
-            record["export"] = {"format": config.export, "file": Path(report.path).name, **{
-                k: v for k, v in dataclasses.asdict(report).items() if k != "path"}}
+            record["export"] = {"format": config.export, "file": Path(report.path).name,
+                                "from_dtype": record["resolved"]["save_dtype"], **{
+                                    k: v for k, v in dataclasses.asdict(report).items() if k != "path"}}
         write_json(tmp / "run.json", record)
         plot_block_losses(outcome.result.blocks, tmp / "block_losses.png",
                           f"{config.model}: {config.prune.method} {pattern} + {config.recover.method}")
@@ -632,7 +634,8 @@ def guard_off_when_lazy(config: RunConfig) -> None:
         return
     given = getattr(config, "_given", ())
     if "recover.guard" in given or config.recover.guard_texts:
-        key = "recover.guard_texts" if config.recover.guard_texts else "recover.guard"
+        key = ("--recover-guard-on (recover.guard_texts)" if config.recover.guard_texts
+               else "--recover-guard (recover.guard)")
         raise ConfigError(key, config.recover.guard_texts or config.recover.guard,
                           "the guard cannot put the pruned blocks back in a lazy run (each block is written as it "
                           "finishes): drop the guard (--recover-guard 0) or load the model whole (--no-lazy)")
@@ -668,7 +671,7 @@ def check_distributed(config: RunConfig, world: int) -> None:
     to a run in one process (it would do nothing)."""
     if world < 2:
         if "rank_timeout" in getattr(config, "_given", ()):
-            raise ConfigError("rank_timeout", config.rank_timeout, "applies only under torchrun (2 or more ranks), "
+            raise ConfigError("--rank-timeout (rank_timeout)", config.rank_timeout, "applies only under torchrun (2 or more ranks), "
                               "and this run is one process: drop it")
         return
     if get_recovery(config.recover.method).scope == "model":
