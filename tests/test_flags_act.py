@@ -51,7 +51,19 @@ def test_the_default_guard_is_off_under_lazy_and_not_paid_for(tiny, tmp_path, ca
     assert "the end-to-end guard is off" in caplog.text
 
 
-def test_yaml_settings_count_as_given(tiny, tmp_path, capsys):
-    (tmp_path / "c.yaml").write_text("export_type: f16\nrecover: {method: none}\n")
+def test_a_yaml_counts_where_it_differs_from_the_default(tiny, tmp_path, capsys):
+    """A YAML holding every setting (run.json's ``config`` written out, to rerun a run) runs as it is; a value
+    other than the default for a stage the run does not have is refused, as a typed flag is."""
+    import json
+
+    import yaml
+
+    first = tmp_path / "first"
+    assert main([*_base(tiny, first), "--recover", "none"]) == 0
+    config = json.loads((first / "run.json").read_text())["config"]
+    config["out"] = str(tmp_path / "again")
+    (tmp_path / "all.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(tmp_path / "all.yaml")]) == 0
+    (tmp_path / "c.yaml").write_text("export_type: q8_0\nrecover: {method: none}\n")
     assert main([*_base(tiny, tmp_path / "out"), "--config", str(tmp_path / "c.yaml")]) == 2
     assert "--export-type" in capsys.readouterr().err

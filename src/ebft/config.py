@@ -190,14 +190,12 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        config = _build(cls, data if data is not None else {}, "")
-        config.mark_given(f"{k}.{f}" if isinstance(v, dict) else k for k, v in (data or {}).items()
-                          for f in (v if isinstance(v, dict) else [None]))
-        return config
+        return _build(cls, data if data is not None else {}, "")
 
     def mark_given(self, keys) -> None:
-        """Record settings the user gave (a flag typed, a YAML key), even with their default value: a given
-        setting for a stage this run does not have is refused (:meth:`unused_settings`), not ignored."""
+        """Record settings the user typed as flags, even with their default value: a typed setting for a stage
+        this run does not have is refused (:meth:`unused_settings`), not ignored. (A YAML file counts only where
+        it differs from the default: run.json's ``config``, every setting written out, must rerun as it is.)"""
         self._given = getattr(self, "_given", frozenset()) | frozenset(keys)
 
     def _set(self, key: str, value, default) -> bool:
