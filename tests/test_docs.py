@@ -4,7 +4,7 @@
   ``path/to/...`` excepted; commands that need a GPU or the hub validate all the same, they just are not
   run); the offline ones run at a tiny size, in order through the files.
 - Every ```python block that imports ebft runs, file by file in one namespace, on a tiny local model and
-  text instead of the demo's (the Python API); a block that imports nothing of ebft quotes
+  text instead of the demo's (the Python API, the tutorials); a block that imports nothing of ebft quotes
   the source, and its lines appear, in order, in a file under src/.
 - Every relative link points at a file that exists and, with an anchor, at a heading of that file.
 - docs/cli.md's flag table is ``ebft.cli.flag_table()`` (``make docs`` rewrites it).
@@ -97,7 +97,8 @@ PYTHON_DOCS = [p for p in DOCS if any(runs_ebft(b) for b in python_blocks(p))]
 
 @pytest.mark.parametrize("path", PYTHON_DOCS, ids=[_name(p) for p in PYTHON_DOCS])
 def test_every_python_block_runs(path, tiny_model_dir, text_file, tmp_path, monkeypatch):
-    """The file's blocks in order, in one namespace; what they register is unregistered afterwards."""
+    """The file's blocks in order, in one namespace (a tutorial's second block runs what its first
+    registered); what they register is unregistered afterwards."""
     from ebft.prune import PRUNERS, unregister_pruner
     from ebft.recover import RECOVERIES, unregister_recovery
 
