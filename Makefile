@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-unit test-integration bench clean
+.PHONY: demo test test-unit test-integration docs bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ test-unit: $(STAMP)
 
 test-integration: $(STAMP)
 	$(VENV)/bin/pytest -q -m integration tests
+
+# the flag table in docs/cli.md, rewritten from the settings' declarations (tests/test_docs.py checks it)
+docs: $(STAMP)
+	$(PY) tools/flag_table.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

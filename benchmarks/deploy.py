@@ -1,5 +1,5 @@
 """Deploy: what a pruned SmolLM2 is where people run models — file sizes per format, perplexity through
-llama.cpp on ebft's own windows, llama.cpp speed pruned vs dense (README, "Deploy").
+llama.cpp on ebft's own windows, llama.cpp speed pruned vs dense (docs/deploy.md).
 
     python benchmarks/deploy.py --work runs/deploy          # resumable: finished runs are kept
 

@@ -4,7 +4,7 @@ Each setting is one `ebft run` (the pruned and recovered perplexities come from 
 Finished settings are skipped on a rerun (their run.json is kept under --out). Prints a markdown
 table and writes <out>/quality.json.
 
-    python benchmarks/ebft_quality.py                      # the README's table
+    python benchmarks/ebft_quality.py                      # docs/results.md's table
     python benchmarks/ebft_quality.py --settings wanda:0.7 --variants base,token-norm,dense-model
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def config_for(setting: str, variant: str, args) -> RunConfig:
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = "offline", args.nsamples, args.seqlen
     cfg.eval.sources = [str(WIKI) if WIKI.exists() else "offline"]
     cfg.eval.seqlen, cfg.eval.windows = args.eval_seqlen, args.eval_windows
-    cfg.recover.recipe = args.recipe  # the README's table: the reference recipe, from before --recipe best
+    cfg.recover.recipe = args.recipe  # docs/results.md's table: the reference recipe, from before --recipe best
     cfg.recover.epochs, cfg.recover.batch_size = args.epochs, args.batch_size
     for key, value in VARIANTS[variant].items():
         setattr(cfg.recover, key, value)
@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=2, help="EBFT windows per step (2: 40 steps per block)")
     ap.add_argument("--recipe", default="paper", help="settings not given here come from this recipe (paper: "
-                    "what the README's table ran; best: ebft's default)")
+                    "what docs/results.md's table ran; best: ebft's default)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality-lean")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -67,9 +67,9 @@ def config_for(variant: str, args) -> tuple[RunConfig, FinishSettings]:
     cfg.eval.sources = [str(WIKI) if WIKI.exists() else "offline"]
     cfg.eval.seqlen, cfg.eval.windows = args.eval_seqlen, args.eval_windows
     cfg.recover.method = method
-    cfg.recover.batch_size = args.recover_batch_size  # EBFT windows per step (README's tables: 2)
+    cfg.recover.batch_size = args.recover_batch_size  # EBFT windows per step (docs/results.md's tables: 2)
     cfg.recover.lr = args.lr
-    cfg.recover.lora_steps, cfg.recover.lora_lr, cfg.recover.lora_batch_size = 100, 1e-3, 4  # README's LoRA row
+    cfg.recover.lora_steps, cfg.recover.lora_lr, cfg.recover.lora_batch_size = 100, 1e-3, 4  # docs/results.md's LoRA row
     for key, value in recover.items():
         setattr(cfg.recover, key, value)
     finish_settings = FinishSettings()
@@ -119,7 +119,7 @@ def main():
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--recover-batch-size", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-3, help="EBFT lr (README: 1e-3 beat the reference's 2e-4)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="EBFT lr (docs/results.md: 1e-3 beat the reference's 2e-4)")
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)

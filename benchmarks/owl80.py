@@ -1,6 +1,6 @@
 """Wanda 80 % with OWL on SmolLM2: why block-wise recovery made the whole model worse, and what the guard does.
 
-The earlier measurement (README, "OWL"): EBFT with the paper's recipe took the OWL model from 3.31e4 to
+The earlier measurement (docs/results.md, "OWL"): EBFT with the paper's recipe took the OWL model from 3.31e4 to
 6.79e4 on WikiText-2 although every block's own loss fell. This script reruns that setting (16 × 256 offline
 calibration windows, recovery batch 2, 5 epochs, WikiText-2 test 4 × 2048) and asks where it goes wrong:
 

@@ -7,7 +7,7 @@ generation tokens/s of the dense and the final model (same process, same machine
 perplexity at 2048 tokens; the saved model is then evaluated again at 128 tokens per window (the
 protocol FLAP and LLM-Pruner report).
 
-    python benchmarks/structured.py                       # the README's table (about an hour on 2 CPU cores)
+    python benchmarks/structured.py                       # docs/results.md's table (about an hour on 2 CPU cores)
     python benchmarks/structured.py --ratios 0.2 --structures adaptive --recoveries none,ebft
 
 Prints a markdown table and writes <out>/structured.json.

@@ -1,6 +1,6 @@
 """ebft: prune Hugging Face LLMs and recover them with block-wise fine-tuning.
 
-The public API, importable as written in the README::
+The public API, importable as written in docs/architecture.md::
 
     from ebft import RunConfig, run, evaluate, SweepConfig, sweep
 """

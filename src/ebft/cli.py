@@ -84,8 +84,8 @@ def _run_flags(parser, skip=frozenset()) -> dict[str, str]:
 
 
 def flag_table() -> str:
-    """The README's table of ``ebft run`` flags, generated from the settings (a test keeps the README's
-    copy identical): one row per flag, its help and default, grouped as ``--help`` groups them."""
+    """The table of ``ebft run`` flags in docs/cli.md, generated from the settings (``make docs`` writes it
+    there, a test keeps it current): one row per flag, its help and default, grouped as ``--help`` groups them."""
     parser = build_parser()
     run = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" run"))
     rows = ["| flag | what it sets (default) |", "|---|---|"]

@@ -8,8 +8,8 @@ Formats (:data:`FORMATS`):
 The ``compressed-tensors`` sparse formats (``sparse-bitmask``, ``sparse-24-bitmask``) are not written:
 compressed-tensors removed its sparse compressors (0.15), transformers dropped loading them (the
 minimum compressed-tensors it accepts is 0.15; huggingface/transformers#46342) and vLLM removed its
-Sparse24 support and kernels (vllm-project/vllm#36799), so no current tool reads such a file (README,
-"Deploy").
+Sparse24 support and kernels (vllm-project/vllm#36799), so no current tool reads such a file
+(docs/deploy.md).
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def export(model: str, out, fmt: str = "gguf", kind: str = "f16", overwrite: boo
     appears complete or not at all."""
     if fmt not in FORMATS:
         raise ConfigError("--format", fmt, f"allowed: {', '.join(FORMATS)} (compressed-tensors: no current tool "
-                          "reads its sparse formats, see the README's Deploy section)")
+                          "reads its sparse formats, see docs/deploy.md)")
     check_type(kind)
     check_model_source(model)
     check_export_model(model, trust_remote_code)

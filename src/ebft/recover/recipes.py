@@ -2,7 +2,7 @@
 
 ``paper`` is the EBFT reference code's recipe (Guo et al. 2024): what to use to compare with the
 paper. ``best`` is what ebft measured to recover the most for the same calibration data in about the
-same time (``benchmarks/frontier.py``; the README's "Recovery: the time–quality frontier" shows the
+same time (``benchmarks/frontier.py``; docs/results.md's "Recovery: the time–quality frontier" shows the
 measurements and the check on a text domain the recipe was not tuned on): a 5× larger learning rate,
 no weight decay, the dense model's own activations as the target, the norms trained too, and small
 batches when the calibration set is small — optimiser *steps* are what a small calibration set lacks
