@@ -206,3 +206,18 @@ def smollm2_gguf() -> Path | None:
     from ebft.models import find_smollm2_gguf
 
     return find_smollm2_gguf()
+
+
+def small_run_args(root, out, *extra) -> list[str]:
+    """``ebft run`` on :func:`tiny_run_folder`'s model and text, at a tiny size, into ``out``."""
+    return ["run", "--model", str(root / "model"), "--calib", str(root / "text.txt"), "--nsamples", "4",
+            "--seqlen", "32", "--eval", str(root / "text.txt"), "--eval-seqlen", "32", "--eval-windows", "2",
+            "--out", str(out), *extra]
+
+
+def one_line(capsys) -> str:
+    """The one ``ebft`` line a refused command printed (asserted: exactly one, no traceback)."""
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("ebft")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]

@@ -8,20 +8,9 @@ import os
 
 import pytest
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, one_line as _one_line, small_run_args as _args
 from ebft.cli import main
 
-def _args(root, out, *extra):
-    return ["run", "--model", str(root / "model"), "--calib", str(root / "text.txt"), "--nsamples", "4",
-            "--seqlen", "32", "--eval", str(root / "text.txt"), "--eval-seqlen", "32", "--eval-windows", "2",
-            "--out", str(out), *extra]
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("ebft")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------- sweep folders
