@@ -162,7 +162,9 @@ def main(argv=None) -> int:
         if "dense" in speed:
             row["speed_vs_dense"] = {k: round(speed[name][k] / speed["dense"][k], 3) for k in speed[name]}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "deploy.json").write_text(json.dumps(rows, indent=1))
+    out = RESULTS / "deploy.json"
+    kept = json.loads(out.read_text()) if args.only and out.is_file() else {}  # --only: the other rows stay
+    out.write_text(json.dumps({**kept, **rows}, indent=1))
     print("| model | saved (MiB) | f16 | q8_0 | q4_k_m (MiB) | ppl ebft | llama.cpp f32 / f16 / q8_0 / q4_k_m "
           "| prompt × | generate × | run.json | ebft eval f32.gguf |\n|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
     for name, r in rows.items():
