@@ -35,6 +35,8 @@ import yaml
 
 from . import settings as st
 from .allocation import AllocationSettings, check_allocation
+from .data import HUB_SOURCES
+from .data import NAMED_SOURCES as TEXTS
 from .errors import ConfigError
 from .evaluation.zeroshot import plan_tasks
 from .export import FORMATS as EXPORT_FORMATS
@@ -53,9 +55,10 @@ from .recover.recipes import RECIPES, recipe_fields
 from .recover.recipes import value as recipe_value
 from .settings import option
 
-NAMED_SOURCES = ("c4", "wikitext2", "ptb", "offline", "offline-c4", "auto")
-_SOURCE_HELP = "c4 | wikitext2 | ptb | offline | offline-c4 | a .txt/.raw/.jsonl/.json file"
-VALIDATION_SOURCES = ("wikitext2", "ptb", "c4")  # named texts with a validation split (the guard's further texts)
+NAMED_SOURCES = (*TEXTS, "auto")  # the texts ebft knows by name (ebft.data), and auto
+_SOURCE_HELP = " | ".join(TEXTS) + " | a .txt/.raw/.jsonl/.json file"
+# named texts with a validation split (the guard's further texts)
+VALIDATION_SOURCES = tuple(name for name, spec in HUB_SOURCES.items() if "validation" in spec.splits)
 
 
 def _task_list(text: str) -> list[str]:

@@ -24,10 +24,10 @@ from torch import nn
 
 from ..distributed import all_reduce_, reduce_gradients_
 from ..settings import option
+from .base import TARGETS
 from .steps import Batches, StepRunner, tf32_on_cuda
 
 LOSSES = ("mse", "token-norm")
-TARGETS = ("dense-block", "dense-model")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
