@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import glob
 import json
 import logging
 import os
@@ -50,13 +49,6 @@ def pid_alive(pid: int) -> bool:
 
 def temporary_name(path: Path) -> Path:
     return path.parent / f".{path.name}.tmp-{os.getpid()}"
-
-
-def _clean_dead(path: Path) -> None:
-    for entry in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        pid = entry.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            entry.unlink(missing_ok=True)
 
 
 def clean_dead(folder: Path, pattern: str) -> list[Path]:
@@ -166,7 +158,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None], *, dura
     that may not be replaced raises :class:`EbftError` and is left as it is. If ``write`` raises (or the
     process is interrupted), ``path`` is untouched and the temporary file is removed."""
     path = Path(path)
-    _clean_dead(path)
+    clean_dead(path.parent, re.escape(f".{path.name}.tmp-") + r"(\d+)")
     tmp = temporary_name(path)
     try:
         write(tmp)

@@ -333,17 +333,27 @@ def check_safetensors(file: Path) -> None:
         raise bad(f"{size} bytes where its header describes {expected}")
 
 
+def gguf_magic_problem(path: Path) -> str | None:
+    """Why ``path`` is not a GGUF file by its first bytes (a phrase: "is not a GGUF file ...", "cannot be
+    read ..."), or None when it starts with the GGUF magic."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None if magic == b"GGUF" else "is not a GGUF file (it does not start with the GGUF magic bytes)"
+
+
 def check_gguf(path: Path):
     """Check a GGUF file's magic, metadata and that every tensor's data lies inside the file; return the
     parsed file (a ``gguf.GGUFReader``: the load parses the file this once, see :func:`_load_gguf`)."""
     try:
         size = path.stat().st_size
-        with open(path, "rb") as f:
-            magic = f.read(4)
     except OSError as exc:
         raise EbftError(f"cannot read GGUF file {path} ({exc.strerror or exc})") from None
-    if magic != b"GGUF":
-        raise EbftError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    problem = gguf_magic_problem(path)
+    if problem is not None:
+        raise EbftError(f"{path} {problem}")
     try:
         from gguf import GGUFReader
     except ImportError:

@@ -167,18 +167,17 @@ def sweep_folder_problem(folder: str | os.PathLike) -> str | None:
 
 
 def note_added_file(path: str | os.PathLike) -> bool:
-    """Record in the marker of the ebft output that holds ``path`` (a file ebft wrote there afterwards, such
-    as an ``ebft export`` into a run's folder) that ebft wrote it, so that a later ``--overwrite`` still
-    knows the folder as its own (the file may be deleted again: it is not required). False when the folder
-    is not a complete ebft output (nothing is written)."""
+    """Before ebft writes the file ``path`` into a complete ebft output (``ebft export RUN --out
+    RUN/model.gguf``), list it in the output's marker as added, so that a later ``--overwrite`` still knows
+    the folder as its own (an added file may be missing: deleted since, or never written by a failed export).
+    False, writing nothing, when ``path``'s folder is not a complete ebft output."""
     path = Path(path)
     folder = path.parent
-    marker = _read_json(folder / MARKER)
-    if not isinstance(marker, dict) or marker.get("written_by") != "ebft" or ebft_output_problem(folder) not in (
-            None, f"it holds files ebft did not write ({path.name})"):
+    if ebft_output_problem(folder) is not None or not (folder / MARKER).is_file():
         return False
+    marker = _read_json(folder / MARKER)
     added = [f for f in marker.get("added") or [] if isinstance(f, str)]
-    if path.name not in added and path.name not in (marker.get("files") or []):
+    if path.name not in added and path.name not in marker["files"]:
         write_json(folder / MARKER, {**marker, "added": sorted({*added, path.name})}, durable=False)
     return True
 

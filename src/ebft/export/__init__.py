@@ -20,8 +20,8 @@ from pathlib import Path
 from ..errors import ConfigError, EbftError
 from ..models import BUILTIN_MODELS, builtin_model_path, check_model_source, load_config, load_model
 from ..output import note_added_file
-from .gguf import (K_QUANTS, TYPES, GgufReport, Origin, check_family, check_type, origin_of, replace_problem,
-                   write_gguf)
+from .gguf import (K_QUANTS, TYPES, GgufReport, Origin, check_family, check_type, is_input, origin_of,
+                   replace_problem, write_gguf)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,8 @@ def check_export_target(out, overwrite: bool = False, inputs=()) -> Path:
         raise ConfigError("--out", out, f"its folder {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise ConfigError("--out", out, f"its folder {path.parent} is not writable")
-    for given in inputs:
-        if given and os.path.exists(os.path.expanduser(str(given))) and \
-                os.path.realpath(os.path.expanduser(str(given))) == os.path.realpath(path):
-            raise ConfigError("--out", out, "is the model being exported; write the export elsewhere")
+    if is_input(path, inputs):
+        raise ConfigError("--out", out, "is the model being exported; write the export elsewhere")
     if os.path.lexists(path):
         if not overwrite:
             raise ConfigError("--out", out, "already exists; pass --overwrite to replace a GGUF file")
@@ -83,13 +81,13 @@ def export(model: str, out, fmt: str = "gguf", kind: str = "f16", overwrite: boo
     origin = origin_of(model)  # the output's name: the file's own (write_gguf)
     path = check_export_target(out, overwrite, inputs=[model, origin.gguf])
     net, tokenizer = load_model(model, "float32", "cpu", trust_remote_code=trust_remote_code)
+    if note_added_file(path):  # before the file appears: the folder never holds a file its marker does not list
+        log.info("%s is an ebft output: its marker lists %s as added", path.parent, path.name)
     try:
         report = write_gguf(net, tokenizer, path, kind, origin, overwrite=overwrite)
     except (OSError, ValueError) as exc:
         if isinstance(exc, EbftError):
             raise
         raise EbftError(f"gguf: could not write {path} ({type(exc).__name__}: {exc})") from None
-    if note_added_file(path):
-        log.info("%s is an ebft output: its marker now lists %s", path.parent, path.name)
     log.info("wrote %s: %s, %s, %.1f MiB", path, report.architecture, kind, report.bytes / 2**20)
     return report

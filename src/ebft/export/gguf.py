@@ -53,7 +53,7 @@ from torch import nn
 from ..atomic import clean_dead, write_atomic
 from ..errors import EbftError
 from ..gguf_layout import rope_interleave
-from ..models import BUILTIN_MODELS, builtin_model_path, find_blocks
+from ..models import BUILTIN_MODELS, builtin_model_path, find_blocks, gguf_magic_problem
 from .compact import LayerSize, compact_, compacted_sizes, uniform
 from .vocab import add_tokenizer
 
@@ -71,7 +71,6 @@ PLAIN_TYPES = ("f32", "f16", "bf16", "q8_0")
 K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 TYPES = PLAIN_TYPES + K_QUANTS
 QUANT_BLOCK = 32
-GGUF_MAGIC = b"GGUF"
 # what an export killed mid-way leaves beside its file: ``.<name>.gguf.tmp-<pid>`` and the k-quant
 # scratch folder ``.ebft-gguf-<pid>-<random>``
 LEFTOVERS = r"\.(?:.+\.gguf\.tmp|ebft-gguf)-(\d+)(?:-.+)?"
@@ -141,21 +140,22 @@ def sliding_window(config) -> int | None:
     return window
 
 
+def is_input(path: Path, inputs) -> bool:
+    """Whether ``path`` is one of ``inputs`` (existing paths, links resolved; names that are not paths skip)."""
+    return any(given and os.path.exists(os.path.expanduser(str(given))) and
+               os.path.realpath(os.path.expanduser(str(given))) == os.path.realpath(path) for given in inputs)
+
+
 def replace_problem(path: Path, inputs=()) -> str | None:
     """Why the existing ``path`` may not be replaced by an export (None: it may): only a GGUF file that
     is not one of the export's ``inputs`` (the model, the GGUF its tokenizer comes from) is replaced."""
     if path.is_symlink() or not path.is_file():
         return "it is not a regular file"
-    for given in inputs:
-        if given and os.path.exists(os.path.expanduser(str(given))) and \
-                os.path.realpath(os.path.expanduser(str(given))) == os.path.realpath(path):
-            return "it is the model being exported (or the GGUF its tokenizer comes from); write elsewhere"
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != GGUF_MAGIC:
-                return "it is not a GGUF file; ebft replaces only GGUF files"
-    except OSError as error:
-        return f"it cannot be read ({error.strerror or error})"
+    if is_input(path, inputs):
+        return "it is the model being exported (or the GGUF its tokenizer comes from); write elsewhere"
+    problem = gguf_magic_problem(path)
+    if problem is not None:
+        return f"it {problem}; ebft replaces only GGUF files"
     return None
 
 
@@ -454,11 +454,7 @@ def _check_recorded(record: Path, given: str) -> None:
         log.warning("%s names the model %s, which is not there: the tokenizer is rebuilt from the run "
                     "folder's files", record, given)
         return
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as error:
-        raise EbftError(f"{record} names the model {path}, which cannot be read ({error.strerror or error})") from None
-    if magic != GGUF_MAGIC:
-        raise EbftError(f"{record} names the model {path}, which is not a GGUF file (its tokenizer is carried "
-                        "into the export); restore that file or correct config.model in the record")
+    problem = gguf_magic_problem(path)
+    if problem is not None:
+        raise EbftError(f"{record} names the model {path}, which {problem} (its tokenizer is carried into the "
+                        "export); restore that file or correct config.model in the record")
