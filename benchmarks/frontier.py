@@ -50,6 +50,19 @@ POINTS = {
     **{f"best-e{e}": ("EBFT, best recipe", {"method": "ebft", "recipe": "best", "epochs": e}) for e in (1, 2, 4, 8)},
     **{f"gradual-e{e}": ("EBFT, moving mask (ebft-gradual)", {"method": "ebft-gradual", "recipe": "best", "epochs": e})
        for e in (1, 2, 4, 8)},
+    **{f"best-e{e}-w{k}": ("EBFT, joint windows", {"method": "ebft", "recipe": "best", "epochs": e, "window": k})
+       for e in (1, 2, 4) for k in (2, 3, 5)},
+    **{f"self-best-e{e}": ("EBFT, self-generated calibration", {"calib.source": "self", "method": "ebft",
+                                                                "recipe": "best", "epochs": e}) for e in (1, 2, 4)},
+    **{f"self-best-e{e}-w{k}": ("EBFT, self-generated calibration, joint windows",
+                                {"calib.source": "self", "method": "ebft", "recipe": "best", "epochs": e, "window": k})
+       for e in (1, 2, 4) for k in (2, 3)},
+    "atp-none": ("pruned, ATP allocation", {"prune.allocation": "atp", "method": "none"}),
+    **{f"atp-best-e{e}": ("EBFT, ATP allocation", {"prune.allocation": "atp", "method": "ebft", "recipe": "best",
+                                                   "epochs": e}) for e in (1, 2, 4)},
+    **{f"atp-best-e{e}-w{k}": ("EBFT, ATP allocation, joint windows",
+                               {"prune.allocation": "atp", "method": "ebft", "recipe": "best", "epochs": e, "window": k})
+       for e in (2, 4) for k in (2, 3)},
     **{f"lora-{n}": ("LoRA (masked)", {"method": "lora", "lora_steps": n, "lora_batch_size": 4, "lora_lr": 1e-3})
        for n in LORA_STEPS},
 }
@@ -86,8 +99,9 @@ def cell_for(setting: str, point: str, args):
         setattr(cfg.prune, key, value)
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = args.calib, args.nsamples, args.seqlen
     cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = args.eval, args.eval_seqlen, args.eval_windows
-    for key, value in POINTS[point][1].items():
-        setattr(cfg.recover, key, value)
+    for key, value in POINTS[point][1].items():  # "section.field", or a recover field
+        section, _, name = key.rpartition(".")
+        setattr(getattr(cfg, section or "recover"), name, value)
     if get_recovery(cfg.recover.method).guardable:
         cfg.recover.guard = args.recover_guard
         if cfg.recover.guard and getattr(args, "guard_on", None):

@@ -112,12 +112,15 @@ CASES = {
     "lazy-no-guard": ["--lazy", "--recover-guard", "0"],
     "lora": ["--recover", "lora", "--lora-steps", "3"],
     "ebft-gradual": ["--recover", "ebft-gradual", "--sparsity", "0.7"],
+    "ebft-window": ["--recover-window", "2"],  # blocks 0-1 and 2-3 trained jointly
+    "lazy-window": ["--lazy", "--recover-window", "2"],
 }
 
 
 # failing as block 2 starts (checkpoint before it complete), and between block 3's state file and its
 # checkpoint.json (the checkpoint before block 2 is then the last complete one)
 RUNS = [(case, "block", 2) for case in CASES] + [("ebft", "state", 3), ("lazy", "state", 3)]
+RUNS += [("ebft-window", "block", 3)]  # inside the window 2-3: the checkpoint is the one before block 2
 
 
 @pytest.mark.parametrize("case,point,index", RUNS, ids=[f"{c}-{p}{i}" for c, p, i in RUNS])

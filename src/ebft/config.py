@@ -354,6 +354,7 @@ class RunConfig:
             if not recovery.trains_blocks:
                 raise ConfigError("recover.budget", self.recover.budget, "times block training: use it with "
                                   f"recover {' or '.join(n for n, r in RECOVERIES.items() if r.trains_blocks)}")
+        recovery.check_window(self.recovery_settings())
         if pattern.structured and not recovery.structured:
             raise ConfigError("recover", self.recover.method, "changes masks, and structured pruning has none: "
                               f"use {', '.join(n for n, r in RECOVERIES.items() if r.structured)}")

@@ -32,7 +32,7 @@ _MISSING = dataclasses.MISSING
 def option(default: Any, help: str, *, flag: str | None = None, choices: tuple | Callable[[], tuple] | None = None,
            low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
            default_text: str | None = None, metavar: str | None = None, cli: bool = True,
-           argparse_kwargs: dict | None = None) -> Any:
+           argparse_kwargs: dict | None = None, keyed_at_default: bool = True) -> Any:
     """A dataclass field with what the CLI, the YAML reader and the validation need.
 
     ``choices``: allowed values (or a function returning them, for registries filled at import).
@@ -40,10 +40,13 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: tuple |
     ``default_text``: how ``--help`` shows the default when the value itself would not say it
     (``None`` meaning "the model's context", for instance). ``flag``: the flag's name when it is not
     ``--`` + the field name with dashes. ``cli=False``: YAML and API only.
+    ``keyed_at_default=False``: at its default the setting is left out of an ``ebft sweep`` cell's key
+    (:func:`keyed`), so adding it to a section does not rerun every finished cell; every setting added
+    to a section after its first release declares it.
     """
     meta = dict(help=help, flag=flag, choices=choices, low=low, high=high, low_open=low_open,
                 high_open=high_open, default_text=default_text, metavar=metavar, cli=cli,
-                argparse_kwargs=argparse_kwargs or {})
+                argparse_kwargs=argparse_kwargs or {}, keyed_at_default=keyed_at_default)
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -71,6 +74,14 @@ def choices_of(f: dataclasses.Field) -> tuple | None:
 
 def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default is _MISSING else f.default
+
+
+def keyed(values: dict, *classes) -> dict:
+    """``values`` (a section's settings by name) less the settings of ``classes`` that declare
+    ``keyed_at_default=False`` and hold their default: what a sweep cell's key hashes."""
+    quiet = {f.name: default_of(f) for cls in classes for f in fields_of(cls)
+             if not f.metadata.get("keyed_at_default", True)}
+    return {k: v for k, v in values.items() if k not in quiet or v != quiet[k]}
 
 
 # ----------------------------------------------------------------------------- validation

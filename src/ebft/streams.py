@@ -33,12 +33,13 @@ DENSE_MODEL = "dense-model stream"
 TARGETS = "targets"
 EVALUATION = "evaluation streams"
 PRUNED_ALONE = "pruned-alone chain"  # the guard's baseline: the calibration windows through the blocks as pruned alone
+WINDOW_INPUTS = "joint window inputs"  # a recovery window of K > 1 blocks: the chain at its first block
 
 
 @dataclass(frozen=True)
 class Homes:
     """Where each activation group lives: ``where`` maps a group (:data:`CHAIN`, :data:`DENSE_MODEL`,
-    :data:`TARGETS`, :data:`EVALUATION`, :data:`PRUNED_ALONE`) to ``"accelerator"``, ``"pinned host"`` or ``"host"``; a group
+    :data:`TARGETS`, :data:`EVALUATION`, :data:`PRUNED_ALONE`, :data:`WINDOW_INPUTS`) to ``"accelerator"``, ``"pinned host"`` or ``"host"``; a group
     it does not name takes the default its caller gives."""
 
     device: torch.device
@@ -136,6 +137,12 @@ class Streams:
         for stream in self._all():
             if stream.stage == stage:
                 stream.advance(index, block)
+
+    @timed("streams")
+    def push_chain(self, index: int, block) -> None:
+        """Push the calibration chain alone through block ``index`` (a joint window's pruned blocks, before
+        its recovery)."""
+        self.chain.advance(index, block)
 
     @property
     def dense_model(self) -> Stream | None:

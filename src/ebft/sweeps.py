@@ -40,7 +40,7 @@ from .pipeline import check_model_fits, final_stage, guardable, guarded, prepare
 from .prune import PRUNERS, get_pruner
 from .recover import RECOVERIES
 from .report import plot_sweep, sweep_markdown
-from .settings import fields_of
+from .settings import fields_of, keyed
 from .system import seed_everything, versions
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,10 @@ def cell_key(cell: RunConfig) -> str:
                            **({"budget": budget} if budget is not None else {}),
                            **({"guard": guard} if guard not in (None, guard_default) else {}),
                            **({"guard_texts": cell.recover.guard_texts} if guard and cell.recover.guard_texts else {})}
+    # settings added since a section's first release are keyed only where they differ from their default
+    settings["calib"] = keyed(settings["calib"], type(cell.calib))
+    settings["prune"] = keyed(settings["prune"], AllocationSettings, type(cell.pruner_settings()))
+    settings["recover"] = keyed(settings["recover"], type(cell.recovery_settings()))
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -1,7 +1,8 @@
 """THE walk over the decoder blocks: for each block, load → statistics → prune → recover → check →
 propagate → release.
 
-Only one block lives on the accelerator at a time. The calibration chain and the evaluation texts
+Only one block lives on the accelerator at a time (the K blocks of a joint recovery window, EBFT's
+``window``: they are trained together, :class:`Window`). The calibration chain and the evaluation texts
 flow through the blocks as *streams* (:mod:`ebft.streams`): the hidden states of their windows,
 pushed through each block at the stage of the block's life they measure — ``dense``, ``pruned`` or
 ``final`` — so the dense, pruned and recovered perplexities of a run come out of one walk, with no
@@ -39,7 +40,7 @@ from .models import find_blocks, find_linears
 from .prune import BlockSite
 from .recover import BlockContext, get_recovery
 from .stats import LayerStats
-from .streams import STAGES, TARGETS, Homes, Stream, Streams, capture_stream
+from .streams import STAGES, TARGETS, WINDOW_INPUTS, Homes, Stream, Streams, capture_stream
 from .system import PhaseClock, timed
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def walk(model: nn.Module, calib: torch.Tensor | Stream | None, prune: PruneSpec
     streams = Streams.open(model, chain, eval_ids, work.stages(eval_stages), work.target == "dense-model", device,
                            batch_size, where, pruned_alone=work.keep_pruned, clock=clock)
     state = WalkState(model, work, streams, checkpoint, progress, device, clock)
+    window = Window(work.window(), state.store.num_blocks, where)
     for index in state.remaining():
         block = state.load(index)
         alone = work.prune_alone(index, block, streams)               # the guard's baseline: pruning alone
@@ -132,10 +134,14 @@ def walk(model: nn.Module, calib: torch.Tensor | Stream | None, prune: PruneSpec
         streams.advance("dense", index, block)                        # dense perplexity, dense-model target
         pruned = work.prune(index, block, measured, alone)            # masks or structure, applied and checked
         streams.advance("pruned", index, state.pruned_stage(pruned))  # pruned perplexity
-        record = work.recover(pruned, streams, state.time_share(index))
-        work.check(pruned)                                            # every mask and pattern still holds
-        streams.advance("final", index, block)                        # propagate: the chain and final streams
-        state.done(index, pruned, record)                             # release, checkpoint, progress
+        if window.waits(pruned, streams):                             # a joint window recovers at its last block
+            continue
+        blocks = window.take()
+        records = work.recover(blocks, streams, state.time_share(blocks[0].index, len(blocks)))
+        for pruned, record in zip(blocks, records):
+            work.check(pruned)                                        # every mask and pattern still holds
+            streams.advance("final", pruned.index, pruned.block)      # propagate: the chain and final streams
+            state.done(pruned.index, pruned, record, last=pruned is blocks[-1])  # release, checkpoint, progress
     return state.result()
 
 
@@ -273,27 +279,35 @@ class BlockWork:
         return Pruned(index, block, site, measured, linears, masks, record, alone)
 
     @timed("recover")
-    def recover(self, pruned: Pruned, streams: Streams, time_share: float | None) -> dict:
-        """The recovery of one block (nothing without pruning); the block's record."""
-        record = {"index": pruned.index, **pruned.record}
+    def recover(self, window: list[Pruned], streams: Streams, time_share: float | None) -> list[dict]:
+        """The recovery of one block, or of a joint window of blocks trained together (nothing without
+        pruning); each block's record (a window's training is recorded on its last block)."""
+        records = [{"index": p.index, **p.record} for p in window]
         if self.spec is None:
-            return record
+            return records
+        record, pruned = records[-1], window[-1]
+        if len(window) > 1:
+            record["window"] = [window[0].index, pruned.index]
+            for other in records[:-1]:
+                other["window"] = record["window"]
         if time_share is not None:
             record["time_share"] = round(time_share, 3)
         chain = streams.chain
         targets = streams.dense_model.x if self.target == "dense-model" else pruned.measured.targets
-        ctx = BlockContext(index=pruned.index, block=pruned.block, linears=pruned.linears, inputs=chain.windows(),
-                           targets=None if targets is None else chain.windows(targets), masks=pruned.masks,
-                           stats=pruned.measured.stats, pattern=pruned.site.pattern, io=chain.calls[pruned.index],
-                           seed=self.seed, dense_weights=pruned.measured.dense_weights, progress=self.progress,
-                           time_share=time_share)
+        ctx = BlockContext(inputs=chain.windows(), targets=None if targets is None else chain.windows(targets),
+                           seed=self.seed, progress=self.progress, time_share=time_share,
+                           **(_one_block(pruned, chain.calls) if len(window) == 1 else _joint(window, chain.calls)))
         start = time.perf_counter()
         record.update(self.recovery.fn(ctx, self.settings) or {})
         record["recover_seconds"] = round(time.perf_counter() - start, 3)
-        # the same weights and masks on every rank, whatever the kernels did (nothing outside torch.distributed)
-        distributed.broadcast_([*pruned.block.state_dict().values(), *pruned.masks.values()])
-        pruned.measured.targets = pruned.measured.dense_weights = None
-        return record
+        for done in window:  # the same weights and masks on every rank, whatever the kernels did
+            distributed.broadcast_([*done.block.state_dict().values(), *done.masks.values()])
+            done.measured.targets = done.measured.dense_weights = None
+        return records
+
+    def window(self) -> int:
+        """Blocks recovered together (the recovery's ``window``; 1 without pruning)."""
+        return 1 if self.spec is None else self.recovery.window_of(self.settings)
 
     def check(self, pruned: Pruned) -> None:
         if self.spec is not None:
@@ -308,6 +322,87 @@ class BlockWork:
     def site(self, index: int) -> BlockSite:
         return BlockSite(index, f"{self.prefix}.{index}", self.config, self.spec.pattern_for(index),
                          self.spec.structures[index] if self.spec.structures else None)
+
+
+def _one_block(pruned: Pruned, calls) -> dict:
+    """What a recovery of one block is handed (:class:`ebft.recover.BlockContext`), beside the windows."""
+    return dict(index=pruned.index, block=pruned.block, linears=pruned.linears, masks=pruned.masks,
+                stats=pruned.measured.stats, pattern=pruned.site.pattern, io=calls[pruned.index],
+                dense_weights=pruned.measured.dense_weights)
+
+
+def _joint(window: list[Pruned], calls) -> dict:
+    """What a recovery of a joint window is handed: its blocks as one (:class:`JointBlocks`), their linears,
+    masks and statistics named ``"<position>.<name>"``; the first block's index (its shuffling's seed)."""
+    named = lambda part: {f"{k}.{n}": v for k, p in enumerate(window) for n, v in part(p).items()}  # noqa: E731
+    return dict(index=window[0].index, block=JointBlocks([p.block for p in window]),
+                linears=named(lambda p: p.linears), masks=named(lambda p: p.masks),
+                stats=named(lambda p: p.measured.stats), pattern=window[0].site.pattern,
+                io=JointIO([calls[p.index] for p in window]), dense_weights=None)
+
+
+class JointBlocks(nn.Module):
+    """Consecutive blocks of a joint window as one module (their parameters, by position ``"blocks.<k>"``);
+    :class:`JointIO` calls them in turn, each with its own arguments."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+
+@dataclass
+class JointIO:
+    """How a joint window is called: each block with the arguments it really receives, in order."""
+
+    ios: list[BlockIO]
+
+    @property
+    def device(self) -> torch.device:
+        return self.ios[0].device
+
+    @property
+    def batch_size(self) -> int:
+        return self.ios[0].batch_size
+
+    def call(self, joint: JointBlocks, x: torch.Tensor) -> torch.Tensor:
+        for block, io in zip(joint.blocks, self.ios):
+            x = io.call(block, x)
+        return x
+
+
+class Window:
+    """Pruned blocks waiting for their joint recovery (a recovery ``window`` of K > 1 blocks). Windows are
+    aligned on the block index (blocks jK … jK+K−1, the last one shorter), and the walk checkpoints only when
+    a window is done, so a resume starts at a window's first block. With K = 1 every block is its own window."""
+
+    def __init__(self, size: int, num_blocks: int, where: Homes):
+        self.size, self.num_blocks, self.where = size, num_blocks, where
+        self.blocks: list[Pruned] = []
+        self.start: torch.Tensor | None = None  # the chain's inputs at the window's first block
+
+    def waits(self, pruned: Pruned, streams: Streams) -> bool:
+        """Add ``pruned``; whether its window has blocks still to come. Until then the calibration chain is
+        pushed on through each pruned block (the next block's statistics are taken on it); when the window
+        is complete the chain is put back to the window's inputs, which its recovery trains on."""
+        self.blocks.append(pruned)
+        last = (pruned.index + 1) % self.size == 0 or pruned.index + 1 == self.num_blocks
+        if self.size == 1:
+            return False
+        if not last:
+            if self.start is None:
+                x = streams.chain.x
+                self.start = self.where.pinned(x.to(self.where.home(WINDOW_INPUTS, x.device), copy=True))
+            streams.push_chain(pruned.index, pruned.block)
+            return True
+        if self.start is not None:
+            streams.chain.x.copy_(self.start)
+            self.start = None
+        return False
+
+    def take(self) -> list[Pruned]:
+        """The complete window's blocks, in order (the window starts empty again)."""
+        blocks, self.blocks = self.blocks, []
+        return blocks
 
 
 # ----------------------------------------------------------------------------- the walk's bookkeeping
@@ -349,13 +444,14 @@ class WalkState:
         kill_point("block", index)
         return block
 
-    def time_share(self, index: int) -> float | None:
-        """``--recover-budget``: what is left of it, shared over the blocks left (rank 0's, under torchrun)."""
+    def time_share(self, index: int, blocks: int = 1) -> float | None:
+        """``--recover-budget``: what is left of it, shared over the blocks left from ``index``, for ``blocks``
+        of them (a joint window's; rank 0's, under torchrun)."""
         if self.work.budget is None:
             return None
         spent = sum(r.get("recover_seconds", 0.0) for r in self.out.blocks)
         share = max(self.work.budget - spent, 0.0) / (self.store.num_blocks - index)
-        return distributed.broadcast_value(share)
+        return distributed.broadcast_value(share * blocks)
 
     def pruned_stage(self, pruned: Pruned) -> nn.Module:
         """The block the "pruned" stage goes through (:meth:`Pruned.as_pruned`); without the guard, when the
@@ -364,9 +460,10 @@ class WalkState:
             pruned.stage_snapshot = {k: v.detach().to("cpu", copy=True) for k, v in pruned.block.state_dict().items()}
         return pruned.as_pruned()
 
-    def done(self, index: int, pruned: Pruned, record: dict) -> None:
+    def done(self, index: int, pruned: Pruned, record: dict, last: bool = True) -> None:
         """The block is finished: keep its masks, hand it back to the store (written into the
-        checkpoint), record it with its time by phase, checkpoint when due, report it."""
+        checkpoint), record it with its time by phase, checkpoint when due (and ``last``: the last block of
+        its window), report it."""
         with self.clock.phase("checkpoint"):
             self._keep(index, pruned)
         record["seconds"] = round(time.perf_counter() - self._started, 3)
@@ -375,7 +472,7 @@ class WalkState:
         log.info("block %d/%d done in %.1f s%s", index + 1, self.store.num_blocks, record["seconds"],
                  f" (loss {record['loss_before']:.4g} -> {record['loss_after']:.4g})" if "loss_after" in record else "")
         kill_point("parts", index)
-        if self.checkpoint.due(index + 1, self.store.num_blocks):
+        if last and self.checkpoint.due(index + 1, self.store.num_blocks):
             with self.clock.phase("checkpoint"):
                 self.checkpoint.save(Progress(index + 1, self.out.blocks, self.out.sparsity_counts,
                                               self._returns_tuple(), rng_state()))

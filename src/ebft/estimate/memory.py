@@ -24,6 +24,10 @@ plus ``Σ P_mask`` bytes for the bool masks the walk keeps of every finished blo
                                       with the guard: G windows of the calibration text and of each of its g
                                       further texts, at two stages
     pruned-alone chain  N·S·H·b       with the guard: the calibration windows through the blocks as pruned alone
+    joint window inputs N·S·H·b       a recovery window of K > 1 blocks: the chain at the window's first block
+
+A joint recovery window of K blocks (EBFT's ``window``) holds K blocks' weights, trained state, masks,
+autocast copies and saved activations at once: those terms below are multiplied by K.
 
 **Accelerator working memory** is the largest of three phases (activations come on top; a CPU run
 counts the same in host memory, less what the host's weights already hold):
@@ -105,6 +109,7 @@ class RunSizes:
     recovers: bool = True  # a recovery other than none (the walk carries a "pruned" stage apart)
     whole_model: str | None = None  # a recovery that trains the whole model after the walk (not planned)
     recovery_batch: int = 8
+    window: int = 1  # blocks trained together (a joint window: K blocks' weights, state and saved activations)
     epochs: int = 10
     holdout: int = 0
     guard: int = 0  # the end-to-end guard's held-out windows (0: no guard, and no pruned-alone chain)
@@ -146,6 +151,7 @@ class RunSizes:
                     target=recovery.target_of(settings) if recovery.scope == "block" else None,
                     recovers=recovery.name != "none", whole_model=recovery.name if recovery.scope == "model" else None,
                     recovery_batch=training.get("batch_size", 8), epochs=training.get("epochs", 1),
+                    window=recovery.window_of(settings) if recovery.scope == "block" else 1,
                     holdout=training.get("holdout", 0), train_norms=training.get("train_norms", False),
                     guard=config.recover.guard if recovery.guardable and config.lazy is not True else 0,
                     guard_texts=len(config.recover.guard_texts) if recovery.guardable else 0,
@@ -224,8 +230,8 @@ def training_step_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None
     lin = max(shape.linear_params)
     casts = a * (lin - (0 if s.train_norms else shape.qkv_params)) if amp else 0
     return {
-        "saved activations": tokens * saved_bytes_per_token(shape, a, seq, s.train_norms),
-        "autocast weight copies": max(casts, 0),
+        "saved activations": s.window * tokens * saved_bytes_per_token(shape, a, seq, s.train_norms),
+        "autocast weight copies": s.window * max(casts, 0),
         "batch inputs and targets": 2 * tokens * shape.hidden * b,
         "backward workspace": 3 * tokens * a * shape.intermediate + a * shape.max_linear,
     }
@@ -236,7 +242,7 @@ def optimizer_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
     if not s.trains:
         return {}
     trained = trained_params(shape, s)
-    masked = max(shape.mask_params)
+    masked = s.window * max(shape.mask_params)
     per = s.state_bytes
     out = {"fp32 master weights": 4 * trained, "fp32 gradients": 4 * trained, "AdamW moments": 8 * trained}
     if per > 16:  # beyond weights, gradients and moments: EBFT's restore snapshot, mask tuning's frozen weights
@@ -285,6 +291,8 @@ def activation_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
         groups["evaluation streams"] = evals
     if s.guard:  # the calibration windows through the blocks as pruned alone (the guard's baseline)
         groups["pruned-alone chain"] = chain
+    if s.window > 1 and s.trains:  # the chain at a joint window's first block, kept until the window is trained
+        groups["joint window inputs"] = chain
     return groups
 
 
@@ -295,8 +303,9 @@ def weight_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
 
 
 def trained_params(shape: ModelShape, s: RunSizes) -> int:
-    """What EBFT trains in the largest block: its selected linears (+ norms with ``train_norms``)."""
-    return max(lp + (np if s.train_norms else 0) for lp, np in zip(shape.linear_params, shape.norm_params))
+    """What EBFT trains at once: the largest block's selected linears (+ norms with ``train_norms``), times the
+    blocks of a joint window."""
+    return s.window * max(lp + (np if s.train_norms else 0) for lp, np in zip(shape.linear_params, shape.norm_params))
 
 
 def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> dict[str, dict[str, int]]:
@@ -314,7 +323,7 @@ def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> d
         state = optimizer_bytes(shape, s)
         trained = trained_params(shape, s)
         if gpu:  # the trained weights become the fp32 master copy; the rest stay in the run dtype
-            block = {"block weights (frozen part)": b * (shape.block_params - trained)}
+            block = {"block weights (frozen part)": b * (s.window * shape.block_params - trained)}
         else:  # on the CPU the master copy is the weights themselves unless they are half precision
             state["fp32 master weights"] = (4 - b) * trained
         phases["recovery"] = {**block, **state, **training_step_bytes(shape, s, batch)}
@@ -353,7 +362,8 @@ def host_fixed_bytes(shape: ModelShape, s: RunSizes, load: str) -> dict[str, int
     if s.keep_masks and s.prunes and load != "lazy":  # a lazy walk writes each block out and keeps no masks
         out["masks of finished blocks (bool)"] = sum(shape.mask_params)
     if s.trains:  # the block as pruned, to restore a block whose training made it worse
-        out["restore snapshot of one block (fp32)"] = 4 * trained_params(shape, s)
+        out["restore snapshot of one block (fp32)" if s.window == 1 else
+            f"restore snapshot of one window of {s.window} blocks (fp32)"] = 4 * trained_params(shape, s)
     return out
 
 

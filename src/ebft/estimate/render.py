@@ -47,7 +47,8 @@ def render_plan(p: ResourcePlan) -> str:
     row("parameters", f"{sh.params_total / 1e9:.2f} B = {sh.layers} × {sh.block_params / 1e6:.1f} M per block"
                       f" + {sh.params_outside / 1e6:.1f} M outside")
     row("run", f"{s.device}, {s.run_dtype()}, autocast {s.autocast_dtype() or 'off'}; calibration {s.calib_nsamples}"
-               f" × {seq}; {s.methods} (batch {s.recovery_batch}, {s.epochs} epochs, target {s.target or 'none'});"
+               f" × {seq}; {s.methods} (batch {s.recovery_batch}, {s.epochs} epochs, target {s.target or 'none'}"
+               f"{f', windows of {s.window} blocks' if s.window > 1 else ''});"
                f" eval {s.eval_texts} × {s.eval_windows} × {eval_seq} at {s.stages()} stages")
     row("weights", f"{fmt_bytes(p.weights['total'])} ({fmt_bytes(p.weights['block'])} per block)")
     row("host: weights", f"{fmt_bytes(p.weights['eager'])} eager, {fmt_bytes(p.weights['lazy'])} lazy -> {p.load}")

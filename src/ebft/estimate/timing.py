@@ -223,7 +223,7 @@ def _time_training(model, block, shape, s: RunSizes, device, batch: int, length:
                      iters, warmup)
     peaks = (None, None)
     if device.type == "cuda":
-        phase = working_bytes(shape, dataclasses.replace(s, calib_seqlen=length), batch=batch)["recovery"]
+        phase = working_bytes(shape, dataclasses.replace(s, calib_seqlen=length, window=1), batch=batch)["recovery"]
         peaks = (torch.cuda.max_memory_allocated(device) - base, sum(phase.values()))
     del snapshot, optimizer
     return seconds, peaks
@@ -240,6 +240,8 @@ def _per_block(s: RunSizes, t_fwd: float, t_eval: float, t_step: float) -> dict[
         per_block["loss checks"] = 2 * n * t_fwd  # before and after, training and held-out windows
         per_block["training"] = s.epochs * math.ceil((n - s.holdout) / s.recovery_batch) * t_step
     per_block["propagation"] = n * t_fwd
+    if s.window > 1 and s.trains:  # inside a joint window the chain also goes through each block as pruned
+        per_block["joint window: chain through the pruned block"] = n * t_fwd * (s.window - 1) / s.window
     per_block["evaluation streams"] = s.eval_texts * s.stages() * s.eval_windows * t_eval
     if s.guard:  # the pruned-alone chain: its statistics pass and its propagation; the held-out windows twice
         per_block["guard: the model pruned alone"] = ((2 * n + 2 * s.guard) * t_fwd

@@ -32,6 +32,11 @@ sweeps read about a recovery, so that adding one is one module:
 - ``needs``: the input statistics the walk's dense pass collects for it (beside the pruner's);
 - ``state_bytes``: bytes of optimiser state per trained parameter on the accelerator (the estimator's
   memory arithmetic; 0 for a recovery that does not train);
+- ``window``: how many consecutive blocks one call trains together, a function of the settings (EBFT:
+  its ``window`` setting; default 1). A window of K > 1 is handed to ``fn`` as one block whose
+  linears, masks and statistics are named ``"<position>.<name>"`` (position 0 … K−1 in the window),
+  called on the first block's inputs and trained towards the dense model's output after the last;
+  it needs the ``dense-model`` target and a recovery that does not change masks;
 - ``changes_masks``, ``scope`` (``"block"`` or ``"model"``), ``structured`` (whether it works on a
   structurally pruned model) and a one-line ``summary`` for ``--help``.
 """
@@ -118,6 +123,7 @@ class Recovery:
     structured: bool = True  # False: refuses structured (shape-changing) pruning
     state_bytes: int = 0  # optimiser state per trained parameter (the estimator's arithmetic)
     summary: str = ""  # one line for --help
+    window: Callable | None = None  # settings -> blocks trained together (None: 1)
 
     def target_of(self, settings) -> str | None:
         """What each block is trained towards with these settings: dense-block, dense-model, or None."""
@@ -125,6 +131,24 @@ class Recovery:
         if target is not None and target not in TARGETS:
             raise ValueError(f"recovery {self.name!r}: target {target!r} is not one of {TARGETS}")
         return target
+
+    def window_of(self, settings) -> int:
+        """How many consecutive blocks one call trains together with these settings (1: each alone)."""
+        return 1 if self.window is None else int(self.window(settings))
+
+    def check_window(self, settings) -> None:
+        """Refuse a joint window this recovery cannot train: it needs the dense model's output as the target
+        (the dense blocks on the sparse chain's inputs give one block's target, not a window's) and fixed masks."""
+        k = self.window_of(settings)
+        if k == 1:
+            return
+        flag = "--recover-window (recover.window)"
+        if self.changes_masks:
+            raise ConfigError(flag, k, f"recovery {self.name!r} changes masks block by block; a joint window needs "
+                              "fixed masks: use window 1")
+        if self.target_of(settings) != "dense-model":
+            raise ConfigError(flag, k, "a window is trained towards the dense model's output after its last block: "
+                              "add --target dense-model (the best recipe's), or use window 1")
 
     @property
     def needs_targets(self) -> bool:
@@ -172,7 +196,7 @@ claim_flags(SECTION_BASE, "recover", "the recover section")
 
 def register_recovery(name: str, settings: type = NoSettings, target: str | Callable | None = "dense-block",
                       changes_masks: bool = False, scope: str = "block", needs=(), structured: bool = True,
-                      state_bytes: int = 0, summary: str = ""):
+                      state_bytes: int = 0, summary: str = "", window: Callable | None = None):
     """Decorator: add ``fn`` to :data:`RECOVERIES` under ``name``, with what it declares."""
     if scope not in ("block", "model"):
         raise ValueError(f"recovery {name!r}: scope must be 'block' or 'model'")
@@ -187,7 +211,7 @@ def register_recovery(name: str, settings: type = NoSettings, target: str | Call
         check_registration("recovery", name, fn, settings, "recover", SECTION_BASE,
                            [r.settings for r in RECOVERIES.values()])
         RECOVERIES[name] = Recovery(name, fn, settings, target, changes_masks, scope, frozenset(needs), structured,
-                                    state_bytes, summary)
+                                    state_bytes, summary, window)
         claim_flags(settings, "recover", f"recovery {name!r}")
         return fn
     return wrap

@@ -13,6 +13,13 @@ Masks are preserved exactly: gradients are multiplied by the mask before every s
 decoupled weight decay (AdamW) a zero weight has zero gradient, zero moments and a zero update
 — it stays exactly 0.0. The walk re-checks every mask after this function returns.
 
+**Joint windows** (``window`` K > 1; Shin et al., EMNLP 2024, "Rethinking pruning of large language
+models via block reconstruction"; Roux et al. 2025, arXiv 2510.14444): K consecutive blocks, each
+pruned with its own masks, are trained together as one function of the first one's inputs towards
+the dense model's output after the last, L = ‖B_{ℓ+K−1}∘…∘Bℓ(Xℓ; M ⊙ W′) − Y_{ℓ+K−1}‖². The walk
+hands this function the window as one "block" (:class:`ebft.walk.JointBlocks`); K = 1 is the
+paper's EBFT, unchanged.
+
 On CUDA the trainable weights are held in fp32 for the block's lifetime (master weights) while the
 forward runs under autocast; they go back to the model's dtype at the end.
 """
@@ -22,7 +29,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..models import norm_modules
@@ -35,11 +41,21 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EbftSettings(BlockTrainingSettings):
+class KeptWeightSettings(BlockTrainingSettings):
+    """What trains a block's kept weights (EBFT, the moving mask): the optimiser's settings."""
+
     lr: float = option(2e-4, "EBFT AdamW learning rate, decayed linearly to 0", low=0)
     weight_decay: float = option(0.1, "EBFT AdamW weight decay (the reference's 0.1)", low=0)
     train_norms: bool = option(False, "EBFT also trains the block's norm weights (off: linear weights and "
                                "biases only)")
+
+
+@dataclass
+class EbftSettings(KeptWeightSettings):
+    window: int = option(1, "ebft: blocks trained together — each run of this many consecutive blocks, every "
+                         "block pruned with its own masks, is trained jointly towards the dense model's output "
+                         "after its last block (needs target dense-model); 1: each block alone, as the paper",
+                         low=1, high=1024, flag="--recover-window", metavar="BLOCKS", keyed_at_default=False)
 
 
 def trainable_parameters(block: nn.Module, linears: dict[str, nn.Linear], train_norms: bool) -> list[nn.Parameter]:
@@ -53,7 +69,7 @@ def trainable_parameters(block: nn.Module, linears: dict[str, nn.Linear], train_
 
 
 @register_recovery("ebft", settings=EbftSettings, target=lambda settings: settings.target, state_bytes=16,
-                   summary="ebft trains the kept weights of each block")
+                   window=lambda settings: settings.window, summary="ebft trains the kept weights of each block")
 def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     """Train the kept weights of ``ctx.block`` to reproduce ``ctx.targets``; return the block's record."""
     block, linears, masks = ctx.block, ctx.linears, ctx.masks

@@ -33,14 +33,14 @@ import torch
 from ..masks import Pattern, mask_from_scores
 from ..settings import option
 from .base import BlockContext, register_recovery
-from .ebft import EbftSettings, trainable_parameters
+from .ebft import KeptWeightSettings, trainable_parameters
 from .training import autocast_dtype, evaluate_loss, make_adamw, mask_dtype, rejection, split_holdout, train_epochs
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class GradualSettings(EbftSettings):
+class GradualSettings(KeptWeightSettings):
     gradual_start: float = option(0.5, "ebft-gradual: the sparsity training starts at, as a fraction of the target",
                                   low=0, high=1, high_open=True)
     gradual_end: float = option(0.6, "ebft-gradual: the share of the training steps after which the mask is "
