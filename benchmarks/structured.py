@@ -29,13 +29,20 @@ def config(args, structure: str, ratio: float, recovery: str, lora_steps: int | 
     from ebft import RunConfig
 
     name = f"flap-{structure}-{int(ratio * 100)}-{recovery}" + (f"{lora_steps}" if lora_steps else "")
+    if recovery == "ebft" and args.window > 1:
+        name += f"-w{args.window}"
+    if args.calib == "self":
+        name += "-self"
     cfg = RunConfig(model=args.model, out=str(args.out / name), seed=0)
     cfg.prune.method, cfg.prune.sparsity, cfg.prune.flap_structure = "flap", ratio, structure
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = args.calib, args.nsamples, args.seqlen
     cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = [args.eval], args.eval_seqlen, args.eval_windows
     cfg.eval.speed = True
     cfg.recover.method = "lora" if recovery.startswith("lora") else recovery
-    cfg.recover.epochs = args.epochs
+    if recovery != "none" and not recovery.startswith("lora"):
+        cfg.recover.epochs = args.epochs
+    if recovery == "ebft" and args.window > 1:
+        cfg.recover.window = args.window
     if lora_steps:
         cfg.recover.lora_steps, cfg.recover.lora_batch_size, cfg.recover.lora_lr = lora_steps, 4, 1e-3
     return name, cfg
@@ -67,6 +74,7 @@ def main() -> int:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--window", type=int, default=1, help="EBFT's joint window (--recover-window)")
     ap.add_argument("--eval", default=str(WIKI) if WIKI.exists() else "offline")
     ap.add_argument("--eval-seqlen", type=int, default=2048)
     ap.add_argument("--eval-windows", type=int, default=8)

@@ -71,6 +71,7 @@ CASES = {
     "mask-tuning-lazy": ["--recover", "ebft-mask", "--lazy"],
     "flap": ["--method", "flap", "--sparsity", "0.3"],
     "gradual-2:4": ["--recover", "ebft-gradual", "--pattern", "2:4"],
+    "ebft-window": ["--target", "dense-model", "--recover-window", "2"],
 }
 
 
