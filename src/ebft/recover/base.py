@@ -33,18 +33,22 @@ sweeps read about a recovery, so that adding one is one module:
 - ``state_bytes``: bytes of optimiser state per trained parameter on the accelerator (the estimator's
   memory arithmetic; 0 for a recovery that does not train);
 - ``changes_masks``, ``scope`` (``"block"`` or ``"model"``), ``structured`` (whether it works on a
-  structurally pruned model) and a one-line ``summary`` for ``--help``.
+  structurally pruned model) and a one-line ``summary`` for ``--help``;
+- ``text_windows`` (a model-scope recovery that trains on ``ctx.text``): how many windows it takes from
+  the calibration text's draw, a function of its settings (LoRA: steps × batch + 4). ``--calib self``
+  generates them with the calibration windows, on the dense model before the walk; without it the
+  recovery cannot run with ``--calib self``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..data import calibration_windows
-from ..errors import ConfigError
+from ..errors import ConfigError, EbftError
 from ..settings import check_registration, claim_flags, option, release_flags
 from ..stats import STAT_KINDS
 from .recipes import DEFAULT_RECIPE, RECIPES
@@ -118,6 +122,7 @@ class Recovery:
     structured: bool = True  # False: refuses structured (shape-changing) pruning
     state_bytes: int = 0  # optimiser state per trained parameter (the estimator's arithmetic)
     summary: str = ""  # one line for --help
+    text_windows: Callable | None = None  # settings -> windows it takes from ctx.text (model scope)
 
     def target_of(self, settings) -> str | None:
         """What each block is trained towards with these settings: dense-block, dense-model, or None."""
@@ -172,7 +177,7 @@ claim_flags(SECTION_BASE, "recover", "the recover section")
 
 def register_recovery(name: str, settings: type = NoSettings, target: str | Callable | None = "dense-block",
                       changes_masks: bool = False, scope: str = "block", needs=(), structured: bool = True,
-                      state_bytes: int = 0, summary: str = ""):
+                      state_bytes: int = 0, summary: str = "", text_windows: Callable | None = None):
     """Decorator: add ``fn`` to :data:`RECOVERIES` under ``name``, with what it declares."""
     if scope not in ("block", "model"):
         raise ValueError(f"recovery {name!r}: scope must be 'block' or 'model'")
@@ -187,7 +192,7 @@ def register_recovery(name: str, settings: type = NoSettings, target: str | Call
         check_registration("recovery", name, fn, settings, "recover", SECTION_BASE,
                            [r.settings for r in RECOVERIES.values()])
         RECOVERIES[name] = Recovery(name, fn, settings, target, changes_masks, scope, frozenset(needs), structured,
-                                    state_bytes, summary)
+                                    state_bytes, summary, text_windows)
         claim_flags(settings, "recover", f"recovery {name!r}")
         return fn
     return wrap
@@ -201,15 +206,23 @@ def unregister_recovery(name: str) -> None:
 
 @dataclass(frozen=True)
 class TrainingText:
-    """Where a model-scope recovery draws its training windows: the calibration source's train split."""
+    """Where a model-scope recovery (and the finish) draws its training windows: the calibration source's
+    train split; with ``--calib self``, ``drawn``: the windows the dense model generated before the walk."""
 
     source: str
     seqlen: int
     seed: int = 0
+    drawn: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [N, seqlen], --calib self
 
     def windows(self, tokenizer, n: int) -> torch.Tensor:
-        """``[n, seqlen]`` random windows (same draw as the calibration windows: the first ones coincide)."""
-        return calibration_windows(tokenizer, self.source, n, self.seqlen, self.seed)
+        """``[n, seqlen]`` random windows (same draw as the calibration windows: the first ones coincide);
+        with ``drawn``, its first ``n``."""
+        if self.drawn is None:
+            return calibration_windows(tokenizer, self.source, n, self.seqlen, self.seed)
+        if n > len(self.drawn):  # a consumer that did not declare what it takes (RunConfig.windows_drawn)
+            raise EbftError(f"calib self: {n} windows asked of the {len(self.drawn)} generated before the walk; a "
+                            "model-scope recovery declares the windows it takes (text_windows)")
+        return self.drawn[:n]
 
 
 def get_recovery(name: str) -> Recovery:
