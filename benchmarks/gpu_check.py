@@ -1310,7 +1310,7 @@ def check_big_run(check: Check, deadline: float, device: str, shape: str) -> Non
             return originals[3](self)
 
         pipeline.load = lambda cfg, lazy, dev: (model, tokenizer)
-        pipeline.prepare_data = lambda net, tok, cfg, calibrate=True: data
+        pipeline.prepare_data = lambda net, tok, cfg, calibrate=True, **kw: data
         pipeline.activation_placement = placement
         RunCheckpoint.remove = remove
         if device != "cpu":

@@ -65,7 +65,9 @@ from .allocation import Allocation
 from .atomic import check_unlocked, take_lock, write_atomic, write_json
 from .errors import EbftError
 from .masks import pack_bits, unpack_bits
+from .data import SELF
 from .models import check_safetensors, model_files_fingerprint
+from .selfcalib import keyed_calib
 from .system import versions
 from .weights import FLOAT_CODES, SAFETENSORS_DTYPES, ShardWriter, read_safetensors_header, trim_parts, write_safetensors
 
@@ -138,8 +140,10 @@ def settings_of(config: dict) -> dict:
     settings["model"] = _absolute_if_local(settings.get("model"))
     settings["out"] = os.path.abspath(os.path.expanduser(settings["out"])) if settings.get("out") else None
     calib, ev = settings.get("calib") or {}, settings.get("eval") or {}
-    if "source" in calib:
+    if "source" in calib and calib["source"] != SELF:
         calib["source"] = _absolute_if_local(calib["source"])
+    if "calib" in settings:
+        settings["calib"] = keyed_calib(calib)
     if isinstance(ev.get("sources"), list):
         ev["sources"] = [_absolute_if_local(src) for src in ev["sources"]]
     if isinstance(ev.get("task_data"), str):

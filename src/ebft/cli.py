@@ -303,7 +303,8 @@ class _Progress:
             if self.bar is None:
                 self.bar = tqdm(total=info["total"], desc=self.desc, unit="block", file=sys.stderr)
         elif event == "work_start":
-            self.bar = tqdm(total=info["total"], desc=info["name"], unit="window", file=sys.stderr, leave=False)
+            self.bar = tqdm(total=info["total"], desc=info["name"], unit=info.get("unit", "window"), file=sys.stderr,
+                            leave=False, unit_scale=info.get("unit") == "token")
         elif event == "work_step" and self.bar is not None:
             self.bar.update(info["done"] - self.bar.n)
             if self.bar.n >= self.bar.total:
@@ -372,8 +373,19 @@ def run_table(record: dict) -> str:
     else:
         what = (f"sparsity {record['sparsity']['overall']:.2%} over {len(record['sparsity']['layers'])} linears "
                 f"({record['resolved']['pattern']})")
-    return (f"{text}\n\n{what}; {record['wall_seconds']:.0f} s{cost_line(record.get('recovery'))}"
+    return (f"{text}\n\n{what}; {record['wall_seconds']:.0f} s"
+            f"{self_calibration_line(record.get('self_calibration'))}{cost_line(record.get('recovery'))}"
             f"{finish_line(record.get('finish'))}")
+
+
+def self_calibration_line(draw: dict | None) -> str:
+    """``--calib self``: how many windows the model wrote, in how long, and where they are cached."""
+    if not draw or "cache_file" not in draw:
+        return ""
+    how = (f"{draw['windows_generated']} generated in {draw['seconds']:.1f} s" if draw["generated"]
+           else "read from the cache")
+    return (f"\nself-calibration: {draw['windows']} windows of {draw['seqlen']} tokens (all the run takes), {how} "
+            f"({draw['cache_file']})")
 
 
 def export_table(report) -> str:
@@ -411,8 +423,11 @@ class _SweepProgress:
 
     def __init__(self):
         self.bar, self.cell = None, ""
+        self.work = _Progress()  # a bar of its own for work before and inside a cell (self-calibration, teacher)
 
     def __call__(self, event, **info):
+        if event.startswith("work_"):
+            self.work(event, **info)
         if event.startswith("cell_") and self.bar is None:
             self.bar = tqdm(total=info["total"], desc="cells", unit="cell", file=sys.stderr)
         if event == "cell_start":

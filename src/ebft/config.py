@@ -35,7 +35,7 @@ import yaml
 
 from . import settings as st
 from .allocation import AllocationSettings, check_allocation
-from .data import HUB_SOURCES
+from .data import HUB_SOURCES, SELF
 from .data import NAMED_SOURCES as TEXTS
 from .errors import ConfigError
 from .evaluation.zeroshot import plan_tasks
@@ -50,7 +50,7 @@ from .prune import PRUNERS, get_pruner
 from .prune.base import SECTION_BASE as PRUNE_BASE
 from .recover import RECOVERIES, get_recovery
 from .recover.base import SECTION_BASE as RECOVER_BASE
-from .recover.finish import FinishSettings
+from .recover.finish import FinishSettings, finish_windows
 from .recover.recipes import RECIPES, recipe_fields
 from .recover.recipes import value as recipe_value
 from .settings import option
@@ -67,9 +67,20 @@ def _task_list(text: str) -> list[str]:
 
 @dataclass
 class CalibConfig:
-    source: str = option("offline", f"calibration text: {_SOURCE_HELP}", flag="--calib")
+    source: str = option("offline", f"calibration text: {_SOURCE_HELP} | self (the dense model writes its own "
+                         "windows, sampled from its BOS token, and caches them: the --self-* settings)", flag="--calib")
     nsamples: int = option(128, "calibration windows", low=1)
     seqlen: int | None = option(None, "tokens per calibration window", low=1, default_text="min(context, 2048)")
+    # --calib self (ebft.selfcalib): every one changes the windows, so each is in the cache's key
+    self_temperature: float = option(1.0, "--calib self: sampling temperature", low=0, low_open=True)
+    self_top_p: float = option(0.95, "--calib self: sample from the most likely tokens holding this share of the "
+                               "probability (nucleus; 1: off)", low=0, low_open=True, high=1)
+    self_top_k: int = option(0, "--calib self: sample from the k most likely tokens (0: off)", low=0)
+    self_batch_size: int = option(16, "--calib self: windows generated at once, one token of each per step (the "
+                                  "device holds one batch's KV cache; the windows depend on it)", low=1, high=1024)
+
+
+SELF_SETTINGS = tuple(f.name for f in dataclasses.fields(CalibConfig) if f.name.startswith("self_"))
 
 
 @dataclass
@@ -163,8 +174,8 @@ class RunConfig:
     lazy: bool | None = option(None, "load lazily: read each block from the safetensors shards when the walk "
                                "reaches it, write it to the output when done and free it, so host memory holds "
                                "about one block plus the activations, not the model (auto: when the weights "
-                               "exceed half the available memory; not for GGUF, .bin, lora, zero-shot, speed or "
-                               "structured pruning, which need the whole model)", default_text="auto")
+                               "exceed half the available memory; not for GGUF, .bin, lora, --calib self, zero-shot, "
+                               "speed or structured pruning, which need the whole model)", default_text="auto")
     resume: bool | None = option(None, "continue a killed run from its checkpoint beside --out (auto: when there "
                                  "is one of the same settings; a different one is refused; --no-resume: discard "
                                  "it and start over)", default_text="auto")
@@ -225,7 +236,7 @@ class RunConfig:
         """Every path the run reads: ``--out`` may never hold, be or lie inside one of them."""
         tasks = [item.split("=", 1)[-1].strip() for item in (self.eval.task_data or "").split(",")]
         return [p for p in (self.model, self.calib.source, *self.eval.sources, *self.recover.guard_texts, *tasks)
-                if p and p != "builtin"]
+                if p and p not in ("builtin", SELF)]
 
     # ---- the parts of one section that belong to one method -------------------------------
     def pruner_settings(self):
@@ -252,6 +263,19 @@ class RunConfig:
             else:
                 values[f.name] = recipe_value(self.recover.recipe, f.name, self)
         return cls(**values)
+
+    def windows_drawn(self) -> int:
+        """How many windows of the calibration text the run takes from its one draw, each consumer a prefix:
+        the calibration windows, the guard's held-out ones after them, a model-scope recovery's training
+        windows (its ``text_windows``: LoRA's steps × batch + 4), the finish's (calibration + held-out).
+        ``--calib self`` generates this many, once, on the dense model before the walk."""
+        recovery = get_recovery(self.recover.method)
+        counts = [self.calib.nsamples, finish_windows(self.calib.nsamples, self.finish)]
+        if recovery.guardable and self.recover.guard > 0:
+            counts.append(self.calib.nsamples + self.recover.guard)
+        if recovery.text_windows is not None:
+            counts.append(recovery.text_windows(self.recovery_settings()))
+        return max(counts)
 
     def pattern(self, pruner=None):
         """The sparsity :class:`~ebft.masks.Pattern` these settings ask for. A structured pruner (FLAP)
@@ -316,6 +340,11 @@ class RunConfig:
                     unused[f"eval.{name}"] = (getattr(self.eval, name), "--zeroshot")
         if not self.eval.pruned and not recovery.guardable:
             unused["eval.pruned"] = (False, "a block-wise recovery (without one, 'pruned' is the final model)")
+        if self.calib.source != SELF:
+            for name in SELF_SETTINGS:
+                default = st.default_of(next(f for f in dataclasses.fields(CalibConfig) if f.name == name))
+                if self._set(f"calib.{name}", getattr(self.calib, name), default):
+                    unused[f"calib.{name}"] = (getattr(self.calib, name), "--calib self")
         if not self.checkpoint and self._set("checkpoint_every", self.checkpoint_every, 0):
             unused["checkpoint_every"] = (self.checkpoint_every, "--checkpoint")
         if self.export is None and self._set("export_type", self.export_type, "f16"):
@@ -375,6 +404,9 @@ class RunConfig:
             except re.error as exc:
                 raise ConfigError("prune.layers", self.prune.layers, f"not a valid regex ({exc})") from exc
         check_source(self.calib.source, "calib")
+        if self.calib.source == SELF and recovery.scope == "model" and recovery.text_windows is None:
+            raise ConfigError("calib", SELF, f"recovery {recovery.name} does not declare the windows it trains on "
+                              "(text_windows), so they cannot be generated before the walk: give a text")
         for src in self.eval.sources:
             check_source(src, "eval")
         self.check_guard_texts(recovery)
@@ -421,7 +453,7 @@ class RunConfig:
 
 def _same_text(source: str) -> str:
     """A source as a name that is equal for the same text (a file by its resolved path)."""
-    return source if source in NAMED_SOURCES else str(Path(os.path.expanduser(source)).resolve())
+    return source if source in (*NAMED_SOURCES, SELF) else str(Path(os.path.expanduser(source)).resolve())
 
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
@@ -468,6 +500,11 @@ def check_source(source: str, field_name: str = "calib") -> None:
     if source == "auto" and field_name != "eval":
         raise ConfigError(field_name, source, f"auto is for evaluation; use a local file or one of "
                           f"{', '.join(n for n in NAMED_SOURCES if n != 'auto')}")
+    if source == SELF:
+        if field_name == "calib":
+            return
+        raise ConfigError(field_name, source, "self (the model's own text) is for calibration, --calib self; use a "
+                          "local file (./self for a file of that name) or one of " + ", ".join(NAMED_SOURCES))
     if source in NAMED_SOURCES:
         return
     path = Path(os.path.expanduser(source))

@@ -10,6 +10,9 @@ A *source* is a string:
 - a local file: ``.txt`` (or any other extension), ``.raw`` (WikiText), ``.jsonl`` / ``.json``
   with a ``text`` field. Local files have no split: train and test are the whole file.
 
+Calibration has one more source, ``self`` (:data:`SELF`): the dense model samples its own windows
+(:mod:`ebft.selfcalib`; a file of that name is ``./self``).
+
 Each source yields *rows* (what the dataset calls a record: a WikiText line, a PTB sentence, a C4
 document) and the separator the standard protocols join them with. Everything is tokenized with
 ``add_special_tokens=False``: no BOS/EOS is inserted at document boundaries or window starts.
@@ -76,6 +79,7 @@ OFFLINE_SOURCES = {"offline": "wiki.utf8", "offline-c4": "c4.utf8"}
 TEST_FRACTION = 0.1
 
 NAMED_SOURCES = (*HUB_SOURCES, *OFFLINE_SOURCES)
+SELF = "self"  # --calib self: windows the dense model writes (ebft.selfcalib), calibration only
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from .atomic import write_json
 from .blockstore import load_lazy, store_for, weights_bytes
 from .checkpoint import NO_CHECKPOINT, RunCheckpoint, discard_if_finished, kill_point, settings_of
 from .config import RunConfig, budget_seconds, check_device, check_source, resolve_device
-from .data import adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
+from .data import SELF, adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
 from .errors import ConfigError, EbftError
 from .estimate import REDUCE, RunSizes, plan_resources
 from .export import check_export_model
@@ -54,6 +54,7 @@ from .recover import RECOVERIES, ModelContext, TrainingText, get_recovery
 from .recover.finish import finish, prepare_finish
 from .recover.recipes import PAPER_DIFFERENCES
 from .report import plot_block_losses
+from .selfcalib import Sampling, SelfDraw, self_windows
 from .streams import STAGES, Homes, capture_stream
 from .system import PhaseClock, host_available, peak_memory, reset_host_peak, seed_everything, versions
 from .walk import MASK_KEY, PruneSpec, RecoverSpec, planning_pass, walk
@@ -95,6 +96,12 @@ class Data:
     protocol: dict = field(default_factory=dict)  # name -> {seqlen, windows, tokens, bos, ...}
     notes: list[str] = field(default_factory=list)  # clamped lengths and the like
     guards: dict[str, torch.Tensor] = field(default_factory=dict)  # the guard's texts: name -> [k, seqlen]
+    self_draw: SelfDraw | None = None  # --calib self: every window the run takes, generated before the walk
+
+    def training_text(self, config: RunConfig) -> TrainingText:
+        """Where LoRA and the finish draw their windows: the calibration text, or the model's own draw."""
+        return TrainingText(config.calib.source, self.calib_seqlen, config.seed,
+                            self.self_draw.windows if self.self_draw is not None else None)
 
 
 def _clamped(value: int | None, context: int, name: str, notes: list[str]) -> int:
@@ -124,18 +131,35 @@ def eval_sets(tokenizer, sources, seqlen: int, windows: int | None) -> tuple[dic
     return sets, protocol
 
 
-def prepare_data(model, tokenizer, config: RunConfig, calibrate: bool = True) -> Data:
+def prepare_data(model, tokenizer, config: RunConfig, calibrate: bool = True, device: str | None = None,
+                 progress=None, need: int | None = None, clock: PhaseClock | None = None) -> Data:
     """Calibration windows and evaluation windows; lengths default to min(model context, 2048) and are
-    clamped to the model's context (with a warning, recorded in run.json)."""
+    clamped to the model's context (with a warning, recorded in run.json).
+
+    ``--calib self``: the (dense) ``model`` generates, on ``device`` (default: the run's), every window the
+    run takes (:meth:`RunConfig.windows_drawn`, or ``need`` when more: a sweep's cells share one draw), or
+    reads them from the cache (:mod:`ebft.selfcalib`); the calibration and guard windows are its prefix.
+    ``clock``: the time of the generation (``self-calibration``) and of the rest (``tokenize``) goes to it."""
+    clock = clock or PhaseClock()
     context, notes = context_length(model), []
     calib_seqlen = _clamped(config.calib.seqlen, context, "calib.seqlen", notes) if calibrate else None
     eval_seqlen = _clamped(config.eval.seqlen, context, "eval.seqlen", notes)
-    calib = (calibration_windows(tokenizer, config.calib.source, config.calib.nsamples, calib_seqlen, config.seed)
-             if calibrate else None)
-    evals, protocol = eval_sets(tokenizer, config.eval.sources, eval_seqlen, config.eval.windows)
-    data = Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes,
-                guard_sets(tokenizer, config, calib_seqlen, eval_seqlen) if calibrate and guarded(config) else {})
-    check_token_ids(model, tokenizer, {"calibration": calib, **evals, **data.guards})
+    drawn = None
+    if calibrate and config.calib.source == SELF:
+        with clock.phase("self-calibration"):
+            drawn = self_windows(model, tokenizer, max(need or 0, config.windows_drawn()), calib_seqlen, config.seed,
+                                 Sampling.of(config.calib), device or resolve_device(config.device), progress)
+    with clock.phase("tokenize"):
+        calib = None
+        if calibrate:
+            calib = (drawn.windows[:config.calib.nsamples] if drawn is not None else
+                     calibration_windows(tokenizer, config.calib.source, config.calib.nsamples, calib_seqlen,
+                                         config.seed))
+        evals, protocol = eval_sets(tokenizer, config.eval.sources, eval_seqlen, config.eval.windows)
+        guards = (guard_sets(tokenizer, config, calib_seqlen, eval_seqlen, drawn) if calibrate and guarded(config)
+                  else {})
+        data = Data(calib, evals, calib_seqlen, eval_seqlen, protocol, notes, guards, drawn)
+        check_token_ids(model, tokenizer, {"calibration": drawn.windows if drawn else calib, **evals, **data.guards})
     return data
 
 
@@ -150,13 +174,16 @@ def check_token_ids(model, tokenizer, texts: dict) -> None:
                             f"which the model's embedding ({rows} rows) has no row for")
 
 
-def guard_sets(tokenizer, config: RunConfig, calib_seqlen: int, eval_seqlen: int) -> dict[str, torch.Tensor]:
+def guard_sets(tokenizer, config: RunConfig, calib_seqlen: int, eval_seqlen: int,
+               drawn: SelfDraw | None = None) -> dict[str, torch.Tensor]:
     """The guard's texts, ``--recover-guard`` windows each: the calibration text's windows after the calibration
-    ones (in the same draw, of the calibration length), then the first windows of each ``--recover-guard-on``
-    text's validation split, of the evaluation length (scored as the texts the run is judged on are)."""
-    k = config.recover.guard
-    sets = {GUARD: calibration_windows(tokenizer, config.calib.source, config.calib.nsamples + k, calib_seqlen,
-                                       config.seed)[config.calib.nsamples:]}
+    ones (in the same draw, of the calibration length; ``drawn``: the model's own, --calib self), then the first
+    windows of each ``--recover-guard-on`` text's validation split, of the evaluation length (scored as the
+    texts the run is judged on are)."""
+    k, n = config.recover.guard, config.calib.nsamples
+    held_out = (drawn.windows[n:n + k] if drawn is not None else
+                calibration_windows(tokenizer, config.calib.source, n + k, calib_seqlen, config.seed)[n:])
+    sets = {GUARD: held_out}
     for src in config.recover.guard_texts:
         name, ids = f"held-out {source_name(src)}", eval_tokens(tokenizer, src, adds_bos(tokenizer), split="validation")
         if ids.shape[-1] < eval_seqlen:
@@ -232,7 +259,7 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     checkpoint = checkpoint if checkpoint is not None else NO_CHECKPOINT
     clock = clock or PhaseClock()
     recovery, settings = get_recovery(config.recover.method), config.recovery_settings()
-    text = TrainingText(config.calib.source, data.calib_seqlen, config.seed)
+    text = data.training_text(config)
     whole = _model_stages(model, tokenizer, config, text, device, progress)  # the finish's teacher: dense model
     homes = Homes(torch.device(device), placement)
     with clock.phase("capture"):
@@ -431,8 +458,7 @@ def _run(config: RunConfig, pattern, device: str, lazy: bool, start: float, prog
         with clock.phase("load"):
             model, tokenizer = load(config, lazy, device)
             check_model_fits(model, pattern, config)
-        with clock.phase("tokenize"):
-            data = prepare_data(model, tokenizer, config)
+        data = prepare_data(model, tokenizer, config, device=device, progress=progress, clock=clock)
         checkpoint.check_data(data.calib, {**data.evals, **data.guards})  # the guard's texts too
         checkpoint.begin()
         # speed: structured runs by default, in one process only (ranks would time each other's contention)
@@ -570,6 +596,7 @@ def build_record(config: RunConfig, model, pattern, device: str, data: Data, out
         "sparsity": walk_sparsity(model, outcome.result),
         "perplexity": outcome.perplexity,
         "eval_protocol": data.protocol,
+        **({"self_calibration": data.self_draw.record} if data.self_draw is not None else {}),
         "recovery": outcome.cost,
         "finish": outcome.finish,
         **({"structure": structure} if structure else {}),
@@ -612,6 +639,9 @@ def lazy_blockers(config: RunConfig, pattern) -> list[str]:
     why = []
     if str(config.model).endswith(".gguf") or config.model in BUILTIN_MODELS:
         why.append("GGUF models load whole (transformers dequantises the file at once)")
+    if config.calib.source == SELF:
+        why.append("--calib self samples every window from the whole model, one token at a time (a lazy run would "
+                   "read every block per token)")
     if get_recovery(config.recover.method).scope == "model":
         why.append(f"recovery {config.recover.method} trains the whole model at once")
     if config.eval.zeroshot:

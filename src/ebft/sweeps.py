@@ -40,6 +40,7 @@ from .pipeline import check_model_fits, final_stage, guardable, guarded, prepare
 from .prune import PRUNERS, get_pruner
 from .recover import RECOVERIES
 from .report import plot_sweep, sweep_markdown
+from .selfcalib import keyed_calib
 from .settings import fields_of, keyed
 from .system import seed_everything, versions
 
@@ -123,6 +124,7 @@ def cell_key(cell: RunConfig) -> str:
     reruns an EBFT cell, SparseGPT's dampening never a Wanda one), the time budget and the end-to-end
     guard where they apply."""
     settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
+    settings["calib"] = keyed_calib(settings["calib"])  # the --calib self settings key only its cells
     if cell.finish.method == "none":  # no finish: its settings change nothing (and keys stay as before it existed)
         settings.pop("finish")
     settings["eval"].pop("pruned", None)  # a cell scores its final model only
@@ -239,7 +241,8 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
     """Run each ``(cell, pattern)`` not already finished in ``out/cells`` on one loaded model.
 
     The cells share the model, its dtype and device (``base``'s); each may have its own calibration
-    windows (the windows for one calibration setting are drawn once) and evaluation texts.
+    windows (the windows for one calibration setting are drawn once, as many as the cell that takes the
+    most needs: ``--calib self`` generates them once for all cells) and evaluation texts.
     ``on_cell(dense, finished)`` is called after every finished cell. Returns ``(dense perplexity,
     finished records in cell order)``; a rerun with nothing to do does not load the model.
     """
@@ -255,12 +258,14 @@ def run_cells(base: RunConfig, cells: list[tuple[RunConfig, object]], out: Path,
     log.info("sweep: %d cells, %d already finished", len(cells), len(cells) - len(todo))
 
     datasets: dict[str, object] = {}
+    # one draw of the calibration text for every cell (--calib self generates it once): the most any cell takes
+    need = max(cell.windows_drawn() for cell in (base, *(c for c, _ in cells)))
 
     def data_for(cell: RunConfig):
         key = json.dumps([dataclasses.asdict(cell.calib), dataclasses.asdict(cell.eval), cell.seed,
                           [cell.recover.guard, cell.recover.guard_texts] if guarded(cell) else 0], default=str)
-        if key not in datasets:
-            datasets[key] = prepare_data(model, tokenizer, cell)
+        if key not in datasets:  # (on the dense model: the weights are restored before each cell)
+            datasets[key] = prepare_data(model, tokenizer, cell, device=device, progress=progress, need=need)
         return datasets[key]
 
     lock, busy = None, f"out: another ebft sweep is using {out}; wait for it to finish or give another --out"

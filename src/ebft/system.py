@@ -187,6 +187,15 @@ class _Phase:
         return False
 
 
+def work_counter(progress, what: str, total: int, unit: str = "window"):
+    """``report(done)``: ``work_start`` once, then ``work_step`` events for a progress bar over ``total``
+    ``unit``s (the CLI draws it); nothing without a ``progress`` callback."""
+    if progress is None:
+        return lambda done: None
+    progress("work_start", name=what, total=total, unit=unit)
+    return lambda done: progress("work_step", name=what, done=done, total=total)
+
+
 def timed(name: str):
     """Decorator for a method whose object has a ``clock`` (:class:`PhaseClock`, or None): its time goes to
     phase ``name``. Keeps the walk's loop the algorithm, with the timing beside it."""

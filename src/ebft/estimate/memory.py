@@ -49,6 +49,9 @@ counts the same in host memory, less what the host's weights already hold):
   (:func:`forward_transient_bytes`, an estimate).
 - *head*: embeddings, final norm and head ``b·P_outside`` + the logits of one evaluation window and
   their fp32 copy and log-softmax ``Sₑ·V·(b + 8)``.
+- *self-calibration* (``--calib self``, before the walk): the whole model on the accelerator ``b·P_total``
+  + the KV cache of one generation batch ``G·S·L·2·kv·b`` (``G`` windows at once, ``L`` blocks; sliding-window
+  layers counted whole) + the sampler's ``G·V·28`` (fp32 logits, scores, probabilities and CDF, int64 order).
 
 **Saved activations of one decoder block** (per token; pre-norm decoder, the block's input needs no
 gradient so the first norm saves nothing)::
@@ -75,6 +78,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import RunConfig, resolve_device
+from ..data import SELF
 from ..prune import get_pruner
 from ..recover import get_recovery
 from .shape import ModelShape
@@ -122,6 +126,8 @@ class RunSizes:
     checkpoint: bool = True  # the walk writes its checkpoint (finished blocks, masks, pruned-stage blocks)
     trust_remote_code: bool = False  # for configs whose model code lives on the hub
     methods: str = "wanda + ebft"  # the pruner and the recovery, for the table
+    self_windows: int = 0  # --calib self: windows generated (whole batches; 0: another calibration text)
+    self_batch: int = 16  # --calib self: windows generated at once
 
     def guard_text_windows(self) -> int:
         """The guard's windows of its further texts (``guard`` of each, of the evaluation length)."""
@@ -157,7 +163,8 @@ class RunSizes:
                     guard_texts=len(config.recover.guard_texts) if recovery.guardable else 0,
                     walk_batch=config.batch_size, layers=config.prune.layers, checkpoint=config.checkpoint,
                     trust_remote_code=config.trust_remote_code,
-                    methods=f"{config.prune.method} + {recovery.name}")
+                    methods=f"{config.prune.method} + {recovery.name}",
+                    self_windows=self_calibration_windows(config), self_batch=config.calib.self_batch_size)
         return dataclasses.replace(sizes, **found)
 
     def run_dtype(self) -> str:
@@ -174,6 +181,15 @@ class RunSizes:
     def stages(self) -> int:
         """Evaluation streams per text: without recovery 'pruned' and 'final' are the same stream."""
         return self.eval_stages if self.recovers else min(self.eval_stages, 2)
+
+
+def self_calibration_windows(config: RunConfig) -> int:
+    """The windows ``--calib self`` generates for ``config`` when nothing is cached: every window the run takes,
+    in whole batches (0 for another calibration text)."""
+    if config.calib.source != SELF:
+        return 0
+    batch = config.calib.self_batch_size
+    return -(-config.windows_drawn() // batch) * batch
 
 
 def typical_eval_windows(source: str, seqlen: int) -> int:
@@ -330,7 +346,19 @@ def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> d
     if s.eval_windows:
         phases["head"] = {**({"embeddings and head": b * shape.params_outside} if gpu else {}),
                           "logits of one window": eval_seq * shape.vocab * (b + 8)}
+    if s.self_windows:
+        phases["self-calibration"] = generation_bytes(shape, s)
     return phases
+
+
+def generation_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
+    """``--calib self``'s generation: the whole model on the accelerator (on the CPU it is among the host's
+    weights), one batch's KV cache at the full window length, the sampler's tensors over the vocabulary."""
+    b = dtype_bytes(s.run_dtype())
+    seq, _ = seqlens(shape, s)
+    weights = {"the whole model": b * shape.params_total} if s.device.startswith("cuda") else {}
+    return {**weights, "KV cache of one generation batch": s.self_batch * seq * shape.layers * 2 * shape.kv_heads
+            * shape.head_dim * b, "sampling over the vocabulary": s.self_batch * shape.vocab * 28}
 
 
 def disk_bytes(shape: ModelShape, s: RunSizes, load: str) -> dict[str, int]:

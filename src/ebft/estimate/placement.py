@@ -27,7 +27,8 @@ ACCELERATOR, PINNED, HOST, REDUCE, UNKNOWN = "accelerator", "pinned host", "host
 # the flag that sets each size a reduction names
 FLAGS = {"calib_nsamples": "--nsamples", "calib_seqlen": "--seqlen", "eval_windows": "--eval-windows",
          "eval_seqlen": "--eval-seqlen", "eval_stages": "evaluation stages (no flag: fewer --eval texts)",
-         "recovery_batch": "--recover-batch-size", "load": "--lazy"}
+         "recovery_batch": "--recover-batch-size", "load": "--lazy", "self_batch": "--self-batch-size"}
+GENERATION = "self-calibration"  # the phase before the walk (--calib self): no activation is resident then
 
 
 @dataclass(frozen=True)
@@ -123,10 +124,29 @@ def _fit(shape: ModelShape, s: RunSizes, free_acc: int | None, free_host: int, r
     fixed = host_fixed_bytes(shape, s, load)
     groups = activation_bytes(shape, s)
     phases = working_bytes(shape, s)
-    working = max(sum(p.values()) for p in phases.values())
-    placement = place(groups, working, free_acc if s.device.startswith("cuda") else None, free_host,
-                      sum(fixed.values()), reserve, host_reserve)
+    working = max(sum(p.values()) for name, p in phases.items() if name != GENERATION)
+    gpu = s.device.startswith("cuda")
+    placement = place(groups, working, free_acc if gpu else None, free_host, sum(fixed.values()), reserve,
+                      host_reserve)
+    if GENERATION in phases:
+        placement = _with_generation(placement, sum(phases[GENERATION].values()), free_acc if gpu else None,
+                                     sum(fixed.values()), reserve)
     return load, fixed, groups, phases, working, placement
+
+
+def _with_generation(placement: Placement, need: int, free_acc: int | None, host_fixed: int,
+                     reserve: float) -> Placement:
+    """``--calib self`` generates before the walk, when no activation is resident: it must fit on its own
+    (the accelerator, or the host beside the weights), else the plan says reduce."""
+    if placement.decision == REDUCE:
+        return placement
+    have, short = (int(reserve * free_acc), "accelerator") if free_acc is not None else (
+        placement.host_budget - host_fixed, "host")
+    if need <= have:
+        return placement
+    return dataclasses.replace(placement, decision=REDUCE, reason=f"{short} memory: --calib self's generation "
+                               f"(one batch's KV cache{', the whole model' if free_acc is not None else ''}) "
+                               f"needs {fmt_bytes(need)}, have {fmt_bytes(have)}")
 
 
 def _largest_fitting(shape, s, name, lo, hi, free_acc, free_host, reserve, host_reserve):
@@ -150,6 +170,8 @@ def suggest_reductions(shape: ModelShape, s: RunSizes, free_acc: int | None, fre
         knobs += [("eval_windows", s.eval_windows), ("eval_seqlen", eval_seq), ("eval_stages", s.stages())]
     if s.trains:
         knobs.append(("recovery_batch", s.recovery_batch))
+    if s.self_windows:
+        knobs.append(("self_batch", s.self_batch))
     out = []
     for name, current in knobs:
         low = 0 if name == "eval_windows" else 1  # no evaluation at all is a value; no calibration is not

@@ -80,6 +80,9 @@ def render_plan(p: ResourcePlan) -> str:
         t = p.time
         row("time", f"{_fmt_seconds(t.total_seconds)} ({t.label})")
         row("  per block", ", ".join(f"{k} {_fmt_seconds(v)}" for k, v in t.per_block.items()))
+        if t.generation_seconds:
+            row("  self-calibration", f"{_fmt_seconds(t.generation_seconds)} before the walk: {s.self_windows} windows × "
+                                      f"{seq} tokens, {s.self_batch} at a time, one token per step (none when cached)")
     for note in p.notes:
         row("note", note)
     width = max(len(k) for k, _ in rows)

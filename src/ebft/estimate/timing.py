@@ -6,6 +6,12 @@ gradients, clipping, AdamW) on EBFT's trainable parameters, and the time is extr
 walk: ``blocks × (stats pass + dense-model stream + the loss checks + epochs × steps + propagation +
 evaluation streams)``. Pruning itself (SparseGPT's solve), the capture and the head are not timed. On
 a CPU it is a rough estimate, labelled so.
+
+``--calib self`` adds its generation before the walk: ``windows / batch × seqlen`` decode steps, each one
+token of every window of a batch through every block with a KV cache, then the head and the sampler.
+One decode step of the random block is timed with a cache of half a window (capped on a CPU), scaled to
+the blocks and to the head by its share of the weights; the sampler is timed on logits of the real
+vocabulary (with the sort top-p needs). None of it when the windows are cached.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from ..models import find_blocks, find_linears
 from ..recover import BlockContext
 from ..recover.ebft import trainable_parameters
 from ..recover.training import BlockTrainingSettings, make_adamw, training_step
+from ..selfcalib import Sampling, decode_step, sample_next
 from .memory import RunSizes, disk_bytes, seqlens, working_bytes
 from .shape import load_config, model_shape
 
@@ -39,6 +46,7 @@ class TimeEstimate:
     measured_batch: int
     measured_peak_bytes: int | None = None  # CUDA: peak allocated during training steps (block + state + step)
     predicted_peak_bytes: int | None = None  # the recovery phase's formula at the measured batch
+    generation_seconds: float = 0.0  # --calib self: generating the windows, before the walk (in total_seconds)
 
 
 def one_block(config, device, dtype: torch.dtype, attention: str | None = None, seed: int = 0,
@@ -163,7 +171,8 @@ def _measure(config, s: RunSizes, device: torch.device, iters: int, warmup: int,
     cfg = load_config(config, s.trust_remote_code)
     shape = model_shape(cfg, s.layers, s.attention, s.trust_remote_code)
     seq, eval_seq = seqlens(shape, s)
-    shrink = _shrinker(max_tokens or (None if device.type == "cuda" else 4096))
+    cap = max_tokens or (None if device.type == "cuda" else 4096)
+    shrink = _shrinker(cap)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     model, block = one_block(cfg, device, getattr(torch, s.run_dtype()), s.attention,
                              trust_remote_code=s.trust_remote_code)
@@ -178,6 +187,7 @@ def _measure(config, s: RunSizes, device: torch.device, iters: int, warmup: int,
         t_eval = _timed(lambda: ioe.call(block, xe), device, iters, warmup) * e_scale
     del xe, ioe
 
+    t_gen = _generation_seconds(model, shape, s, device, seq, iters, warmup, cap) if s.self_windows else 0.0
     t_step, mb, s_scale, peaks = 0.0, 0, 1.0, (None, None)
     if s.trains:
         mb, ml, s_scale = shrink(s.recovery_batch, seq)
@@ -189,7 +199,7 @@ def _measure(config, s: RunSizes, device: torch.device, iters: int, warmup: int,
     written = sum(v for k, v in disk.items() if k.startswith("checkpoint"))
     if written:  # the block's weights (and masks, and its pruned-stage copy) as each block ends
         per_block[f"checkpoint (at {DISK_BYTES_PER_S / 1e9:g} GB/s, assumed)"] = written / shape.layers / DISK_BYTES_PER_S
-    total = shape.layers * sum(per_block.values())
+    total = shape.layers * sum(per_block.values()) + t_gen
     measured = f"batch {mb or fb}" + (f", scaled ×{s_scale:.1f} in tokens" if s.trains and s_scale > 1 else "")
     where = ("measured on " if device.type == "cuda" else "ROUGH ESTIMATE of a CPU run, measured on ") + _device_name(device)
     label = (f"{where}: one random block ({s.run_dtype()}, autocast {s.autocast_dtype() or 'off'}, {measured}) "
@@ -197,7 +207,25 @@ def _measure(config, s: RunSizes, device: torch.device, iters: int, warmup: int,
     return TimeEstimate(device=_device_name(device), label=label, step_seconds=t_step,
                         forward_seconds_per_window=t_fwd, eval_forward_seconds_per_window=t_eval,
                         per_block=per_block, total_seconds=total, measured_batch=mb or fb,
-                        measured_peak_bytes=peaks[0], predicted_peak_bytes=peaks[1])
+                        measured_peak_bytes=peaks[0], predicted_peak_bytes=peaks[1], generation_seconds=t_gen)
+
+
+@torch.no_grad()
+def _generation_seconds(model, shape, s: RunSizes, device, seq: int, iters: int, warmup: int,
+                        cap: int | None) -> float:
+    """``--calib self``'s generation (see the module docstring): decode steps × (the block's step × (blocks +
+    the head's share of a block's weights) + the sampler's step)."""
+    batch = s.self_batch
+    context = max(1, min(seq // 2, cap // batch if cap else seq))
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (batch, context),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    _, cache = decode_step(model, ids)
+    t_block = _timed(lambda: decode_step(model, ids[:, -1:], cache), device, iters, warmup)
+    logits, noise = torch.randn(batch, shape.vocab, device=device), torch.rand(batch, device=device)
+    banned = torch.zeros(shape.vocab, dtype=torch.bool, device=device)
+    t_sample = _timed(lambda: sample_next(logits, noise, banned, Sampling(batch=batch)), device, iters, warmup)
+    step = t_block * (shape.layers + shape.vocab * shape.hidden / shape.block_params) + t_sample
+    return s.self_windows // batch * seq * step
 
 
 DISK_BYTES_PER_S = 1e9  # what `ebft plan` assumes a checkpoint's writes cost (page cache, then the disk)

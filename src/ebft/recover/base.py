@@ -38,18 +38,22 @@ sweeps read about a recovery, so that adding one is one module:
   called on the first block's inputs and trained towards the dense model's output after the last;
   it needs the ``dense-model`` target and a recovery that does not change masks;
 - ``changes_masks``, ``scope`` (``"block"`` or ``"model"``), ``structured`` (whether it works on a
-  structurally pruned model) and a one-line ``summary`` for ``--help``.
+  structurally pruned model) and a one-line ``summary`` for ``--help``;
+- ``text_windows`` (a model-scope recovery that trains on ``ctx.text``): how many windows it takes from
+  the calibration text's draw, a function of its settings (LoRA: steps × batch + 4). ``--calib self``
+  generates them with the calibration windows, on the dense model before the walk; without it the
+  recovery cannot run with ``--calib self``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
 from ..data import calibration_windows
-from ..errors import ConfigError
+from ..errors import ConfigError, EbftError
 from ..settings import check_registration, claim_flags, option, release_flags
 from ..stats import STAT_KINDS
 from .recipes import DEFAULT_RECIPE, RECIPES
@@ -124,6 +128,7 @@ class Recovery:
     state_bytes: int = 0  # optimiser state per trained parameter (the estimator's arithmetic)
     summary: str = ""  # one line for --help
     window: Callable | None = None  # settings -> blocks trained together (None: 1)
+    text_windows: Callable | None = None  # settings -> windows it takes from ctx.text (model scope)
 
     def target_of(self, settings) -> str | None:
         """What each block is trained towards with these settings: dense-block, dense-model, or None."""
@@ -196,7 +201,8 @@ claim_flags(SECTION_BASE, "recover", "the recover section")
 
 def register_recovery(name: str, settings: type = NoSettings, target: str | Callable | None = "dense-block",
                       changes_masks: bool = False, scope: str = "block", needs=(), structured: bool = True,
-                      state_bytes: int = 0, summary: str = "", window: Callable | None = None):
+                      state_bytes: int = 0, summary: str = "", window: Callable | None = None,
+                      text_windows: Callable | None = None):
     """Decorator: add ``fn`` to :data:`RECOVERIES` under ``name``, with what it declares."""
     if scope not in ("block", "model"):
         raise ValueError(f"recovery {name!r}: scope must be 'block' or 'model'")
@@ -211,7 +217,7 @@ def register_recovery(name: str, settings: type = NoSettings, target: str | Call
         check_registration("recovery", name, fn, settings, "recover", SECTION_BASE,
                            [r.settings for r in RECOVERIES.values()])
         RECOVERIES[name] = Recovery(name, fn, settings, target, changes_masks, scope, frozenset(needs), structured,
-                                    state_bytes, summary, window)
+                                    state_bytes, summary, window, text_windows)
         claim_flags(settings, "recover", f"recovery {name!r}")
         return fn
     return wrap
@@ -225,15 +231,23 @@ def unregister_recovery(name: str) -> None:
 
 @dataclass(frozen=True)
 class TrainingText:
-    """Where a model-scope recovery draws its training windows: the calibration source's train split."""
+    """Where a model-scope recovery (and the finish) draws its training windows: the calibration source's
+    train split; with ``--calib self``, ``drawn``: the windows the dense model generated before the walk."""
 
     source: str
     seqlen: int
     seed: int = 0
+    drawn: torch.Tensor | None = field(default=None, compare=False, repr=False)  # [N, seqlen], --calib self
 
     def windows(self, tokenizer, n: int) -> torch.Tensor:
-        """``[n, seqlen]`` random windows (same draw as the calibration windows: the first ones coincide)."""
-        return calibration_windows(tokenizer, self.source, n, self.seqlen, self.seed)
+        """``[n, seqlen]`` random windows (same draw as the calibration windows: the first ones coincide);
+        with ``drawn``, its first ``n``."""
+        if self.drawn is None:
+            return calibration_windows(tokenizer, self.source, n, self.seqlen, self.seed)
+        if n > len(self.drawn):  # a consumer that did not declare what it takes (RunConfig.windows_drawn)
+            raise EbftError(f"calib self: {n} windows asked of the {len(self.drawn)} generated before the walk; a "
+                            "model-scope recovery declares the windows it takes (text_windows)")
+        return self.drawn[:n]
 
 
 def get_recovery(name: str) -> Recovery:

@@ -52,7 +52,7 @@ from torch import nn
 
 from ..models import find_blocks, find_linears
 from ..settings import option
-from ..system import free_memory
+from ..system import free_memory, work_counter
 from .base import ModelContext, TrainingText
 from .lora import LOG_EVERY, add_adapters, check_masks, freeze, remove_adapters, train_steps
 from .training import autocast_dtype, rejection
@@ -117,14 +117,6 @@ class TeacherTargets:
         return pick(self.logprobs), pick(self.indices), pick(self.rest)
 
 
-def _counter(progress, what: str, total: int):
-    """``report(done)``: ``work_start`` once, then ``work_step`` events for a progress bar over ``total``."""
-    if progress is None:
-        return lambda done: None
-    progress("work_start", name=what, total=total)
-    return lambda done: progress("work_step", name=what, done=done, total=total)
-
-
 def _log_rest(logprobs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """log Σ p over the tokens *not* in ``indices`` (exact: a logsumexp with the top-k set to -inf)."""
     return logprobs.scatter(-1, indices, float("-inf")).logsumexp(-1)
@@ -143,7 +135,7 @@ def teacher_targets(model: nn.Module, windows: torch.Tensor, temperature: float 
     model.to(device)
     outs: list[tuple] = []
     try:
-        report = _counter(progress, "finish: dense teacher", len(windows))
+        report = work_counter(progress, "finish: dense teacher", len(windows))
         for i in range(0, len(windows), batch_size):
             report(i + len(windows[i:i + batch_size]))
             logits = model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits
@@ -194,13 +186,19 @@ class FinishData:
         return self.teacher.batch(idx + offset, device)
 
 
+def finish_windows(nsamples: int, settings: FinishSettings) -> int:
+    """How many windows of the calibration text's draw the finish takes: the ``nsamples`` calibration
+    windows, then ``holdout`` more (0 without a finish)."""
+    return 0 if settings.method == "none" else nsamples + settings.holdout
+
+
 def prepare_finish(model: nn.Module, tokenizer, text: TrainingText, nsamples: int, settings: FinishSettings,
                    device: str | torch.device = "cpu", batch_size: int = 1, progress=None) -> FinishData | None:
     """Draw the windows (the ``nsamples`` calibration windows, then ``settings.holdout`` more) and, for
     ``kd``, the dense teacher's targets on all of them. Call on the *dense* model, before the walk."""
     if settings.method == "none":
         return None
-    windows = text.windows(tokenizer, nsamples + settings.holdout)
+    windows = text.windows(tokenizer, finish_windows(nsamples, settings))
     teacher = None
     if settings.method == "kd":
         teacher = teacher_targets(model, windows, settings.temperature, settings.topk, device, batch_size, progress)
@@ -236,7 +234,7 @@ def evaluate(model: nn.Module, data: FinishData, which: str, device: torch.devic
     """``{"lm": mean LM loss, "kd": mean KD loss (with a teacher)}`` on the train or held-out windows."""
     windows = data.train if which == "train" else data.heldout
     totals = {"lm": 0.0, **({"kd": 0.0} if data.teacher is not None else {})}
-    report = _counter(progress, f"finish: loss on the {which} windows", len(windows))
+    report = work_counter(progress, f"finish: loss on the {which} windows", len(windows))
     for i in range(0, len(windows), batch_size):
         idx = torch.arange(i, min(i + batch_size, len(windows)))
         report(int(idx[-1]) + 1)

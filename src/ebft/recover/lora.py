@@ -279,8 +279,14 @@ def train_steps(params: list[nn.Parameter], step_loss: Callable[[int], torch.Ten
     return curve, bool(nonfinite.item())
 
 
+def text_windows(settings: LoraSettings) -> int:
+    """The windows LoRA takes from the calibration text's draw: steps × batch to train on, then 4 held out."""
+    return settings.lora_steps * settings.lora_batch_size + HELDOUT_WINDOWS
+
+
 @register_recovery("lora", settings=LoraSettings, target=None, scope="model",
-                   summary="lora: LoRA on the whole pruned model, merged with its masks kept exact")
+                   summary="lora: LoRA on the whole pruned model, merged with its masks kept exact",
+                   text_windows=text_windows)
 def lora(ctx: ModelContext, settings: LoraSettings) -> dict:
     """Train LoRA adapters on the pruned model and merge them, keeping every mask exact; return the record."""
     model, masks, device = ctx.model, ctx.masks, torch.device(ctx.device)
@@ -289,7 +295,7 @@ def lora(ctx: ModelContext, settings: LoraSettings) -> dict:
     steps, batch = settings.lora_steps, settings.lora_batch_size
     n_train = steps * batch
     targets = resolve_targets(model, settings.lora_targets)
-    windows = ctx.text.windows(ctx.tokenizer, n_train + HELDOUT_WINDOWS)
+    windows = ctx.text.windows(ctx.tokenizer, text_windows(settings))
     train, heldout = windows[:n_train], windows[n_train:]
     home = next(model.parameters()).device
     model.to(device)
