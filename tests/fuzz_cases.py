@@ -42,7 +42,7 @@ VALID = {
     "--eval-seqlen": ["16", "24"],
     "--eval-windows": ["1", "2"],
     "--layers": ["mlp", "q_proj|v_proj"],
-    "--allocation": ["uniform", "owl"],
+    "--allocation": ["uniform", "owl", "atp"],
     "--dtype": ["auto", "float32", "bfloat16"],
     "--save-dtype": ["auto", "float16"],
     "--batch-size": ["1", "2"],
@@ -81,6 +81,7 @@ INVALID = {
     "--dsnot-cycles": ["0"],
     "--flap-structure": ["random"],
     "--owl-lambda": ["0.9", "-1"],
+    "--atp-beta": ["-0.01", "nan", "2"],
 }
 
 

@@ -146,6 +146,8 @@ BAD = [
     (["--seed", str(2**70)], "seed"),
     (["--eval-windows", "0"], "eval.windows"),
     (["--allocation", "owl", "--pattern", "2:4"], "prune.allocation"),
+    (["--allocation", "atp", "--pattern", "2:4"], "prune.allocation"),
+    (["--allocation", "atp", "--atp-beta", "1.01"], "prune.atp_beta: got 1.01; with 2 blocks"),  # beta < 1 for 2
     (["--layers", "no_such_linear"], "prune.layers"),
     (["--holdout", "8"], "holdout"),
     (["--dtype", "int8"], "dtype"),

@@ -46,6 +46,8 @@ def test_absurd_budgets_are_refused_before_any_work(four_blocks, tmp_path, capsy
 @pytest.mark.parametrize("extra,needle", [
     (["--finish-steps", "64"], "--finish-steps"), (["--lora-rank", "4"], "--lora-rank"),
     (["--recover", "dsnot", "--lr", "0.01"], "--lr"), (["--owl-lambda", "0.05"], "--owl-lambda"),
+    (["--atp-beta", "0.01"], "--atp-beta"), (["--allocation", "owl", "--atp-beta", "0.01"], "--atp-beta"),
+    (["--allocation", "atp", "--owl-lambda", "0.05"], "--owl-lambda"),
     (["--sparsegpt-damp", "0.1"], "--sparsegpt-damp"), (["--zeroshot-limit", "5"], "--zeroshot-limit"),
     (["--no-checkpoint", "--checkpoint-every", "60"], "--checkpoint-every"),
     (["--recover", "none", "--recipe", "paper"], "--recipe"), (["--recover", "lora", "--recover-guard", "8"],

@@ -1,12 +1,17 @@
-"""The allocation pass and OWL: per-block sparsities from the dense model, same overall sparsity."""
+"""The allocation pass and OWL: per-block sparsities from the dense model, same overall sparsity; ATP:
+sparsity rising with depth, no pass."""
+import json
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from conftest import make_tiny_model, recover_spec
+from conftest import make_tiny_model, one_line, recover_spec, small_run_args
 from ebft.errors import ConfigError
 from ebft.masks import Pattern, check_mask, parse_pattern
 from ebft.models import find_blocks, find_linears
-from ebft.allocation import AllocationSettings, allocator, check_allocation, outlier_ratio, owl_sparsities
+from ebft.allocation import (AllocationSettings, allocator, atp_sparsities, check_allocation, outlier_ratio,
+                             owl_sparsities)
 from ebft.prune import get_pruner
 from ebft.walk import PruneSpec, planning_pass, walk
 
@@ -85,3 +90,78 @@ def test_run_records_the_plan(tiny_model_dir, text_file, tmp_path):
     for b in plan["blocks"]:
         layer = f"model.layers.{b['index']}.mlp.up_proj"
         assert record["sparsity"]["layers"][layer] == pytest.approx(b["sparsity"], abs=0.02)
+
+
+# ----------------------------------------------------------------------------- ATP
+
+def test_atp_is_an_increasing_arithmetic_progression_around_the_target():
+    s = atp_sparsities([10] * 30, 0.7, 0.01)
+    assert [b - a for a, b in zip(s, s[1:])] == pytest.approx([0.01] * 29)  # common difference beta
+    assert s[0] == pytest.approx(0.7 - 0.145) and s[-1] == pytest.approx(0.7 + 0.145)  # the paper's formula
+    assert sum(s) / 30 == pytest.approx(0.7)
+    sizes = [10, 30, 10, 10, 40]  # unequal blocks: still steps of beta, the size-weighted mean is the target
+    w = atp_sparsities(sizes, 0.6, 0.05)
+    assert [b - a for a, b in zip(w, w[1:])] == pytest.approx([0.05] * 4)
+    assert sum(n * v for n, v in zip(sizes, w)) / sum(sizes) == pytest.approx(0.6)
+    assert atp_sparsities([5, 5, 5], 0.5, 0.0) == pytest.approx([0.5] * 3)  # beta 0: uniform
+
+
+def test_atp_beta_is_checked_against_the_block_count():
+    thirty = SimpleNamespace(num_hidden_layers=30)
+    atp = lambda beta: AllocationSettings(allocation="atp", atp_beta=beta)  # noqa: E731
+    check_allocation(atp(0.02068), Pattern(0.7), thirty)  # 0.7 + 14.5 × beta < 1: beta < 0.020689...
+    with pytest.raises(ConfigError, match=r"prune.atp_beta: got 0.02069; with 30 blocks .* use beta < 0.02068"):
+        check_allocation(atp(0.02069), Pattern(0.7), thirty)
+    check_allocation(atp(0.2), Pattern(0.3), SimpleNamespace(num_hidden_layers=4))  # the first block at 0: allowed
+    with pytest.raises(ConfigError, match=r"from -0.0045 .* use beta ≤ 0.2 "):
+        check_allocation(atp(0.203), Pattern(0.3), SimpleNamespace(num_hidden_layers=4))
+    check_allocation(atp(1.0), Pattern(0.7))  # before the model is known: nothing to check it against
+    check_allocation(atp(0.0), Pattern(0.95), thirty)  # OWL's lambda is not ATP's business
+    with pytest.raises(ConfigError, match="prune.allocation"):
+        check_allocation(atp(0.01), Pattern(0.5, 2, 4))
+    with pytest.raises(ConfigError, match="prune.allocation"):
+        check_allocation(atp(0.01), Pattern(0.2, structured=True))
+
+
+def test_atp_run_no_pass_exact_overall_sparsity(four_blocks, tmp_path, monkeypatch):
+    """A real run on a 4-block Llama: block sparsities 0.5 + 0.0625·(ℓ − 1.5) (whole rows of 64 and 128
+    weights each), recorded in run.json and exact in the weights; the overall sparsity is the target; no
+    planning pass, no statistics."""
+    import ebft.pipeline
+    import ebft.walk
+    from ebft.cli import main
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("ATP ran a planning pass")
+
+    monkeypatch.setattr(ebft.pipeline, "planning_pass", no_pass)
+    monkeypatch.setattr(ebft.walk, "planning_pass", no_pass)
+    out = tmp_path / "atp"
+    assert main(small_run_args(four_blocks, out, "--recover", "none", "--method", "wanda", "--sparsity", "0.5",
+                               "--allocation", "atp", "--atp-beta", "0.0625")) == 0
+    record = json.loads((out / "run.json").read_text())
+    expected = [0.40625, 0.46875, 0.53125, 0.59375]
+    assert record["plan"] == {"allocation": "atp", "atp_beta": 0.0625,
+                              "blocks": [{"index": i, "sparsity": s} for i, s in enumerate(expected)]}
+    for name, value in record["sparsity"]["layers"].items():
+        assert value == expected[int(name.split(".")[2])], name
+    assert record["sparsity"]["overall"] == 0.5
+
+
+def test_atp_beta_too_large_is_refused_before_the_data(four_blocks, tmp_path, capsys, monkeypatch):
+    import ebft.pipeline
+    from ebft.cli import main
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the run went on to tokenize")
+
+    monkeypatch.setattr(ebft.pipeline, "prepare_data", no_data)
+    out = tmp_path / "out"
+    args = ["--allocation", "atp", "--atp-beta", "0.34", "--sparsity", "0.5"]
+    assert main(small_run_args(four_blocks, out, "--recover", "none", *args)) == 2
+    line = one_line(capsys)
+    assert line.startswith("ebft: error: prune.atp_beta: got 0.34; with 4 blocks") and "beta < 0.3333" in line
+    assert not list(tmp_path.iterdir())
+    plan = ["plan", "--model", str(four_blocks / "model"), "--allocation", "atp", "--sparsity", "0.5"]
+    assert main([*plan, "--atp-beta", "0.34"]) == 2 and "beta < 0.3333" in one_line(capsys)  # from the config alone
+    assert main([*plan, "--atp-beta", "0.33"]) == 0

@@ -232,3 +232,18 @@ def test_the_guard_changes_a_cells_key_only_where_it_can_change_the_cell():
             base.recover.guard = guard
             keys.add(cell_key(base))
         assert len(keys) == 1, method
+
+
+def test_atps_beta_keys_atp_cells_only():
+    """ATP's beta reruns an ATP cell, never another (their keys stay as they were before ATP existed)."""
+    from ebft.config import RunConfig
+    from ebft.sweeps import cell_key
+
+    cell = RunConfig(model="m")
+    keys = {}
+    for allocation in ("uniform", "owl", "atp"):
+        cell.prune.allocation, cell.prune.atp_beta = allocation, 0.005
+        keys[allocation] = cell_key(cell)
+        cell.prune.atp_beta = 0.01
+        assert (cell_key(cell) != keys[allocation]) == (allocation == "atp"), allocation
+    assert len(set(keys.values())) == 3

@@ -5,8 +5,10 @@ pruning, what each block keeps). ``uniform`` gives every block the target (no pa
 need statistics from every block first: the walk's dense planning pass
 (:func:`ebft.walk.planning_pass`) runs the *dense* model over the calibration chain block by block,
 each block is summarised by :meth:`Allocator.summarise` into something small before its statistics
-are dropped, and :meth:`Allocator.decide` turns the summaries into the :class:`Allocation`. Nothing
-here runs a model: the pipeline drives the pass (:func:`ebft.pipeline.allocate`).
+are dropped, and :meth:`Allocator.decide` turns the summaries into the :class:`Allocation`. ``atp``
+needs no statistics (``Allocator.needs_pass`` is False): each block is summarised from its weights'
+sizes alone (:func:`weight_summaries`) and nothing runs. Nothing here runs a model: the pipeline drives
+the pass (:func:`ebft.pipeline.allocate`).
 
 **OWL** (Yin et al., ICML 2024, "Outlier Weighed Layerwise Sparsity (OWL): A Missing Secret Sauce
 for Pruning LLMs to High Sparsity", arXiv:2310.05175). For block ℓ, with Wanda's score
@@ -24,6 +26,20 @@ uniform run; with blocks of equal size c = 2λ·mean(normalised D), as in the pa
 every linear gets s_ℓ under the run's scope (per row or per layer). N:M patterns stay uniform: every
 group keeps N of M whatever the block.
 
+**ATP** (Huang et al., ICML 2025, "Determining Layer-wise Sparsity for Large Language Models Through a
+Theoretical Perspective", arXiv:2502.14770). Pruning an early block leaves a reconstruction error that
+every later block carries and amplifies, so early blocks should be pruned less and late ones more. The
+paper shows that a monotonically increasing arithmetic progression over depth is close to the best
+allocation, which leaves one hyperparameter, the common difference β (``atp_beta``): for L blocks,
+
+    s_ℓ = s + β·(ℓ − c),    ℓ = 0 … L−1,
+
+with c the parameter-weighted mean depth, so that the parameter-weighted mean of s_ℓ is s (blocks of
+equal size: c = (L−1)/2, the paper's formula). β = 0 is uniform. Every s_ℓ must lie in [0, 1): the
+largest β depends on the block count, so it is checked once the model's config is known
+(:func:`check_allocation` with ``model_config``). No statistics, no dense pass. As for OWL, N:M and
+structured patterns are refused.
+
 **FLAP** (structured patterns): the same pass collects the means and variances of the inputs of
 each block's output projections; :mod:`ebft.structured` scores every KV group and MLP channel and
 chooses what each block keeps, over the whole model (``flap_structure=adaptive``) or block by block
@@ -33,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,22 +57,30 @@ import torch
 
 from .errors import ConfigError
 from .masks import Pattern
+from .models import find_blocks, find_linears
 from .settings import option
 from .structured import STATS_NEEDED, Structure, block_layout, block_scores, removed_fraction, select_structure
 
 log = logging.getLogger(__name__)
 
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "atp")
 
 
 @dataclass
 class AllocationSettings:
-    allocation: str = option("uniform", "sparsity per block: {choices} (owl: outlier-weighed, Yin et al. 2024; "
-                             "same overall sparsity, needs a dense planning pass)", choices=ALLOCATIONS)
+    allocation: str = option("uniform", "sparsity per block: {choices}, each with the same overall sparsity "
+                             "(owl: outlier-weighed, Yin et al. 2024, needs a dense planning pass; atp: rising "
+                             "with depth, Huang et al. 2025, no pass)", choices=ALLOCATIONS)
     owl_lambda: float = option(0.08, "OWL: per-block sparsities lie within target ± lambda (the paper's 0.08)",
                                low=0, high=0.5)
     owl_threshold: float = option(5.0, "OWL: a weight is an outlier when its Wanda score exceeds this many times "
                                   "the block's mean score (the paper's M = 5)", low=0, low_open=True)
+    atp_beta: float = option(0.005, "ATP: the sparsity added per block of depth (block l of L gets target + "
+                             "beta * (l - (L-1)/2)); 0: uniform", low=0)
+
+
+# the settings that apply only with one allocation (given with another, they are refused as unused)
+ALLOCATION_SETTINGS = {"owl": ("owl_lambda", "owl_threshold"), "atp": ("atp_beta",)}
 
 
 @dataclass
@@ -82,18 +107,30 @@ class Allocation:
 
 @dataclass(frozen=True)
 class Allocator:
-    """How one allocation is decided from a dense pass: the statistics it needs (``needs``) of the
-    linears matching ``layers``; ``summarise(index, block, linears, stats)`` keeps what it needs of
-    each block; ``decide(summaries)`` makes the :class:`Allocation`."""
+    """How one allocation is decided: the statistics it needs (``needs``) of the linears matching
+    ``layers``; ``summarise(index, block, linears, stats)`` keeps what it needs of each block;
+    ``decide(summaries)`` makes the :class:`Allocation`. ``needs_pass``: whether the statistics come
+    from a dense planning pass; without one (ATP), ``summarise`` sees each block's weights only, with
+    ``stats`` None (:func:`weight_summaries`)."""
 
     needs: tuple[str, ...]
     layers: str | None
     summarise: Callable
     decide: Callable[[list], Allocation]
+    needs_pass: bool = True
 
 
-def check_allocation(settings: AllocationSettings, pattern: Pattern) -> None:
-    """Refuse what cannot work, before any model is loaded."""
+def weight_summaries(model, decider: Allocator) -> list:
+    """Every block's summary from its weights alone (no statistics, nothing run): for an allocator that
+    needs no pass. A lazily loaded model's skeleton serves as well (its weights' shapes are known)."""
+    _, blocks = find_blocks(model)
+    return [decider.summarise(index, block, find_linears(block, decider.layers), None)
+            for index, block in enumerate(blocks)]
+
+
+def check_allocation(settings: AllocationSettings, pattern: Pattern, model_config=None) -> None:
+    """Refuse what cannot work: before any model is loaded, and again with ``model_config`` once the
+    model's config is known (ATP's beta against the number of blocks)."""
     if settings.allocation == "uniform":
         return
     if pattern.structured:
@@ -104,11 +141,15 @@ def check_allocation(settings: AllocationSettings, pattern: Pattern) -> None:
         raise ConfigError("prune.allocation", settings.allocation,
                           f"{pattern} stays uniform (every group of {pattern.m} keeps {pattern.n} in every block); "
                           "use allocation uniform, or an unstructured pattern")
-    low, high = pattern.sparsity - settings.owl_lambda, pattern.sparsity + settings.owl_lambda
-    if low < 0 or high >= 1:
-        raise ConfigError("prune.owl_lambda", settings.owl_lambda,
-                          f"sparsity {pattern.sparsity:g} ± lambda must stay within [0, 1): "
-                          f"use lambda < {min(pattern.sparsity, 1 - pattern.sparsity):g}")
+    if settings.allocation == "owl":
+        low, high = pattern.sparsity - settings.owl_lambda, pattern.sparsity + settings.owl_lambda
+        if low < 0 or high >= 1:
+            raise ConfigError("prune.owl_lambda", settings.owl_lambda,
+                              f"sparsity {pattern.sparsity:g} ± lambda must stay within [0, 1): "
+                              f"use lambda < {min(pattern.sparsity, 1 - pattern.sparsity):g}")
+    blocks = getattr(model_config, "num_hidden_layers", None)
+    if settings.allocation == "atp" and isinstance(blocks, int) and blocks > 0:
+        check_atp(settings.atp_beta, pattern.sparsity, [1] * blocks)
 
 
 @torch.no_grad()
@@ -131,15 +172,46 @@ def owl_sparsities(ratios: list[float], sizes: list[int], target: float, lam: fl
     return [float(v) for v in s]
 
 
+def atp_sparsities(sizes: list[int], target: float, beta: float) -> list[float]:
+    """ATP's per-block sparsities: ``target + beta·(ℓ − c)`` for ℓ = 0 … L−1, with c the mean depth weighted
+    by ``sizes`` (the blocks' pruned parameters), so that the size-weighted mean is ``target``."""
+    w = torch.tensor(sizes, dtype=torch.float64)
+    w = w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(sizes))
+    depth = torch.arange(len(sizes), dtype=torch.float64)
+    return [float(v) for v in target + beta * (depth - (w * depth).sum())]
+
+
+def check_atp(beta: float, target: float, sizes: list[int]) -> None:
+    """Refuse, in one line, a beta that takes the first block below 0 or the last to 1 or above."""
+    s = atp_sparsities(sizes, target, beta)
+    if s[0] >= -1e-12 and s[-1] < 1:  # (a first block of exactly 0 may come out as -1e-17)
+        return
+    steps = atp_sparsities(sizes, 0.0, 1.0)  # s_ℓ = target + beta × steps[ℓ]; steps[0] < 0 < steps[-1]
+    by_first = target / -steps[0] if steps[0] < 0 else math.inf
+    by_last = (1 - target) / steps[-1] if steps[-1] > 0 else math.inf
+    largest, strict = (by_last, "<") if by_last <= by_first else (by_first, "≤")
+    raise ConfigError("prune.atp_beta", beta,
+                      f"with {len(sizes)} blocks the sparsities would run from {s[0]:.4g} to {s[-1]:.4g}, outside "
+                      f"[0, 1): use beta {strict} {_floor(largest)} for this model at sparsity {target:g}")
+
+
+def _floor(value: float, digits: int = 4) -> str:
+    """``value`` rounded down to ``digits`` significant digits (so the bound quoted is itself allowed)."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value))) if value > 0 else 1
+    return f"{math.floor(value * scale * (1 + 1e-12)) / scale:.{digits}g}"  # (0.3 / 1.5 is 0.19999999999999998)
+
+
 def allocator(pattern: Pattern, settings: AllocationSettings, layers: str | None, pruner_settings=None,
               model_config=None) -> Allocator | None:
-    """The allocator of this run: FLAP's for a structured pattern, OWL's, or None for a uniform
+    """The allocator of this run: FLAP's for a structured pattern, OWL's, ATP's, or None for a uniform
     unstructured allocation (every block gets ``pattern``, no pass)."""
-    check_allocation(settings, pattern)
+    check_allocation(settings, pattern, model_config)
     if pattern.structured:
         return flap_allocator(pattern, pruner_settings, model_config)
     if settings.allocation == "uniform":
         return None
+    if settings.allocation == "atp":
+        return atp_allocator(pattern, settings, layers)
 
     def summarise(index, block, linears, stats):
         return {"outlier_ratio": outlier_ratio(linears, stats, settings.owl_threshold),
@@ -156,6 +228,24 @@ def allocator(pattern: Pattern, settings: AllocationSettings, layers: str | None
         return Allocation(patterns, record)
 
     return Allocator(("sq",), layers, summarise, decide)
+
+
+def atp_allocator(pattern: Pattern, settings: AllocationSettings, layers: str | None) -> Allocator:
+    """ATP: sparsity rising with depth in equal steps of ``atp_beta`` (see the module docstring); no pass."""
+
+    def summarise(index, block, linears, stats):
+        return {"params": sum(l.weight.numel() for l in linears.values())}
+
+    def decide(summaries) -> Allocation:
+        sizes = [s["params"] for s in summaries]
+        check_atp(settings.atp_beta, pattern.sparsity, sizes)
+        sparsities = atp_sparsities(sizes, pattern.sparsity, settings.atp_beta)
+        log.info("ATP: block sparsities %s", ", ".join(f"{s:.3f}" for s in sparsities))
+        record = {"allocation": "atp", "atp_beta": settings.atp_beta,
+                  "blocks": [{"index": i, "sparsity": round(s, 6)} for i, s in enumerate(sparsities)]}
+        return Allocation([Pattern(max(s, 0.0), scope=pattern.scope) for s in sparsities], record)
+
+    return Allocator((), layers, summarise, decide, needs_pass=False)
 
 
 def flap_allocator(pattern: Pattern, settings, model_config) -> Allocator:

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from . import distributed
+from .allocation import check_allocation
 from .atomic import write_json
 from .config import CalibConfig, EvalConfig, RunConfig, prune_config_class, recover_config_class
 from .errors import ConfigError, EbftError
@@ -177,7 +178,7 @@ def _plan_flags(parser) -> None:
 
 def show_plan(config, args) -> dict:
     """Print what ``config`` needs (memory per phase, placement, time) without loading a weight."""
-    config.validate(need_out=False, need_device=False)
+    pattern = config.validate(need_out=False, need_device=False)
     free_acc = _size_flag("--free-accelerator", args.free_accelerator)
     free_host = _size_flag("--free-host", args.free_host)
     plan_json = _plan_json_path(args.plan_json)
@@ -188,6 +189,7 @@ def show_plan(config, args) -> dict:
         hint = ("; it ships its own model code: pass --trust-remote-code (only for models you trust)"
                 if "trust_remote_code" in str(exc) else "")
         raise EbftError(f"model: could not read the config of {config.model!r} ({reason(exc)}){hint}") from None
+    check_allocation(config.allocation_settings(), pattern, model_config)  # ATP's beta against the block count
     context = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions")
                     if isinstance(getattr(model_config, k, None), int)), 2048)
     sizes = RunSizes.of(config, context)

@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from . import settings as st
-from .allocation import AllocationSettings, check_allocation
+from .allocation import ALLOCATION_SETTINGS, AllocationSettings, check_allocation
 from .data import HUB_SOURCES, SELF
 from .data import NAMED_SOURCES as TEXTS
 from .errors import ConfigError
@@ -311,13 +311,14 @@ class RunConfig:
         unused: dict[str, tuple[object, str]] = {}
         pruner, recovery = get_pruner(self.prune.method), get_recovery(self.recover.method)
         own = {f.name for f in dataclasses.fields(pruner.settings)} | {b[0] for b in PRUNE_BASE} | {"allocation"}
-        if self.prune.allocation == "owl":
-            own |= {"owl_lambda", "owl_threshold"}
+        own |= set(ALLOCATION_SETTINGS.get(self.prune.allocation, ()))
         for f in st.fields_of(self.prune):
             if f.name not in own and self._set(f"prune.{f.name}", getattr(self.prune, f.name), st.default_of(f)):
                 owners = [n for n, p in PRUNERS.items() if f.name in {g.name for g in dataclasses.fields(p.settings)}]
+                allocations = [a for a, names in ALLOCATION_SETTINGS.items() if f.name in names]
                 unused[f"prune.{f.name}"] = (getattr(self.prune, f.name),
-                                             f"--method {' or '.join(owners)}" if owners else "--allocation owl")
+                                             f"--method {' or '.join(owners)}" if owners
+                                             else f"--allocation {' or '.join(allocations)}")
         own = {f.name for f in dataclasses.fields(recovery.settings)} | {"method", "budget"}
         if recovery.guardable:
             own |= {"guard", "guard_texts"}

@@ -13,7 +13,8 @@ line with parts left out; the run record (``run.json``) is built in one place, :
 - **load**: the model in host memory, or (lazy) a skeleton whose blocks the walk reads one by one;
 - **data**: calibration and evaluation token windows;
 - **allocate**: OWL's or FLAP's decision per block, from one dense pass over the calibration chain
-  (captured once, shared with the walk); nothing for a uniform allocation;
+  (captured once, shared with the walk); ATP's from the blocks' sizes alone; nothing for a uniform
+  allocation;
 - **walk**: prune and recover block by block (:mod:`ebft.walk`), carrying the evaluation streams;
 - **whole-model stages**: a model-scope recovery (LoRA) and the end-to-end finish, each followed by
   an evaluation of the model it leaves;
@@ -34,7 +35,7 @@ from typing import Callable
 import torch
 
 from . import distributed
-from .allocation import allocator
+from .allocation import allocator, check_allocation, weight_summaries
 from .atomic import write_json
 from .blockstore import load_lazy, store_for, weights_bytes
 from .checkpoint import NO_CHECKPOINT, RunCheckpoint, discard_if_finished, kill_point, settings_of
@@ -208,11 +209,13 @@ def guarded(config: RunConfig) -> bool:
 
 def check_model_fits(model, pattern, config: RunConfig) -> None:
     """What can only be checked on the loaded model, before any work (the pruner's own checks: linears to
-    prune, N:M widths; structured pruning: the family's blocks can be shrunk and saved); settings the
-    pruner resolves from the model (FLAP's auto bias compensation) are given to ``config.resolve``."""
+    prune, N:M widths; structured pruning: the family's blocks can be shrunk and saved; the allocation's
+    against the number of blocks: ATP's beta); settings the pruner resolves from the model (FLAP's auto
+    bias compensation) are given to ``config.resolve``."""
     resolved = get_pruner(config.prune.method).check_model(model, pattern, config.prune.layers,
                                                            config.pruner_settings())
     config.resolve(**resolved)
+    check_allocation(config.allocation_settings(), pattern, model.config)
 
 
 # ----------------------------------------------------------------------------- allocate, walk, whole-model stages
@@ -372,11 +375,15 @@ def model_recovery(recovery, settings, ctx: ModelContext) -> dict:
 
 
 def allocate(model, chain, pattern, config: RunConfig, device: str, progress=None):
-    """The allocation of this run (OWL's or FLAP's), from one dense pass over the calibration ``chain``
-    (left as it was); None for a uniform allocation, which needs no pass."""
+    """The allocation of this run: OWL's or FLAP's from one dense pass over the calibration ``chain`` (left
+    as it was), ATP's from the blocks' sizes alone (no pass); None for a uniform allocation."""
     decider = allocator(pattern, config.allocation_settings(), config.prune.layers, config.pruner_settings(),
                         model.config)
-    return None if decider is None else planning_pass(model, chain, decider, device, progress=progress)
+    if decider is None:
+        return None
+    if not decider.needs_pass:
+        return decider.decide(weight_summaries(model, decider))
+    return planning_pass(model, chain, decider, device, progress=progress)
 
 
 def block_recovery_cost(method: str, blocks: list[dict], device: str) -> dict:

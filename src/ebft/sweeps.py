@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .allocation import AllocationSettings
+from .allocation import ALLOCATION_SETTINGS, AllocationSettings
 from .atomic import check_unlocked, take_lock, write_json, write_text
 from .config import RunConfig, resolve_device
 from .errors import ConfigError, EbftError
@@ -129,6 +129,8 @@ def cell_key(cell: RunConfig) -> str:
         settings.pop("finish")
     settings["eval"].pop("pruned", None)  # a cell scores its final model only
     own_prune = {f.name for f in fields_of(cell.pruner_settings())} | {f.name for f in fields_of(AllocationSettings)}
+    if cell.prune.allocation != "atp":  # other cells are keyed as before ATP existed (their finished cells kept)
+        own_prune -= set(ALLOCATION_SETTINGS["atp"])
     settings["prune"] = {k: v for k, v in settings["prune"].items()
                          if k in ("method", "sparsity", "pattern", "scope", "layers") or k in own_prune}
     budget = cell.recover.budget if _trains_blocks(cell.recover.method) else None

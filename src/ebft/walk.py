@@ -134,14 +134,12 @@ def walk(model: nn.Module, calib: torch.Tensor | Stream | None, prune: PruneSpec
         streams.advance("dense", index, block)                        # dense perplexity, dense-model target
         pruned = work.prune(index, block, measured, alone)            # masks or structure, applied and checked
         streams.advance("pruned", index, state.pruned_stage(pruned))  # pruned perplexity
-        if window.waits(pruned, streams):                             # a joint window recovers at its last block
-            continue
-        blocks = window.take()
-        records = work.recover(blocks, streams, state.time_share(blocks[0].index, len(blocks)))
-        for pruned, record in zip(blocks, records):
-            work.check(pruned)                                        # every mask and pattern still holds
-            streams.advance("final", pruned.index, pruned.block)      # propagate: the chain and final streams
-            state.done(pruned.index, pruned, record, last=pruned is blocks[-1])  # release, checkpoint, progress
+        for blocks in window.complete(pruned, streams):               # a joint window's blocks wait for its last
+            records = work.recover(blocks, streams, state.time_share(blocks[0].index, len(blocks)))
+            for done, record in zip(blocks, records):
+                work.check(done)                                      # every mask and pattern still holds
+                streams.advance("final", done.index, done.block)      # propagate: the chain and final streams
+                state.done(done.index, done, record, last=done is blocks[-1])  # release, checkpoint, progress
     return state.result()
 
 
@@ -380,29 +378,24 @@ class Window:
         self.blocks: list[Pruned] = []
         self.start: torch.Tensor | None = None  # the chain's inputs at the window's first block
 
-    def waits(self, pruned: Pruned, streams: Streams) -> bool:
-        """Add ``pruned``; whether its window has blocks still to come. Until then the calibration chain is
-        pushed on through each pruned block (the next block's statistics are taken on it); when the window
-        is complete the chain is put back to the window's inputs, which its recovery trains on."""
+    def complete(self, pruned: Pruned, streams: Streams) -> list[list[Pruned]]:
+        """Add ``pruned``; ``[the window's blocks, in order]`` when its window is complete, else ``[]``. Until
+        then the calibration chain is pushed on through each pruned block (the next block's statistics are
+        taken on it); when the window is complete the chain is put back to the window's inputs, which its
+        recovery trains on."""
         self.blocks.append(pruned)
         last = (pruned.index + 1) % self.size == 0 or pruned.index + 1 == self.num_blocks
-        if self.size == 1:
-            return False
-        if not last:
+        if self.size > 1 and not last:
             if self.start is None:
                 x = streams.chain.x
                 self.start = self.where.pinned(x.to(self.where.home(WINDOW_INPUTS, x.device), copy=True))
             streams.push_chain(pruned.index, pruned.block)
-            return True
+            return []
         if self.start is not None:
             streams.chain.x.copy_(self.start)
             self.start = None
-        return False
-
-    def take(self) -> list[Pruned]:
-        """The complete window's blocks, in order (the window starts empty again)."""
         blocks, self.blocks = self.blocks, []
-        return blocks
+        return [blocks]
 
 
 # ----------------------------------------------------------------------------- the walk's bookkeeping
