@@ -51,7 +51,7 @@ POINTS = {
     **{f"gradual-e{e}": ("EBFT, moving mask (ebft-gradual)", {"method": "ebft-gradual", "recipe": "best", "epochs": e})
        for e in (1, 2, 4, 8)},
     **{f"best-e{e}-w{k}": ("EBFT, joint windows", {"method": "ebft", "recipe": "best", "epochs": e, "window": k})
-       for e in (1, 2, 4) for k in (2, 3, 5)},
+       for e in (1, 2, 4) for k in (2, 3, 4, 5)},
     **{f"self-best-e{e}": ("EBFT, self-generated calibration", {"calib.source": "self", "method": "ebft",
                                                                 "recipe": "best", "epochs": e}) for e in (1, 2, 4)},
     **{f"self-best-e{e}-w{k}": ("EBFT, self-generated calibration, joint windows",
