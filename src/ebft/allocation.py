@@ -72,9 +72,10 @@ class AllocationSettings:
                              "(owl: outlier-weighed, Yin et al. 2024, needs a dense planning pass; atp: rising "
                              "with depth, Huang et al. 2025, no pass)", choices=ALLOCATIONS)
     owl_lambda: float = option(0.08, "OWL: per-block sparsities lie within target ± lambda (the paper's 0.08)",
-                               low=0, high=0.5)
+                               low=0, high=0.5, keyed="always")
     owl_threshold: float = option(5.0, "OWL: a weight is an outlier when its Wanda score exceeds this many times "
-                                  "the block's mean score (the paper's M = 5)", low=0, low_open=True)
+                                  "the block's mean score (the paper's M = 5)", low=0, low_open=True,
+                                  keyed="always")
     atp_beta: float = option(0.005, "ATP: the sparsity added per block of depth (block l of L gets target + "
                              "beta * (l - (L-1)/2)); 0: uniform", low=0)
 

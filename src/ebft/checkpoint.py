@@ -66,8 +66,9 @@ from .atomic import check_unlocked, take_lock, write_atomic, write_json
 from .errors import EbftError
 from .masks import pack_bits, unpack_bits
 from .data import SELF
+from .config import compared_settings
 from .models import check_safetensors, model_files_fingerprint
-from .selfcalib import keyed_calib
+from .output import folder_for
 from .system import versions
 from .weights import FLOAT_CODES, SAFETENSORS_DTYPES, ShardWriter, read_safetensors_header, trim_parts, write_safetensors
 
@@ -76,17 +77,8 @@ log = logging.getLogger(__name__)
 FORMAT = 3  # 2: the allocation under its own name; 3: no activations (rebuilt on resume)
 STATE_JSON = "checkpoint.json"
 LOCK = "lock"
-# settings that never change what the walk computes
-IGNORED = ("resume", "checkpoint", "checkpoint_every", "overwrite", "save_dtype", "rank_timeout", "export",
-           "export_type")
 _OURS = {STATE_JSON, LOCK, "blocks", "masks", "pruned"}  # what a checkpoint folder may hold (besides state files)
 _STATE_FILE = re.compile(r"\.?state-\d+(-rank\d+)?\.pt(\.tmp(-\d+)?)?")
-
-
-def folder_for(out: str | os.PathLike) -> Path:
-    """``runs/x`` -> ``runs/.x.ckpt`` (absolute)."""
-    out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
-    return out.parent / f".{out.name}.ckpt"
 
 
 # ----------------------------------------------------------------------------- test hook
@@ -135,15 +127,15 @@ def fingerprint(config, resolved: dict) -> dict:
 
 
 def settings_of(config: dict) -> dict:
-    """A run's settings as a checkpoint compares them: ``IGNORED`` left out, local paths made absolute."""
-    settings = json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED}))
+    """A run's settings as a checkpoint compares them: those that change its result or its evaluation where
+    they apply (:func:`ebft.config.compared_settings`), and ``--out`` (the checkpoint is its folder's);
+    local paths made absolute."""
+    settings = json.loads(json.dumps(compared_settings(config)))
     settings["model"] = _absolute_if_local(settings.get("model"))
-    settings["out"] = os.path.abspath(os.path.expanduser(settings["out"])) if settings.get("out") else None
+    settings["out"] = os.path.abspath(os.path.expanduser(config["out"])) if config.get("out") else None
     calib, ev = settings.get("calib") or {}, settings.get("eval") or {}
     if "source" in calib and calib["source"] != SELF:
         calib["source"] = _absolute_if_local(calib["source"])
-    if "calib" in settings:
-        settings["calib"] = keyed_calib(calib)
     if isinstance(ev.get("sources"), list):
         ev["sources"] = [_absolute_if_local(src) for src in ev["sources"]]
     if isinstance(ev.get("task_data"), str):

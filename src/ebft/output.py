@@ -198,6 +198,14 @@ def is_ebft_output(folder: str | os.PathLike) -> bool:
 
 # ----------------------------------------------------------------------------- checked up front
 
+def folder_for(out: str | os.PathLike) -> Path:
+    """Where the run at ``out`` keeps its checkpoint (:mod:`ebft.checkpoint`): ``runs/x`` -> ``runs/.x.ckpt``
+    (absolute)."""
+    out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
+    return out.parent / f".{out.name}.ckpt"
+
+
+
 def _absolute(out: str | os.PathLike) -> Path:
     """Absolute, with ``~`` expanded and ``..`` folded, but links not followed (the name we write)."""
     return Path(os.path.abspath(os.path.expanduser(os.fspath(out))))

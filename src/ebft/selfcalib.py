@@ -82,14 +82,6 @@ class SelfDraw:
     record: dict
 
 
-def keyed_calib(calib: dict) -> dict:
-    """A calib section as a dict, less the ``self_*`` settings unless the source is ``self``: they change
-    nothing then, so sweep keys and checkpoint fingerprints stay what they were before these settings existed."""
-    if calib.get("source") == SELF:
-        return calib
-    return {k: v for k, v in calib.items() if not k.startswith("self_")}
-
-
 # ----------------------------------------------------------------------------- sampling
 
 def start_token(tokenizer) -> int:

@@ -8,7 +8,12 @@ come, with no second copy anywhere:
   learning rate), the range and the choices, with one line naming the field, the value and what
   is allowed;
 - the command-line flags and their ``--help`` (:func:`add_flags`), each help ending with its default;
-- the YAML keys (the field names, nested by section) and the sweep keys (a recovery's own fields).
+- the YAML keys (the field names, nested by section) and the sweep keys (a recovery's own fields);
+- what the setting changes (``changes``: the walk's result, the evaluation only, the saved files only, or
+  nothing a result depends on) and where it applies (``needs``), from which come the commands that take
+  it (:func:`commands_of`: ``ebft eval`` never shows a flag that does nothing there), a checkpoint's resume
+  identity (:func:`ebft.checkpoint.settings_of`), a sweep cell's key (:func:`ebft.sweeps.cell_key`) and
+  the refusal of a setting given where it does nothing (:meth:`ebft.config.RunConfig.unused_settings`).
 
 >>> @dataclass
 ... class Example:
@@ -21,7 +26,7 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .errors import ConfigError
@@ -29,10 +34,39 @@ from .errors import ConfigError
 _MISSING = dataclasses.MISSING
 
 
+# What a setting changes, and so which commands take it: the walk's result (and every number after it), the
+# evaluation only, the saved files only, or nothing a result depends on (where and how the run runs).
+CHANGES = ("result", "eval", "saved", "nothing")
+COMMANDS = {"result": ("run", "sweep", "plan"), "eval": ("run", "sweep", "plan", "eval"), "saved": ("run",),
+            "nothing": ("run",)}
+# How a sweep cell's key holds a setting: "used" where it applies to the cell; "set" only where it applies
+# and differs from its default (every setting added to a section after its first release: adding it keeps
+# every finished cell); "always" whether it applies or not (the OWL settings, keyed so since OWL existed).
+KEYED = ("used", "set", "always")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Where a setting applies: where ``test`` holds of the run's setting ``key`` (``section.field``, or a
+    field of the run's own); ``text`` says what it applies with, as a refusal names it (``--calib self``)."""
+
+    key: str
+    test: Callable[[Any], bool]
+    text: str
+
+    def met(self, settings: dict) -> bool:
+        """Whether it holds in ``settings``, a run's settings as nested dicts (``RunConfig.to_dict()``, or a
+        run.json's ``config``); a setting that is not there (a record older than it) holds its default."""
+        section, _, name = self.key.rpartition(".")
+        values = settings.get(section, {}) if section else settings
+        return name not in values or bool(self.test(values[name]))
+
+
 def option(default: Any, help: str, *, flag: str | None = None, choices: tuple | Callable[[], tuple] | None = None,
            low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,
            default_text: str | None = None, metavar: str | None = None, cli: bool = True,
-           argparse_kwargs: dict | None = None, keyed_at_default: bool = True) -> Any:
+           argparse_kwargs: dict | None = None, changes: str = "result", needs: Needs | None = None,
+           commands: tuple[str, ...] | None = None, keyed: str = "used") -> Any:
     """A dataclass field with what the CLI, the YAML reader and the validation need.
 
     ``choices``: allowed values (or a function returning them, for registries filled at import).
@@ -40,13 +74,18 @@ def option(default: Any, help: str, *, flag: str | None = None, choices: tuple |
     ``default_text``: how ``--help`` shows the default when the value itself would not say it
     (``None`` meaning "the model's context", for instance). ``flag``: the flag's name when it is not
     ``--`` + the field name with dashes. ``cli=False``: YAML and API only.
-    ``keyed_at_default=False``: at its default the setting is left out of an ``ebft sweep`` cell's key
-    (:func:`keyed`), so adding it to a section does not rerun every finished cell; every setting added
-    to a section after its first release declares it.
+    ``changes``: one of :data:`CHANGES`; it decides the commands that take the setting (:data:`COMMANDS`,
+    unless ``commands`` names them), whether a checkpoint compares it and whether a sweep cell's key holds it.
+    ``needs``: where the setting applies (:class:`Needs`); given elsewhere, it is refused as doing nothing.
+    ``keyed``: how a sweep cell's key holds it (:data:`KEYED`); every setting added to a section after its
+    first release declares ``keyed="set"``.
     """
+    if changes not in CHANGES or keyed not in KEYED:
+        raise ValueError(f"option: changes must be one of {CHANGES} and keyed one of {KEYED}")
     meta = dict(help=help, flag=flag, choices=choices, low=low, high=high, low_open=low_open,
                 high_open=high_open, default_text=default_text, metavar=metavar, cli=cli,
-                argparse_kwargs=argparse_kwargs or {}, keyed_at_default=keyed_at_default)
+                argparse_kwargs=argparse_kwargs or {}, changes=changes, needs=needs,
+                commands=commands or COMMANDS[changes], keyed=keyed)
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -76,12 +115,21 @@ def default_of(f: dataclasses.Field):
     return f.default_factory() if f.default is _MISSING else f.default
 
 
-def keyed(values: dict, *classes) -> dict:
-    """``values`` (a section's settings by name) less the settings of ``classes`` that declare
-    ``keyed_at_default=False`` and hold their default: what a sweep cell's key hashes."""
-    quiet = {f.name: default_of(f) for cls in classes for f in fields_of(cls)
-             if not f.metadata.get("keyed_at_default", True)}
-    return {k: v for k, v in values.items() if k not in quiet or v != quiet[k]}
+def changes_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("changes", "result")
+
+
+def commands_of(f: dataclasses.Field) -> tuple[str, ...]:
+    """The commands that take the setting (``run``, ``sweep``, ``plan``, ``eval``)."""
+    return f.metadata.get("commands") or COMMANDS[changes_of(f)]
+
+
+def needs_of(f: dataclasses.Field) -> Needs | None:
+    return f.metadata.get("needs")
+
+
+def keyed_mode(f: dataclasses.Field) -> str:
+    return f.metadata.get("keyed", "used")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -313,15 +361,17 @@ def help_of(f: dataclasses.Field) -> str:
     return f"{text} ({default})" if default.startswith("required") else f"{text} (default: {default})"
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, path: str, skip=frozenset()) -> dict[str, str]:
-    """Add one flag per CLI field of ``cls`` to ``parser``; return ``{dest: "section.field"}``.
+def add_flags(parser: argparse.ArgumentParser, cls, path: str, skip=frozenset(), command: str = "run"
+              ) -> dict[str, str]:
+    """Add one flag per CLI field of ``cls`` that ``command`` takes (:func:`commands_of`) to ``parser``;
+    return ``{dest: "section.field"}``.
 
     Every flag defaults to None (= not given), so a YAML file's values stand unless a flag is typed."""
     dests = {}
     for f in fields_of(cls):
         meta = f.metadata
         flag = flag_of(f)
-        if not meta.get("cli", True) or flag in skip:
+        if not meta.get("cli", True) or flag in skip or command not in commands_of(f):
             continue
         base, _ = field_type(cls, f)
         kwargs: dict = dict(default=None, help=help_of(f).replace("%", "%%"))  # argparse formats help with %

@@ -29,19 +29,17 @@ from pathlib import Path
 
 import torch
 
-from .allocation import ALLOCATION_SETTINGS, AllocationSettings
 from .atomic import check_unlocked, take_lock, write_json, write_text
 from .config import RunConfig, resolve_device
 from .errors import ConfigError, EbftError
 from .evaluation.perplexity import model_perplexities
 from .models import load_model
 from .output import SWEEP_LOCK, atomic_folder, check_out, mark_sweep_folder, save_pretrained, sweep_folder_problem
-from .pipeline import check_model_fits, final_stage, guardable, guarded, prepare_data, prune_and_recover
+from .pipeline import check_model_fits, final_stage, guarded, prepare_data, prune_and_recover
 from .prune import PRUNERS, get_pruner
 from .recover import RECOVERIES
 from .report import plot_sweep, sweep_markdown
-from .selfcalib import keyed_calib
-from .settings import fields_of, keyed
+from .settings import commands_of, default_of, keyed_mode
 from .system import seed_everything, versions
 
 log = logging.getLogger(__name__)
@@ -119,32 +117,25 @@ def _check_list(name: str, values: list[str], registry: dict) -> None:
 # ----------------------------------------------------------------------------- cells
 
 def cell_key(cell: RunConfig) -> str:
-    """A hash of everything that can change a cell's numbers: all settings but out/overwrite, and of the
-    pruning and recovery sections only what the cell's own pruner and recovery declare (tuning LoRA never
-    reruns an EBFT cell, SparseGPT's dampening never a Wanda one), the time budget and the end-to-end
-    guard where they apply."""
-    settings = {k: v for k, v in cell.to_dict().items() if k not in ("out", "overwrite")}
-    settings["calib"] = keyed_calib(settings["calib"])  # the --calib self settings key only its cells
-    if cell.finish.method == "none":  # no finish: its settings change nothing (and keys stay as before it existed)
-        settings.pop("finish")
-    settings["eval"].pop("pruned", None)  # a cell scores its final model only
-    own_prune = {f.name for f in fields_of(cell.pruner_settings())} | {f.name for f in fields_of(AllocationSettings)}
-    if cell.prune.allocation != "atp":  # other cells are keyed as before ATP existed (their finished cells kept)
-        own_prune -= set(ALLOCATION_SETTINGS["atp"])
-    settings["prune"] = {k: v for k, v in settings["prune"].items()
-                         if k in ("method", "sparsity", "pattern", "scope", "layers") or k in own_prune}
-    budget = cell.recover.budget if _trains_blocks(cell.recover.method) else None
-    # the guard can change what a cell saves; at its default the key stays as before it was configurable
-    guard = cell.recover.guard if guardable(cell) else None
-    guard_default = next(f.default for f in dataclasses.fields(cell.recover) if f.name == "guard")
-    settings["recover"] = {"method": cell.recover.method, **dataclasses.asdict(cell.recovery_settings()),
-                           **({"budget": budget} if budget is not None else {}),
-                           **({"guard": guard} if guard not in (None, guard_default) else {}),
-                           **({"guard_texts": cell.recover.guard_texts} if guard and cell.recover.guard_texts else {})}
-    # settings added since a section's first release are keyed only where they differ from their default
-    settings["calib"] = keyed(settings["calib"], type(cell.calib))
-    settings["prune"] = keyed(settings["prune"], AllocationSettings, type(cell.pruner_settings()))
-    settings["recover"] = keyed(settings["recover"], type(cell.recovery_settings()))
+    """A hash of everything that can change a cell's numbers, from the settings' declarations
+    (:mod:`ebft.settings`): each setting the sweep takes, where it applies to the cell (of the pruning and
+    recovery sections only what the cell's own pruner and recovery declare: tuning LoRA never reruns an
+    EBFT cell), as its ``keyed`` mode says; a setting the sweep does not take counts as its default (it
+    cannot change a cell); the recovery's settings as the recipe resolves them (the recipe is in its values)."""
+    skip = cell.inapplicable()
+    resolved = {f"recover.{k}": v for k, v in dataclasses.asdict(cell.recovery_settings()).items()}
+    settings: dict = {}
+    for key, f, value in cell.setting_fields():
+        default = default_of(f)
+        if "sweep" not in commands_of(f):
+            value = default
+        elif key in skip and keyed_mode(f) != "always":
+            continue
+        value = resolved.get(key, value)
+        if key == "recover.recipe" or (keyed_mode(f) == "set" and value == default):
+            continue
+        section, _, name = key.rpartition(".")
+        (settings.setdefault(section, {}) if section else settings)[name] = value
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

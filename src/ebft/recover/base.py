@@ -54,7 +54,7 @@ from torch import nn
 
 from ..data import calibration_windows
 from ..errors import ConfigError, EbftError
-from ..settings import check_registration, claim_flags, option, release_flags
+from ..settings import Needs, check_registration, claim_flags, option, release_flags
 from ..stats import STAT_KINDS
 from .recipes import DEFAULT_RECIPE, RECIPES
 
@@ -184,16 +184,18 @@ SECTION_BASE = [
     ("guard", int, option(4, "held-out windows of the calibration text on which the recovered model must do no "
                           "worse end to end than the model pruning alone gives (a --recover none run's), else that "
                           "one is kept (0: no check)", low=0,
-                          high=4096, flag="--recover-guard", metavar="WINDOWS")),
+                          high=4096, flag="--recover-guard", metavar="WINDOWS", keyed="set")),
     ("guard_texts", list[str], option([], "further texts the guard checks (the recovered model must do no worse on "
                                       "each, else pruning alone's model is kept): WINDOWS windows of the "
                                       "evaluation length from each; wikitext2, ptb, c4: their validation split; "
                                       "a file: as written (a validation split, never an --eval text)",
-                                      flag="--recover-guard-on", metavar="TEXT")),
+                                      flag="--recover-guard-on", metavar="TEXT", keyed="set")),
     ("budget", str | None, option(None, "time for the block-wise training of all blocks, e.g. 90s, 10m, 1.5h: each "
                                   "block gets what is left over the blocks left, and as many epochs as fit in it "
                                   "run (--epochs becomes a cap; at least one); not bit-reproducible",
-                                  flag="--recover-budget", metavar="TIME", default_text="none: the epochs decide")),
+                                  flag="--recover-budget", metavar="TIME", default_text="none: the epochs decide", keyed="set",
+                                  needs=Needs("recover.method", lambda method: method in RECOVERIES
+                                              and RECOVERIES[method].trains_blocks, "a recovery that trains blocks"))),
 ]
 claim_flags(SECTION_BASE, "recover", "the recover section")
 

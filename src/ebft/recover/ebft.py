@@ -55,7 +55,7 @@ class EbftSettings(KeptWeightSettings):
     window: int = option(1, "ebft: blocks trained together — each run of this many consecutive blocks, every "
                          "block pruned with its own masks, is trained jointly towards the dense model's output "
                          "after its last block (needs target dense-model); 1: each block alone, as the paper",
-                         low=1, high=1024, flag="--recover-window", metavar="BLOCKS", keyed_at_default=False)
+                         low=1, high=1024, flag="--recover-window", metavar="BLOCKS", keyed="set")
 
 
 def trainable_parameters(block: nn.Module, linears: dict[str, nn.Linear], train_norms: bool) -> list[nn.Parameter]:

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import find_blocks, find_linears
-from ..settings import option
+from ..settings import Needs, option
 from ..system import free_memory, work_counter
 from .base import ModelContext, TrainingText
 from .lora import LOG_EVERY, add_adapters, check_masks, freeze, remove_adapters, train_steps
@@ -67,30 +67,33 @@ MEMORY_FRACTION = 0.8  # auto: the optimizer state must fit in this share of the
 BYTES_PER_WEIGHT = 17  # training the kept weights: fp32 weight, gradient, two AdamW moments, bool mask
 
 
+_FINISHING = Needs("finish.method", lambda method: method != "none", "--finish kd or lm")
+
+
 @dataclass
 class FinishSettings:
     """The optional end-to-end stage after the walk (``finish:`` in YAML, ``--finish*`` flags)."""
 
     method: str = option("none", "end-to-end finish after the walk, masks fixed: {choices} (kd: KL to the dense "
                          "model's next-token distribution, computed before pruning; lm: the causal-LM loss)",
-                         flag="--finish", choices=FINISH_METHODS)
+                         flag="--finish", choices=FINISH_METHODS, keyed="set")
     steps: int = option(32, "finish optimizer steps (cycling over the calibration windows)", low=1,
-                        flag="--finish-steps")
+                        flag="--finish-steps", needs=_FINISHING)
     lr: float | None = option(None, "finish AdamW learning rate, decayed linearly to 0", low=0, low_open=True,
-                              flag="--finish-lr", default_text=f"{DEFAULT_LR['weights']:g} weights, "
+                              flag="--finish-lr", needs=_FINISHING, default_text=f"{DEFAULT_LR['weights']:g} weights, "
                               f"{DEFAULT_LR['lora']:g} lora")
-    batch_size: int = option(4, "finish windows per step", low=1, flag="--finish-batch-size")
+    batch_size: int = option(4, "finish windows per step", low=1, flag="--finish-batch-size", needs=_FINISHING)
     train: str = option("auto", "what the finish trains: {choices} (weights: the kept weights, masked gradients; "
                         "lora: a masked LoRA update merged exactly; auto: weights when AdamW's ≈17 bytes per "
-                        "weight fit in memory, else lora)", choices=TRAIN_MODES, flag="--finish-train")
+                        "weight fit in memory, else lora)", choices=TRAIN_MODES, flag="--finish-train", needs=_FINISHING)
     temperature: float = option(1.0, "kd: softmax temperature of teacher and student (the loss is scaled by T²)",
-                                low=0, low_open=True, flag="--finish-temperature")
+                                low=0, low_open=True, flag="--finish-temperature", needs=_FINISHING)
     topk: int = option(64, "kd: the teacher's top-k tokens kept per position, the rest as one outcome (0: the "
-                       "full vocabulary, N·S·V·4 bytes of CPU memory)", low=0, flag="--finish-topk")
+                       "full vocabulary, N·S·V·4 bytes of CPU memory)", low=0, flag="--finish-topk", needs=_FINISHING)
     holdout: int = option(4, "further calibration-text windows on which the finish must lower its loss, "
                           "else the pre-finish model is kept (0: the training windows decide)", low=0,
-                          flag="--finish-holdout")
-    lora_rank: int = option(16, "finish with lora: the rank (alpha = 2 × rank)", low=1, flag="--finish-lora-rank")
+                          flag="--finish-holdout", needs=_FINISHING)
+    lora_rank: int = option(16, "finish with lora: the rank (alpha = 2 × rank)", low=1, flag="--finish-lora-rank", needs=_FINISHING)
 
 
 # ----------------------------------------------------------------------------- the dense teacher
