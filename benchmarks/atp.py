@@ -66,6 +66,7 @@ def point(label: str, record: dict) -> dict:
 
 def run_sparsity(sparsity: float, args) -> dict:
     from ebft.sweeps import cell_name, run_cells
+    from ebft.validate import validate
 
     out = args.out / f"wanda-{sparsity:g}"
     points = allocations(args.betas)
@@ -75,7 +76,7 @@ def run_sparsity(sparsity: float, args) -> dict:
         points, cells = [points[i] for i in kept], [cells[i] for i in kept]
         if not cells:
             return {}
-    pairs = [(c, c.validate(need_out=False)) for c in cells]
+    pairs = [(c, validate(c, need_out=False)) for c in cells]
     dense, finished = run_cells(cells[0], pairs, out, progress=_progress(f"wanda {sparsity:g}"))
     return {"dense": dense, "points": [point(label, rec) for (label, _), rec in zip(points, finished)]}
 

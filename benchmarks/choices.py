@@ -55,6 +55,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     from ebft.report import markdown_table
     from ebft.sweeps import cell_name, run_cells
+    from ebft.validate import validate
 
     rows, results = [], []
     for question, setting, recovery, field, values in QUESTIONS:
@@ -62,7 +63,7 @@ def main() -> int:
         cells = [cell(setting, recovery, field, v, args) for v in values]
         if args.cached and not all((out / "cells" / f"{cell_name(c)}.json").exists() for c in cells):
             continue
-        dense, finished = run_cells(cells[0], [(c, c.validate(need_out=False)) for c in cells], out)
+        dense, finished = run_cells(cells[0], [(c, validate(c, need_out=False)) for c in cells], out)
         texts = list(dense)
         first, second = (f["perplexity"] for f in finished)
         results.append({"question": question, "setting": setting, "recovery": recovery, "field": field[1],

@@ -31,6 +31,7 @@ import yaml
 
 from ebft import RunConfig
 from ebft.config import resolve_device
+from ebft.validate import validate
 from ebft.models import load_model
 from ebft.evaluation.perplexity import model_perplexities
 from ebft.pipeline import prepare_data, prune_and_recover, seed_everything
@@ -83,7 +84,7 @@ def config_for(variant: str, args) -> tuple[RunConfig, FinishSettings]:
 
 def one(variant: str, args) -> dict:
     cfg, fin = config_for(variant, args)
-    pattern = cfg.validate(need_out=False)
+    pattern = validate(cfg, need_out=False)
     device = resolve_device(cfg.device)
     start = time.perf_counter()
     seed_everything(cfg.seed)

@@ -63,6 +63,14 @@ POINTS = {
     **{f"atp-best-e{e}-w{k}": ("EBFT, ATP allocation, joint windows",
                                {"prune.allocation": "atp", "method": "ebft", "recipe": "best", "epochs": e, "window": k})
        for e in (2, 4) for k in (2, 3)},
+    **{f"best-e2-w3-lr{lr:g}": ("EBFT, joint windows, learning rate", {"method": "ebft", "recipe": "best", "epochs": 2,
+                                                                       "window": 3, "lr": lr}) for lr in (5e-4, 2e-3)},
+    **{f"atp{b:g}-best-e2{w}": ("EBFT, ATP allocation (beta)", {"prune.allocation": "atp", "prune.atp_beta": b,
+                                                                "method": "ebft", "recipe": "best", "epochs": 2,
+                                                                **({"window": 3} if w else {})})
+       for b in (0.01,) for w in ("", "-w3")},
+    "atp0.01-none": ("pruned, ATP allocation (beta)", {"prune.allocation": "atp", "prune.atp_beta": 0.01,
+                                                       "method": "none"}),
     **{f"lora-{n}": ("LoRA (masked)", {"method": "lora", "lora_steps": n, "lora_batch_size": 4, "lora_lr": 1e-3})
        for n in LORA_STEPS},
 }
@@ -224,6 +232,7 @@ def add_data_arguments(ap, name: str, calib: str | None = None, nsamples: int = 
 def run_setting(setting: str, points: list[str], args) -> dict | None:
     """Run (or, with ``--cached``, read) the points of one setting as sweep cells; their records."""
     from ebft.sweeps import cell_name, run_cells
+    from ebft.validate import validate
 
     out = args.out / setting.replace(":", "-")
     if args.cached:
@@ -231,7 +240,7 @@ def run_setting(setting: str, points: list[str], args) -> dict | None:
         if not points:
             return None
     cells = [cell_for(setting, p, args) for p in points]
-    pairs = [(c, c.validate(need_out=False)) for c in cells]
+    pairs = [(c, validate(c, need_out=False)) for c in cells]
     dense, finished = run_cells(cells[0], pairs, out, progress=_progress(setting))
     return {"dense": dense, "points": [
         {"point": p, "line": POINTS[p][0], "perplexity": rec["perplexity"], "tokens": training_tokens(rec),

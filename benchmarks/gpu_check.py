@@ -1062,12 +1062,13 @@ def pipeline_run(model: str, device: str, calib: str, nsamples: int, seqlen: int
     from ebft.models import load_model
     from ebft.pipeline import check_model_fits, prepare_data, prune_and_recover, seed_everything
     from ebft.recover.training import autocast_dtype
+    from ebft.validate import validate
 
     cfg = run_config("auto", epochs, batch=8)
     cfg.model, cfg.device, cfg.batch_size = model, device, walk_batch
     cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen = calib, nsamples, seqlen
     cfg.eval.sources, cfg.eval.seqlen, cfg.eval.windows = [eval_source], eval_seqlen, eval_windows
-    pattern = cfg.validate(need_out=False)
+    pattern = validate(cfg, need_out=False)
     times, start = {}, time.monotonic()
     seed_everything(cfg.seed)
     model_, tokenizer = load_model(cfg.model, cfg.dtype, device)

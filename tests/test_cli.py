@@ -196,8 +196,9 @@ def test_bad_paths(tiny_model_dir, text_file, tmp_path, capsys, what):
                          ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     from ebft.config import RunConfig
+    from ebft.validate import validate
 
-    RunConfig.from_yaml(path).validate(need_out=False)
+    validate(RunConfig.from_yaml(path), need_out=False)
 
 
 def test_unknown_config_key_is_one_clear_error(tmp_path, capsys):

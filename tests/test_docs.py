@@ -69,6 +69,7 @@ def test_every_doc_file_is_checked_and_they_have_commands_and_snippets():
                          ids=[f"{_name(p)}:{i}" for i, (p, _) in enumerate(COMMANDS)])
 def test_every_command_parses_and_validates(path, command, monkeypatch):
     from ebft.cli import build_parser, config_from_args, sweep_config_from_args
+    from ebft.validate import validate
 
     monkeypatch.chdir(ROOT)  # commands are written for the repository root
     argv = shlex.split(command)[1:]
@@ -79,7 +80,7 @@ def test_every_command_parses_and_validates(path, command, monkeypatch):
         sweep_config_from_args(args).validate()
     elif args.command in ("run", "plan"):
         config = config_from_args(args)
-        config.validate(need_out=False, need_device=False)
+        validate(config, need_out=False, need_device=False)
     elif args.command == "eval":
         config = config_from_args(args)
         config.check_types()

@@ -64,7 +64,7 @@ def test_run_records_the_recipe_and_the_settings_that_ran(tiny_model_dir, text_f
 @pytest.mark.parametrize("text, seconds", [("90", 90.0), ("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0),
                                            ("2min", 120.0), ("0.5", 0.5)])
 def test_a_budget_reads_as_seconds(text, seconds):
-    from ebft.config import budget_seconds
+    from ebft.validate import budget_seconds
 
     assert budget_seconds(text) == seconds
 
@@ -122,7 +122,7 @@ def test_the_walk_shares_the_budget_over_the_blocks(budget, epochs_run, tokenize
 
 
 def test_a_budget_in_yaml_may_be_a_number_of_seconds():
-    from ebft.config import budget_seconds
+    from ebft.validate import budget_seconds
 
     cfg = RunConfig.from_dict({"model": "m", "recover": {"budget": 600}})
     cfg.check_types()

@@ -16,6 +16,7 @@ from ebft.config import EvalConfig, RunConfig, declared_settings, sections
 from ebft.errors import ConfigError
 from ebft.settings import Needs, option
 from ebft.sweeps import cell_key
+from ebft.validate import refuse_unused, unused_settings
 
 
 def _flags(command: str) -> set[str]:
@@ -99,11 +100,11 @@ def test_a_setting_with_needs_is_refused_where_it_does_nothing(monkeypatch):
     config = RunConfig(model="m")
     config.eval = new(**dataclasses.asdict(config.eval))
     config.eval.bleu = True
-    assert config.unused_settings() == {"eval.bleu": (True, "--zeroshot")}
+    assert unused_settings(config) == {"eval.bleu": (True, "--zeroshot")}
     with pytest.raises(ConfigError, match=r"--bleu \(eval.bleu\).*applies only with --zeroshot"):
-        config.check_unused()
+        refuse_unused(config)
     config.eval.zeroshot = ["piqa"]
-    assert "eval.bleu" not in config.unused_settings()
+    assert "eval.bleu" not in unused_settings(config)
 
 
 def test_the_checkpoint_compares_what_changes_a_result_where_it_applies():

@@ -32,6 +32,7 @@ from .report import markdown_table as format_table
 from .report import sweep_markdown
 from .settings import add_flags
 from .sweeps import SweepConfig, parse_list, sweep
+from .validate import validate
 from .system import parse_bytes
 
 EXAMPLES_RUN = """examples:
@@ -179,7 +180,7 @@ def _plan_flags(parser) -> None:
 
 def show_plan(config, args) -> dict:
     """Print what ``config`` needs (memory per phase, placement, time) without loading a weight."""
-    pattern = config.validate(need_out=False, need_device=False)
+    pattern = validate(config, need_out=False, need_device=False)
     free_acc = _size_flag("--free-accelerator", args.free_accelerator)
     free_host = _size_flag("--free-host", args.free_host)
     plan_json = _plan_json_path(args.plan_json)

@@ -24,9 +24,7 @@ the same nested keys, e.g.::
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,17 +32,14 @@ import torch
 import yaml
 
 from . import settings as st
-from .allocation import ALLOCATION_SETTINGS, AllocationSettings, check_allocation
+from .allocation import AllocationSettings
 from .data import HUB_SOURCES, SELF
 from .data import NAMED_SOURCES as TEXTS
 from .errors import ConfigError
-from .evaluation.zeroshot import plan_tasks
 from .export import FORMATS as EXPORT_FORMATS
 from .export import TYPES as EXPORT_TYPES
-from .export import check_type
 from .masks import parse_pattern
-from .models import DTYPE_CHOICES, check_model_source
-from .output import check_out, folder_for, is_ebft_output
+from .models import DTYPE_CHOICES
 from .prune import PRUNERS, get_pruner
 from .prune.base import SECTION_BASE as PRUNE_BASE
 from .recover import RECOVERIES, get_recovery
@@ -325,159 +320,6 @@ class RunConfig:
             section, _, name = key.rpartition(".")
             yield key, f, getattr(getattr(self, section) if section else self, name)
 
-    def inapplicable(self) -> dict[str, str]:
-        """Every setting that does nothing in this run, with what it applies with: ``{"section.field":
-        "--method sparsegpt"}``. From the declarations: a pruner's, allocation's or recovery's own settings
-        apply with it (the registries), a setting declaring ``needs`` where that holds."""
-        skip = {f"prune.{k}": v for k, v in self._foreign("prune").items()}
-        skip.update({f"recover.{k}": v for k, v in self._foreign("recover").items()})
-        settings = None
-        for key, f, _ in self.setting_fields():
-            needs = st.needs_of(f)
-            if needs is not None and key not in skip:
-                settings = settings if settings is not None else self.to_dict()
-                if not needs.met(settings):
-                    skip[key] = needs.text
-        return skip
-
-    def _foreign(self, section: str) -> dict[str, str]:
-        """The settings of the ``prune`` or ``recover`` section that belong to a method this run does not use."""
-        if section == "prune":
-            pruner = get_pruner(self.prune.method)
-            own = {f.name for f in dataclasses.fields(pruner.settings)} | {b[0] for b in PRUNE_BASE} | {"allocation"}
-            own |= set(ALLOCATION_SETTINGS.get(self.prune.allocation, ()))
-            foreign = {}
-            for f in st.fields_of(self.prune):
-                if f.name not in own:
-                    owners = [n for n, p in PRUNERS.items() if f.name in {g.name for g in dataclasses.fields(p.settings)}]
-                    allocations = [a for a, names in ALLOCATION_SETTINGS.items() if f.name in names]
-                    foreign[f.name] = (f"--method {' or '.join(owners)}" if owners
-                                       else f"--allocation {' or '.join(allocations)}")
-            return foreign
-        recovery = get_recovery(self.recover.method)
-        own = {f.name for f in dataclasses.fields(recovery.settings)} | {"method", "budget"}
-        if recovery.guardable:
-            own |= {"guard", "guard_texts"}
-        if any(name in RECIPES[self.recover.recipe] for name in own):
-            own.add("recipe")
-        foreign = {}
-        for f in st.fields_of(self.recover):
-            if f.name not in own:
-                owners = [n for n, r in RECOVERIES.items() if f.name in {g.name for g in dataclasses.fields(r.settings)}
-                          or (f.name == "recipe" and any(k in RECIPES[self.recover.recipe]
-                                                         for k in (g.name for g in dataclasses.fields(r.settings))))
-                          or (f.name in ("guard", "guard_texts") and r.guardable)]
-                foreign[f.name] = f"--recover {' or '.join(owners)}"
-        return foreign
-
-    def unused_settings(self) -> dict[str, tuple[object, str]]:
-        """Settings given (set to other than their default) where they do nothing (:meth:`inapplicable`):
-        ``{"section.field": (value, what it applies with)}``. A flag that would do nothing is refused, like
-        ``--recover-budget`` for a recovery that does not train."""
-        skip = self.inapplicable()
-        return {key: (value, skip[key]) for key, f, value in self.setting_fields()
-                if key in skip and self._set(key, value, st.default_of(f))}
-
-    def check_unused(self, unused: dict | None = None, where: str = "this run") -> None:
-        """Refuse, in one line, the first setting that would do nothing in this run."""
-        unused = self.unused_settings() if unused is None else unused
-        if unused:
-            key, (value, needs) = next(iter(unused.items()))
-            have = "does not have" if where == "this run" else "has"
-            raise ConfigError(f"{flag_of_key(key)} ({key})", value, f"it applies only with {needs}, which {where} "
-                              f"{have}: drop it" + (f" (and {len(unused) - 1} more such setting"
-                                                         f"{'s' if len(unused) > 2 else ''})" if len(unused) > 1 else ""))
-
-    def validate(self, need_out: bool = True, need_device: bool = True, check_unused: bool = True):
-        """Check every field; return the parsed sparsity :class:`~ebft.masks.Pattern`. ``need_device=False``
-        (``ebft plan``): the run may be planned for a device this machine does not have;
-        ``check_unused=False``: settings of stages this run does not have are let through (a sweep's cells
-        share settings that only some of them use)."""
-        self.check_types()
-        if not self.model:
-            raise ConfigError("model", self.model, "required: a hub id, a local folder or a .gguf file")
-        if need_device:
-            check_device(self.device)
-        plan_tasks(self.eval.zeroshot, self.eval.task_data)  # names, files and their fields
-        pruner = get_pruner(self.prune.method)
-        recovery = get_recovery(self.recover.method)
-        if self.recover.holdout >= self.calib.nsamples:
-            raise ConfigError("recover.holdout", self.recover.holdout,
-                              f"must be an integer in [0, nsamples = {self.calib.nsamples})")
-        pattern = self.pattern(pruner)
-        if self.recover.budget is not None:
-            budget_seconds(self.recover.budget)
-            if not recovery.trains_blocks:
-                raise ConfigError("recover.budget", self.recover.budget, "times block training: use it with "
-                                  f"recover {' or '.join(n for n, r in RECOVERIES.items() if r.trains_blocks)}")
-        recovery.check_window(self.recovery_settings())
-        if pattern.structured and not recovery.structured:
-            raise ConfigError("recover", self.recover.method, "changes masks, and structured pruning has none: "
-                              f"use {', '.join(n for n, r in RECOVERIES.items() if r.structured)}")
-        if pattern.structured and self.prune.layers is not None:
-            raise ConfigError("prune.layers", self.prune.layers, "structured pruning chooses heads and channels "
-                              "over whole blocks; leave layers unset")
-        if check_unused and pattern.n and "prune.scope" in getattr(self, "_given", ()):
-            raise ConfigError("--scope (prune.scope)", self.prune.scope, f"applies to unstructured sparsity; {pattern.n}:"
-                              f"{pattern.m} groups lie inside one row whatever the scope: drop it")
-        check_allocation(self.allocation_settings(), pattern)
-        if self.export is not None:
-            check_type(self.export_type)
-        if check_unused:
-            self.check_unused()
-        if self.prune.layers is not None:
-            try:
-                re.compile(self.prune.layers)
-            except re.error as exc:
-                raise ConfigError("prune.layers", self.prune.layers, f"not a valid regex ({exc})") from exc
-        check_source(self.calib.source, "calib")
-        if self.calib.source == SELF and recovery.scope == "model" and recovery.text_windows is None:
-            raise ConfigError("calib", SELF, f"recovery {recovery.name} does not declare the windows it trains on "
-                              "(text_windows), so they cannot be generated before the walk: give a text")
-        for src in self.eval.sources:
-            check_source(src, "eval")
-        self.check_guard_texts(recovery)
-        check_model_source(self.model)
-        if need_out:
-            if self.resume and not folder_for(self.out).exists() and is_ebft_output(self.out):
-                raise ConfigError("resume", True, f"the run in {self.out} is finished: nothing to resume (drop "
-                                  "--resume; --overwrite runs it again)")
-            check_out(self.out, self.overwrite, inputs=self.inputs())
-        return pattern
-
-    def check_guard_texts(self, recovery) -> None:
-        """``--recover-guard-on``: named texts with a validation split, or files; none an evaluation text (the
-        guard would choose on the very windows it is then scored on); and a guard to check them."""
-        texts = self.recover.guard_texts
-        if not texts or not recovery.guardable:  # (not guardable: refused as a setting this run does not use)
-            return
-        if self.recover.guard == 0:
-            raise ConfigError("recover.guard_texts", ",".join(texts), "are scored on --recover-guard windows "
-                              "of each, and --recover-guard is 0: give it a number of windows, or drop "
-                              "--recover-guard-on")
-        for src in texts:
-            if src in VALIDATION_SOURCES:  # a split of its own: never the evaluated or the calibration windows
-                continue
-            if src in NAMED_SOURCES:
-                raise ConfigError("recover.guard_texts", src, "has no validation split to guard on: use "
-                                  f"{', '.join(VALIDATION_SOURCES)} or a local file (e.g. wiki.valid.raw)")
-            if not Path(os.path.expanduser(src)).is_file():
-                raise ConfigError("recover.guard_texts", src, "no such file; use a local file (a validation split) "
-                                  f"or one of {', '.join(VALIDATION_SOURCES)}")
-            check_source(src, "recover.guard_texts")
-            if _same_text(src) in {_same_text(e) for e in self.eval.sources}:
-                raise ConfigError("recover.guard_texts", src, "is also an --eval text: the guard would choose on the "
-                                  "windows the run is then scored on; give another split of it (e.g. "
-                                  "wiki.valid.raw for wiki.test.raw)")
-            if _same_text(src) == _same_text(self.calib.source):
-                raise ConfigError("recover.guard_texts", src, "is the calibration text: its held-out windows "
-                                  "are guarded already (--recover-guard); give another text")
-        names = [Path(src).name for src in texts]  # each text's name in run.json: one per text
-        if len(set(names)) != len(names):
-            raise ConfigError("recover.guard_texts", ",".join(texts), "names a text twice, or two files of one "
-                              "name: give each guard text a file name of its own")
-
-
 def declared_settings():
     """Every setting a run has, as ``(key, field)`` (``key``: ``section.field``, or a field of the run's own)."""
     for path, cls in (("", RunConfig), *sections().items()):
@@ -501,25 +343,6 @@ def compared_settings(settings: dict) -> dict:
             for name, value in settings.items() if name in sections() or compared(name)}
 
 
-def _same_text(source: str) -> str:
-    """A source as a name that is equal for the same text (a file by its resolved path)."""
-    return source if source in (*NAMED_SOURCES, SELF) else str(Path(os.path.expanduser(source)).resolve())
-
-
-_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
-MAX_BUDGET_SECONDS = 366 * 86400  # longer is a typo (and would overflow the schedule's arithmetic)
-
-
-def budget_seconds(text) -> float:
-    """``--recover-budget`` in seconds: a number of seconds, or a number with s, m (min) or h."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(s|m|min|h)?\s*", str(text), flags=re.I)
-    seconds = float(match[1]) * _UNITS[(match[2] or "s").lower()] if match else math.nan
-    if not math.isfinite(seconds) or seconds <= 0 or seconds > MAX_BUDGET_SECONDS:
-        raise ConfigError("recover.budget", text, "a positive time of at most 366 days: seconds, or a number "
-                          "with s, m or h (e.g. 90s, 10m, 1.5h)")
-    return seconds
-
-
 def flag_of_key(key: str) -> str:
     """The command-line flag of a setting named ``section.field`` (or ``field``)."""
     section, _, name = key.rpartition(".")
@@ -528,40 +351,10 @@ def flag_of_key(key: str) -> str:
     return st.flag_of(fields[name]) if name in fields else key
 
 
-def check_device(device: str) -> None:
-    if device in ("auto", "cpu"):
-        return
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("device", device, "CUDA is not available here; use cpu or auto")
-        return
-    raise ConfigError("device", device, "allowed: auto, cpu, cuda, cuda:N")
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def check_source(source: str, field_name: str = "calib") -> None:
-    """A text source is a named dataset or an existing, non-empty local file; errors name ``field_name``
-    (``calib`` or ``eval``: the flag the user typed)."""
-    if source == "auto" and field_name != "eval":
-        raise ConfigError(field_name, source, f"auto is for evaluation; use a local file or one of "
-                          f"{', '.join(n for n in NAMED_SOURCES if n != 'auto')}")
-    if source == SELF:
-        if field_name == "calib":
-            return
-        raise ConfigError(field_name, source, "self (the model's own text) is for calibration, --calib self; use a "
-                          "local file (./self for a file of that name) or one of " + ", ".join(NAMED_SOURCES))
-    if source in NAMED_SOURCES:
-        return
-    path = Path(os.path.expanduser(source))
-    if not path.is_file():
-        raise ConfigError(field_name, source, f"no such file; use a local file or one of {', '.join(NAMED_SOURCES)}")
-    if path.stat().st_size == 0:
-        raise ConfigError(field_name, source, "the file is empty")
 
 
 def _build(cls, data, prefix: str):

@@ -39,7 +39,7 @@ from .allocation import allocator, check_allocation, weight_summaries
 from .atomic import write_json
 from .blockstore import load_lazy, store_for, weights_bytes
 from .checkpoint import NO_CHECKPOINT, RunCheckpoint, discard_if_finished, kill_point, settings_of
-from .config import RunConfig, budget_seconds, check_device, check_source, resolve_device
+from .config import RunConfig, resolve_device
 from .data import SELF, adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
 from .errors import ConfigError, EbftError
 from .estimate import REDUCE, RunSizes, plan_resources
@@ -60,6 +60,7 @@ from .streams import STAGES, Homes, capture_stream
 from .system import PhaseClock, host_available, peak_memory, reset_host_peak, seed_everything, versions
 from .walk import MASK_KEY, PruneSpec, RecoverSpec, planning_pass, walk
 from .weights import ShardWriter
+from .validate import budget_seconds, check_device, check_source, validate
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +437,7 @@ def run(config: RunConfig, progress=None) -> dict:
     distributed.check_environment()
     if config.out and distributed.is_main_process():
         discard_if_finished(config.out)  # a finished run killed before it removed its checkpoint
-    pattern = config.validate()
+    pattern = validate(config)
     if config.export is not None:
         check_export_model(config.model, config.trust_remote_code)  # before any work, not after it
     world = distributed.env_world_size()

@@ -49,7 +49,6 @@ from safetensors.torch import save_file
 
 from . import distributed, hub
 from .atomic import write_atomic
-from .data import SELF
 from .errors import EbftError
 from .system import work_counter
 

@@ -13,7 +13,7 @@ come, with no second copy anywhere:
   nothing a result depends on) and where it applies (``needs``), from which come the commands that take
   it (:func:`commands_of`: ``ebft eval`` never shows a flag that does nothing there), a checkpoint's resume
   identity (:func:`ebft.checkpoint.settings_of`), a sweep cell's key (:func:`ebft.sweeps.cell_key`) and
-  the refusal of a setting given where it does nothing (:meth:`ebft.config.RunConfig.unused_settings`).
+  the refusal of a setting given where it does nothing (:func:`ebft.validate.unused_settings`).
 
 >>> @dataclass
 ... class Example:

@@ -41,6 +41,7 @@ from .recover import RECOVERIES
 from .report import plot_sweep, sweep_markdown
 from .settings import commands_of, default_of, keyed_mode
 from .system import seed_everything, versions
+from .validate import inapplicable, refuse_unused, unused_settings, validate
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,9 @@ class SweepConfig:
                 raise ConfigError("sparsities", s, "allowed: numbers in [0, 1), e.g. 0.5,0.6,0.7")
         self.base.check_types()
         check_out(self.out, inputs=self.base.inputs(), reuse=True)  # written into, resumed: never replaced
-        checked = [(cell, cell.validate(need_out=False, check_unused=False)) for cell in self.cells()]
-        unused = [cell.unused_settings() for cell, _ in checked]  # a setting no cell of the grid uses
-        checked[0][0].check_unused({k: v for k, v in unused[0].items() if all(k in u for u in unused)},
+        checked = [(cell, validate(cell, need_out=False, check_unused=False)) for cell in self.cells()]
+        unused = [unused_settings(cell) for cell, _ in checked]  # a setting no cell of the grid uses
+        refuse_unused(checked[0][0], {k: v for k, v in unused[0].items() if all(k in u for u in unused)},
                                    where="no cell of this sweep")
         return checked
 
@@ -122,7 +123,7 @@ def cell_key(cell: RunConfig) -> str:
     recovery sections only what the cell's own pruner and recovery declare: tuning LoRA never reruns an
     EBFT cell), as its ``keyed`` mode says; a setting the sweep does not take counts as its default (it
     cannot change a cell); the recovery's settings as the recipe resolves them (the recipe is in its values)."""
-    skip = cell.inapplicable()
+    skip = inapplicable(cell)
     resolved = {f"recover.{k}": v for k, v in dataclasses.asdict(cell.recovery_settings()).items()}
     settings: dict = {}
     for key, f, value in cell.setting_fields():
