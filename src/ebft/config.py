@@ -35,7 +35,7 @@ import yaml
 
 from . import settings as st
 from .allocation import ALLOCATION_SETTINGS, AllocationSettings, check_allocation
-from .data import HUB_SOURCES, SELF
+from .data import AUTO, SELF, VALIDATION_SOURCES
 from .data import NAMED_SOURCES as TEXTS
 from .errors import ConfigError
 from .evaluation.zeroshot import plan_tasks
@@ -55,10 +55,8 @@ from .recover.recipes import RECIPES, recipe_fields
 from .recover.recipes import value as recipe_value
 from .settings import option
 
-NAMED_SOURCES = (*TEXTS, "auto")  # the texts ebft knows by name (ebft.data), and auto
+NAMED_SOURCES = (*TEXTS, AUTO)  # the texts ebft knows by name (ebft.data), and auto
 _SOURCE_HELP = " | ".join(TEXTS) + " | a .txt/.raw/.jsonl/.json file"
-# named texts with a validation split (the guard's further texts)
-VALIDATION_SOURCES = tuple(name for name, spec in HUB_SOURCES.items() if "validation" in spec.splits)
 
 
 def _task_list(text: str) -> list[str]:
@@ -85,7 +83,7 @@ SELF_SETTINGS = tuple(f.name for f in dataclasses.fields(CalibConfig) if f.name.
 
 @dataclass
 class EvalConfig:
-    sources: list[str] = option(["auto"], f"perplexity texts, one or more of: {_SOURCE_HELP}; auto: wikitext2 "
+    sources: list[str] = option([AUTO], f"perplexity texts, one or more of: {_SOURCE_HELP}; auto: wikitext2 "
                                 "from the hub, or offline when the hub is out of reach (said in one line)",
                                 flag="--eval", metavar="TEXT")
     seqlen: int | None = option(None, "tokens per evaluation window", low=1, flag="--eval-seqlen",
@@ -498,9 +496,9 @@ def resolve_device(device: str) -> str:
 def check_source(source: str, field_name: str = "calib") -> None:
     """A text source is a named dataset or an existing, non-empty local file; errors name ``field_name``
     (``calib`` or ``eval``: the flag the user typed)."""
-    if source == "auto" and field_name != "eval":
+    if source == AUTO and field_name != "eval":
         raise ConfigError(field_name, source, f"auto is for evaluation; use a local file or one of "
-                          f"{', '.join(n for n in NAMED_SOURCES if n != 'auto')}")
+                          f"{', '.join(TEXTS)}")
     if source == SELF:
         if field_name == "calib":
             return
