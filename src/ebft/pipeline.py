@@ -56,7 +56,7 @@ from .recover.finish import finish, prepare_finish
 from .recover.recipes import PAPER_DIFFERENCES
 from .report import plot_block_losses
 from .selfcalib import Sampling, SelfDraw, self_windows
-from .streams import STAGES, Homes, capture_stream
+from .streams import CHAIN, STAGES, Homes, capture_stream
 from .system import PhaseClock, host_available, peak_memory, reset_host_peak, seed_everything, versions
 from .walk import MASK_KEY, PruneSpec, RecoverSpec, planning_pass, walk
 from .weights import ShardWriter
@@ -267,7 +267,7 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     homes = Homes(torch.device(device), placement)
     with clock.phase("capture"):
         chain = capture_stream(model, data.calib, torch.device(device), config.batch_size, distributed.current(),
-                               to=homes.home("calibration chain", None))
+                               to=homes.home(CHAIN, None))
     with clock.phase("plan"):
         allocation = checkpoint.allocation(lambda: allocate(model, chain, pattern, config, device, progress))
     spec = PruneSpec(get_pruner(config.prune.method), allocation.patterns if allocation else pattern,

@@ -40,7 +40,7 @@ from .models import find_blocks, find_linears
 from .prune import BlockSite
 from .recover import BlockContext, get_recovery
 from .stats import LayerStats
-from .streams import STAGES, TARGETS, WINDOW_INPUTS, Homes, Stream, Streams, capture_stream
+from .streams import BLOCK_TARGETS, CHAIN, STAGES, WINDOW_INPUTS, Homes, Stream, Streams, capture_stream
 from .system import PhaseClock, timed
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class BlockWork:
         if isinstance(calib, Stream):
             return calib
         return capture_stream(model, calib, device, batch_size, distributed.current(),
-                              to=where.home("calibration chain", None))
+                              to=where.home(CHAIN, None))
 
     @timed("prune alone (guard)")
     def prune_alone(self, index: int, block: nn.Module, streams: Streams) -> Alone | None:
@@ -259,7 +259,7 @@ class BlockWork:
         linears = find_linears(block, self.spec.layers)
         stats, targets = dense_pass(block, chain.calls[index], chain.x, linears, self.needs,
                                     keep_output=self.target == "dense-block",
-                                    out_device=where.home(TARGETS, chain.x.device))
+                                    out_device=where.home(BLOCK_TARGETS, chain.x.device))
         dense = ({n: lin.weight.data.to(torch.float32, copy=True) for n, lin in linears.items()}
                  if self.recovery.changes_masks else None)
         return Measured(linears, stats, targets, dense)
