@@ -48,6 +48,7 @@ from .checkpoint import folder_for
 from .output import check_out, is_ebft_output
 from .prune import PRUNERS, get_pruner
 from .prune.base import SECTION_BASE as PRUNE_BASE
+from .prune.base import default_scopes
 from .recover import RECOVERIES, get_recovery
 from .recover.base import SECTION_BASE as RECOVER_BASE
 from .recover.finish import FinishSettings, finish_windows
@@ -112,7 +113,7 @@ _COMPOSED: dict[str, tuple[tuple, type]] = {}
 
 def _composed(name: str, registry: dict, build) -> type:
     """The section class for the registry as it is now (rebuilt after a registration)."""
-    key = tuple((n, id(entry.settings)) for n, entry in registry.items())
+    key = tuple(registry.items())  # the registrations themselves: their settings and what --help shows of them
     if name not in _COMPOSED or _COMPOSED[name][0] != key:
         _COMPOSED[name] = (key, build())
     return _COMPOSED[name][1]
@@ -120,23 +121,30 @@ def _composed(name: str, registry: dict, build) -> type:
 
 def prune_config_class() -> type:
     """``prune:``: the method, pattern, scope, layers, the allocation's and every pruner's settings."""
+    base = [(n, t, _filled(f, default_scopes=default_scopes())) for n, t, f in PRUNE_BASE]
     return _composed("PruneConfig", PRUNERS, lambda: st.compose(
-        "PruneConfig", PRUNE_BASE, [AllocationSettings, *(p.settings for p in PRUNERS.values())],
+        "PruneConfig", base, [AllocationSettings, *(p.settings for p in PRUNERS.values())],
         "What to prune: the pruner, the pattern, the allocation over blocks, each pruner's options."))
 
 
 def recover_config_class() -> type:
     """``recover:``: the method, recipe, budget and every recovery's settings, composed into one section."""
     summaries = "; ".join(r.summary for r in RECOVERIES.values() if r.summary)
-    base = [(n, t, _with_help(f, f.metadata["help"].replace("{summaries}", summaries))) for n, t, f in RECOVER_BASE]
+    base = [(n, t, _filled(f, summaries=summaries)) for n, t, f in RECOVER_BASE]
     return _composed("RecoverConfig", RECOVERIES, lambda: st.compose(
         "RecoverConfig", base, [r.settings for r in RECOVERIES.values()],
         "Recovery after pruning; each method's own settings, composed into one section.",
         defaults_from=recipe_fields()))
 
 
-def _with_help(f: dataclasses.Field, text: str) -> dataclasses.Field:
-    meta = {**f.metadata, "help": text}
+def _filled(f: dataclasses.Field, **values: str) -> dataclasses.Field:
+    """``f`` with every ``{name}`` in its help and its default's text replaced by ``values[name]``: what the
+    registrations declare now (the recoveries' summaries, the pruners' default scopes)."""
+    meta = dict(f.metadata)
+    for key in ("help", "default_text"):
+        for name, value in values.items():
+            if meta.get(key):
+                meta[key] = meta[key].replace("{" + name + "}", value)
     if f.default is dataclasses.MISSING:  # a list's default: a factory
         return field(default_factory=f.default_factory, metadata=meta)
     return field(default=f.default, metadata=meta)
