@@ -35,6 +35,7 @@ import yaml
 
 from . import settings as st
 from .allocation import ALLOCATION_SETTINGS, AllocationSettings, check_allocation
+from .capabilities import WHOLE_MODEL_HELP
 from .data import AUTO, SELF, VALIDATION_SOURCES
 from .data import NAMED_SOURCES as TEXTS
 from .errors import ConfigError
@@ -180,8 +181,8 @@ class RunConfig:
     lazy: bool | None = option(None, "load lazily: read each block from the safetensors shards when the walk "
                                "reaches it, write it to the output when done and free it, so host memory holds "
                                "about one block plus the activations, not the model (auto: when the weights "
-                               "exceed half the available memory; not for GGUF, .bin, lora, --calib self, zero-shot, "
-                               "speed or structured pruning, which need the whole model)", default_text="auto")
+                               f"exceed half the available memory; not for {WHOLE_MODEL_HELP}, which need the whole "
+                               "model)", default_text="auto")
     resume: bool | None = option(None, "continue a killed run from its checkpoint beside --out (auto: when there "
                                  "is one of the same settings; a different one is refused; --no-resume: discard "
                                  "it and start over)", default_text="auto")
