@@ -575,7 +575,7 @@ def _save_lazy(model, tokenizer, checkpoint, folder, dtype) -> None:
     """A lazy run's output: the finished blocks' shards (from the checkpoint folder; cast one at a time
     when ``dtype`` is not the run's), the outside tensors, the index, config and tokenizer; loads with
     plain ``from_pretrained``, the same tensors as the eager run's ``save_pretrained``."""
-    checkpoint.link_blocks_into(folder, dtype)
+    checkpoint.blocks.link_into(folder, dtype)
     writer = ShardWriter(folder, resume=True)
     outside = store_for(model).outside_state()
     writer.add({k: v.to(dtype) if v.is_floating_point() else v for k, v in outside.items()})
