@@ -69,6 +69,12 @@ POINTS = {
                                                                 "method": "ebft", "recipe": "best", "epochs": 2,
                                                                 **({"window": 3} if w else {})})
        for b in (0.01,) for w in ("", "-w3")},
+    # more calibration windows for the same optimiser steps and tokens trained (n64, 1 epoch, batch 2 = n32, 2
+    # epochs, batch 2): block reconstruction overfits its calibration text (Shin et al., 2024)
+    **{f"n{n}-best-e{e}-b{b}{w}": ("EBFT, more calibration windows", {"calib.nsamples": n, "method": "ebft",
+                                                                       "recipe": "best", "epochs": e, "batch_size": b,
+                                                                       **({"window": 3} if w else {})})
+       for n, e, b in ((64, 1, 2), (128, 1, 4)) for w in ("", "-w3")},
     "atp0.01-none": ("pruned, ATP allocation (beta)", {"prune.allocation": "atp", "prune.atp_beta": 0.01,
                                                        "method": "none"}),
     **{f"lora-{n}": ("LoRA (masked)", {"method": "lora", "lora_steps": n, "lora_batch_size": 4, "lora_lr": 1e-3})

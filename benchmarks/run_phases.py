@@ -101,7 +101,8 @@ for module, path, label in [
         ("ebft.walk", "dense_pass", "statistics"), ("ebft.walk", "BlockWork.prune", "prune"),
         ("ebft.walk", "BlockWork.recover", "training"), ("ebft.streams", "Streams.advance", "streams"),
         ("ebft.checkpoint", "RunCheckpoint.save", "checkpoint"), ("ebft.checkpoint", "RunCheckpoint.save_masks", "checkpoint"),
-        ("ebft.checkpoint", "RunCheckpoint.save_pruned", "checkpoint"), ("ebft.weights", "ShardWriter.add", "checkpoint"),
+        ("ebft.checkpoint", "RunCheckpoint.save_pruned", "checkpoint"),  # trees before RunCheckpoint's split
+        ("ebft.checkpoint", "PrunedBlocks.save", "checkpoint"), ("ebft.weights", "ShardWriter.add", "checkpoint"),
         ("ebft.walk", "WalkState._resume", "resume")]:
     wrap(module, path, label)
 

@@ -173,14 +173,14 @@ def test_the_guard_never_saves_the_model_it_rejected_when_the_pruned_blocks_cann
     cannot put the blocks as pruned back, so the run stops in one line rather than save the model it has just
     rejected (a resume is then refused up front: tests/test_resume.py)."""
     import ebft.pipeline as pipeline
-    from ebft.checkpoint import RunCheckpoint, _damaged
+    from ebft.checkpoint import PrunedBlocks, _damaged
     from ebft.cli import main
 
     def damaged(self, index):
-        raise _damaged(self.folder / "pruned" / f"block-{index:05d}.safetensors", ValueError("truncated"))
+        raise _damaged(self.folder / f"block-{index:05d}.safetensors", ValueError("truncated"))
 
     monkeypatch.setattr(pipeline, "stage_perplexities", recovery_looks_worse(pipeline.stage_perplexities))
-    monkeypatch.setattr(RunCheckpoint, "pruned", damaged)
+    monkeypatch.setattr(PrunedBlocks, "load", damaged)
     assert main(["run", "--model", str(tiny_model_dir), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32",
                  "--eval", str(text_file), "--eval-seqlen", "32", "--eval-windows", "2", "--epochs", "1",
                  "--out", str(tmp_path / "out")]) == 2

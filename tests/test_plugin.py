@@ -92,6 +92,7 @@ def test_a_pruner_and_recovery_of_ones_own_run_through_ebft_run(plugins, tiny_mo
     assert main(["run", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())  # (argparse wraps lines where it likes)
     assert "--shift-power" in help_text and "nudge: a toy recovery" in help_text
+    assert "each pruner's own: shift/wanda row, magnitude/sparsegpt layer" in help_text  # --scope: its default_scope
 
 
 def test_ebft_plan_reads_the_declarations(plugins, tiny_model_dir, tmp_path):

@@ -10,12 +10,17 @@ the finished blocks rebuilds (:meth:`ebft.walk.WalkState` replays them on resume
 
     checkpoint.json          what the run is (its settings, versions, data), the allocation, the progress
     state-<k>[-rank<r>].pt   the random state before block k (one small file per rank under torchrun)
-    blocks/model-part-*.safetensors   every finished block's tensors, one shard per block
+    blocks/model-part-*.safetensors   every finished block's tensors, one shard per block (a lazy run's output)
     masks/block-<i>.safetensors       every finished block's masks (eager runs)
     pruned/block-<i>.safetensors      each block as the "pruned" stage saw it, when that stage is carried
                                       (the guard's fallback, or the pruned perplexity): it is not recomputable
                                       from the finished block
     lock                     held while a run uses the folder
+
+Three classes share the folder: :class:`RunCheckpoint`, the resume state (``checkpoint.json``, the random
+state, the masks, the lock: what is resumed and when it is written), which holds :class:`BlockShards`
+(``blocks/``: written as blocks finish, read back on resume, linked into a lazy run's output) and
+:class:`PrunedBlocks` (``pruned/``: the blocks as pruned alone).
 
 So a checkpoint costs about one block's weights per block, written once (LLaMA-7B in bf16: 0.4 GB a block,
 where the activations at three stages were 10 GB a block). On resume the finished blocks run forward again
@@ -218,8 +223,121 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class BlockShards:
+    """The finished blocks' tensors in the checkpoint folder's ``blocks/``, one safetensors shard per block:
+    written by rank 0 as each block ends (:attr:`writer`), read back by every rank of a resumed walk
+    (:meth:`tensors`), and linked into a lazy run's output, whose blocks they are (:meth:`link_into`)."""
+
+    def __init__(self, checkpoint: Path, checkpointed: int | None, main: bool):
+        self.checkpoint, self.folder, self.main = checkpoint, checkpoint / "blocks", main
+        self.checkpointed = checkpointed  # the shards the last checkpoint names (None: there is none yet)
+        self.writer: ShardWriter | None = None  # rank 0's, once opened
+
+    @property
+    def parts(self) -> int:
+        """The shards written so far (what a checkpoint records)."""
+        return self.writer.parts if self.writer is not None else 0
+
+    def open(self) -> None:
+        """The shard writer of the finished blocks (rank 0), continuing after the last checkpoint."""
+        if not self.main:
+            return
+        if self.checkpointed is None:
+            _remove(self.folder)
+        else:
+            trim_parts(self.folder, self.checkpointed)
+        for part in sorted(self.folder.glob("model-part-*.safetensors")):
+            try:
+                check_safetensors(part)  # header and size: a shard cut short is found now, not in the output
+            except EbftError as exc:
+                raise _damaged(part, exc) from None
+        self.writer = ShardWriter(self.folder, resume=True)
+        if self.checkpointed is not None and self.writer.parts != self.checkpointed:
+            raise EbftError(f"resume: the checkpoint {self.checkpoint} names {self.checkpointed} finished blocks' "
+                            f"shards but holds {self.writer.parts}; pass --no-resume to start over")
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors the checkpoint holds for the block whose names start with ``prefix`` (e.g.
+        ``model.layers.3.``)."""
+        out = {}
+        for k in range(1, (self.checkpointed or 0) + 1):
+            path = self.folder / f"model-part-{k:05d}.safetensors"
+            try:
+                with safe_open(path, "pt") as f:
+                    for key in f.keys():
+                        if key.startswith(prefix):
+                            out[key] = f.get_tensor(key).clone()
+            except Exception as exc:  # SafetensorError: truncated or not safetensors
+                raise _damaged(path, exc) from None
+        return out
+
+    def link_into(self, folder: Path, dtype: torch.dtype | None = None) -> None:
+        """Put the finished blocks' shards into ``folder`` (the output being written) as hard links
+        (copies where the filesystem has none); the checkpoint keeps its own until it is removed.
+        With a ``dtype`` other than theirs, each shard is rewritten cast instead (one block in memory)."""
+        for k in range(1, self.writer.parts + 1):
+            name = f"model-part-{k:05d}.safetensors"
+            src, dst = self.folder / name, Path(folder) / name
+            codes = {e["dtype"] for e in read_safetensors_header(src).values()} & FLOAT_CODES
+            if dtype is not None and codes - {SAFETENSORS_DTYPES[dtype]}:
+                tensors = load_file(src)
+                write_safetensors({n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()},
+                                  dst, metadata={"format": "pt"})
+                del tensors
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copyfile(src, dst)
+
+
+class PrunedBlocks:
+    """Each block as the "pruned" stage saw it (the guard's fallback, with its masks; or the block before
+    recovery) in the checkpoint folder's ``pruned/``, rather than in memory: it cannot be recomputed from the
+    finished block. ``writes``: whether this process writes them (rank 0 of a checkpointed run)."""
+
+    def __init__(self, checkpoint: Path, writes: bool):
+        self.folder, self.writes = checkpoint / "pruned", writes
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"block-{index:05d}.safetensors"
+
+    def save(self, index: int, tensors: dict[str, torch.Tensor]) -> bool:
+        """Keep block ``index`` as pruned; whether it was kept (only a process that :attr:`writes` keeps it)."""
+        if not self.writes:
+            return False
+        self.folder.mkdir(exist_ok=True)
+        _save_packed(self._path(index), tensors)
+        return True
+
+    def load(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index`` as pruned (``{}``: not kept)."""
+        path = self._path(index)
+        if not path.exists():
+            return {}
+        return _load_packed(path)
+
+    def check(self, finished: int) -> None:
+        """The finished blocks' copies as pruned are whole, or the resume is refused before the next block:
+        they cannot be recomputed without redoing the blocks (headers and sizes are read, not the weights; a
+        missing copy is refused where it is read)."""
+        for index in range(finished):
+            path = self._path(index)
+            if not path.exists():
+                continue
+            try:
+                check_safetensors(path)
+            except EbftError as exc:
+                raise EbftError(f"resume: block {index} as pruned (kept for the guard and the pruned stage; it "
+                                f"cannot be recomputed) is damaged in the checkpoint: {exc}; pass --no-resume to "
+                                "start over") from None
+
+
 class RunCheckpoint:
-    """The checkpoint folder of one run (see the module docstring), as the pipeline and the walk use it.
+    """The resume state of one run (see the module docstring): its checkpoint folder, ``checkpoint.json``, the
+    random state, the masks; and, in the same folder and gone with it, the finished blocks' shards
+    (:attr:`blocks`, a :class:`BlockShards`: also a lazy run's output) and the blocks as pruned alone
+    (:attr:`pruned`, a :class:`PrunedBlocks`).
 
     ``saves``: whether the walk's state is checkpointed (``--checkpoint``); without it the folder
     still holds a lazy run's finished blocks until they are moved into the output. Under
@@ -230,7 +348,8 @@ class RunCheckpoint:
         self.folder, self.every, self.saves, self.shard = folder, every, saves, shard
         self.main = shard is None or shard.main
         self.info = info  # checkpoint.json
-        self.writer: ShardWriter | None = None  # the finished blocks' shards (rank 0)
+        self.blocks = BlockShards(folder, (info.get("progress") or {}).get("parts"), self.main)
+        self.pruned = PrunedBlocks(folder, self.main and saves)
         self._lock_fd: int | None = None
         self._fresh = True
         self._last_save = time.monotonic()
@@ -335,26 +454,6 @@ class RunCheckpoint:
         return extras[key]
 
     # ---- the walk ------------------------------------------------------------------------
-    def open_writer(self) -> None:
-        """The shard writer of the finished blocks (rank 0), continuing after the last checkpoint."""
-        if not self.main:
-            return
-        blocks = self.folder / "blocks"
-        progress = self.info.get("progress")
-        if progress is None:
-            _remove(blocks)
-        else:
-            trim_parts(blocks, progress["parts"])
-        for part in sorted(blocks.glob("model-part-*.safetensors")):
-            try:
-                check_safetensors(part)  # header and size: a shard cut short is found now, not in the output
-            except EbftError as exc:
-                raise _damaged(part, exc) from None
-        self.writer = ShardWriter(blocks, resume=True)
-        if progress is not None and self.writer.parts != progress["parts"]:
-            raise EbftError(f"resume: the checkpoint {self.folder} names {progress['parts']} finished blocks' "
-                            f"shards but holds {self.writer.parts}; pass --no-resume to start over")
-
     def restore(self) -> Progress | None:
         """The walk's state at the last checkpoint (this rank's random state), or None to start at block 0."""
         progress = self.info.get("progress")
@@ -367,39 +466,9 @@ class RunCheckpoint:
             rng = torch.load(path, map_location="cpu", weights_only=True)["rng"]
         except Exception as exc:  # truncated, empty, not a torch file, not what ebft writes
             raise _damaged(path, exc) from None
-        self._check_pruned(progress["next_block"])
+        self.pruned.check(progress["next_block"])
         return Progress(progress["next_block"], progress["records"], progress["sparsity_counts"],
                         progress["returns_tuple"], rng)
-
-    def _check_pruned(self, finished: int) -> None:
-        """The finished blocks' copies as pruned (the guard's fallback, the "pruned" stage's blocks) are whole,
-        or the resume is refused before the next block: they cannot be recomputed without redoing the blocks
-        (headers and sizes are read, not the weights; a missing copy is refused where it is read)."""
-        for index in range(finished):
-            path = self.folder / "pruned" / f"block-{index:05d}.safetensors"
-            if not path.exists():
-                continue
-            try:
-                check_safetensors(path)
-            except EbftError as exc:
-                raise EbftError(f"resume: block {index} as pruned (kept for the guard and the pruned stage; it "
-                                f"cannot be recomputed) is damaged in the checkpoint: {exc}; pass --no-resume to "
-                                "start over") from None
-
-    def block_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
-        """The tensors written for the block whose names start with ``prefix`` (e.g. ``model.layers.3.``)."""
-        parts = (self.info.get("progress") or {}).get("parts", 0)
-        out = {}
-        for k in range(1, parts + 1):
-            path = self.folder / "blocks" / f"model-part-{k:05d}.safetensors"
-            try:
-                with safe_open(path, "pt") as f:
-                    for key in f.keys():
-                        if key.startswith(prefix):
-                            out[key] = f.get_tensor(key).clone()
-            except Exception as exc:  # SafetensorError: truncated or not safetensors
-                raise _damaged(path, exc) from None
-        return out
 
     def save_masks(self, index: int, masks: dict[str, torch.Tensor]) -> None:
         if not (self.main and self.saves) or not masks:
@@ -416,23 +485,6 @@ class RunCheckpoint:
         if any(m.dtype != torch.bool for m in masks.values()):
             raise _damaged(path, ValueError("masks that are not boolean"))
         return masks
-
-    def save_pruned(self, index: int, tensors: dict[str, torch.Tensor]) -> bool:
-        """Block ``index`` as the "pruned" stage saw it (the guard's fallback, with its masks; or the block
-        before recovery), written into the checkpoint folder rather than held in memory; whether it was (only
-        rank 0 of a checkpointed run writes)."""
-        if not (self.main and self.saves):
-            return False
-        folder = self.folder / "pruned"
-        folder.mkdir(exist_ok=True)
-        _save_packed(folder / f"block-{index:05d}.safetensors", tensors)
-        return True
-
-    def pruned(self, index: int) -> dict[str, torch.Tensor]:
-        path = self.folder / "pruned" / f"block-{index:05d}.safetensors"
-        if not path.exists():
-            return {}
-        return _load_packed(path)
 
     def due(self, next_block: int, total: int) -> bool:
         """Whether to checkpoint now, after block ``next_block - 1``: every block with
@@ -457,7 +509,7 @@ class RunCheckpoint:
         self.info["progress"] = {"next_block": k, "records": progress.records,
                                  "sparsity_counts": progress.sparsity_counts,
                                  "returns_tuple": progress.returns_tuple,
-                                 "parts": self.writer.parts if self.writer is not None else 0}
+                                 "parts": self.blocks.parts}
         if self.main:
             self._write_info()
         distributed.barrier()
@@ -476,25 +528,6 @@ class RunCheckpoint:
                 path.unlink(missing_ok=True)
 
     # ---- the end -------------------------------------------------------------------------
-    def link_blocks_into(self, folder: Path, dtype: torch.dtype | None = None) -> None:
-        """Put the finished blocks' shards into ``folder`` (the output being written) as hard links
-        (copies where the filesystem has none); the checkpoint keeps its own until :meth:`remove`.
-        With a ``dtype`` other than theirs, each shard is rewritten cast instead (one block in memory)."""
-        for k in range(1, self.writer.parts + 1):
-            name = f"model-part-{k:05d}.safetensors"
-            src, dst = self.folder / "blocks" / name, Path(folder) / name
-            codes = {e["dtype"] for e in read_safetensors_header(src).values()} & FLOAT_CODES
-            if dtype is not None and codes - {SAFETENSORS_DTYPES[dtype]}:
-                tensors = load_file(src)
-                write_safetensors({n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()},
-                                  dst, metadata={"format": "pt"})
-                del tensors
-                continue
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copyfile(src, dst)
-
     def failed(self) -> None:
         """The run failed (an error, not an interruption): a checkpoint with no finished block is of no use
         and would only make a corrected rerun refuse to start, so it goes; one with finished blocks stays,
@@ -520,11 +553,31 @@ class RunCheckpoint:
             self._lock_fd = None
 
 
+class _NoBlocks:
+    """No finished blocks' shards: nothing is written (a run loaded whole keeps its blocks in the model)."""
+
+    writer = None
+
+    def open(self) -> None:
+        pass
+
+
+class _NoPrunedBlocks:
+    """No blocks as pruned on disk: the walk keeps them in memory."""
+
+    def save(self, index: int, tensors) -> bool:
+        return False
+
+    def load(self, index: int) -> dict:
+        return {}
+
+
 class NoCheckpoint:
     """The run keeps no checkpoint (``--no-checkpoint`` on a run loaded whole): the same interface, doing nothing."""
 
-    writer = None
     saves = False
+    blocks = _NoBlocks()
+    pruned = _NoPrunedBlocks()
 
     def begin(self) -> None:
         pass
@@ -538,20 +591,11 @@ class NoCheckpoint:
     def once(self, key: str, compute):
         return compute()
 
-    def open_writer(self) -> None:
-        pass
-
     def restore(self) -> None:
         return None
 
     def save_masks(self, index: int, masks) -> None:
         pass
-
-    def save_pruned(self, index: int, tensors) -> bool:
-        return False
-
-    def pruned(self, index: int) -> dict:
-        return {}
 
     def due(self, next_block: int, total: int) -> bool:
         return False

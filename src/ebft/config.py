@@ -33,7 +33,8 @@ import yaml
 
 from . import settings as st
 from .allocation import AllocationSettings
-from .data import HUB_SOURCES, SELF
+from .capabilities import WHOLE_MODEL_HELP
+from .data import AUTO, SELF
 from .data import NAMED_SOURCES as TEXTS
 from .errors import ConfigError
 from .export import FORMATS as EXPORT_FORMATS
@@ -42,6 +43,7 @@ from .masks import parse_pattern
 from .models import DTYPE_CHOICES
 from .prune import PRUNERS, get_pruner
 from .prune.base import SECTION_BASE as PRUNE_BASE
+from .prune.base import default_scopes
 from .recover import RECOVERIES, get_recovery
 from .recover.base import SECTION_BASE as RECOVER_BASE
 from .recover.finish import FinishSettings, finish_windows
@@ -49,10 +51,8 @@ from .recover.recipes import RECIPES, recipe_fields
 from .recover.recipes import value as recipe_value
 from .settings import Needs, option
 
-NAMED_SOURCES = (*TEXTS, "auto")  # the texts ebft knows by name (ebft.data), and auto
+NAMED_SOURCES = (*TEXTS, AUTO)  # the texts ebft knows by name (ebft.data), and auto
 _SOURCE_HELP = " | ".join(TEXTS) + " | a .txt/.raw/.jsonl/.json file"
-# named texts with a validation split (the guard's further texts)
-VALIDATION_SOURCES = tuple(name for name, spec in HUB_SOURCES.items() if "validation" in spec.splits)
 
 
 def _task_list(text: str) -> list[str]:
@@ -85,7 +85,7 @@ class CalibConfig:
 
 @dataclass
 class EvalConfig:
-    sources: list[str] = option(["auto"], f"perplexity texts, one or more of: {_SOURCE_HELP}; auto: wikitext2 "
+    sources: list[str] = option([AUTO], f"perplexity texts, one or more of: {_SOURCE_HELP}; auto: wikitext2 "
                                 "from the hub, or offline when the hub is out of reach (said in one line)",
                                 flag="--eval", metavar="TEXT", changes="eval")
     seqlen: int | None = option(None, "tokens per evaluation window", low=1, flag="--eval-seqlen",
@@ -119,7 +119,7 @@ _COMPOSED: dict[str, tuple[tuple, type]] = {}
 
 def _composed(name: str, registry: dict, build) -> type:
     """The section class for the registry as it is now (rebuilt after a registration)."""
-    key = tuple((n, id(entry.settings)) for n, entry in registry.items())
+    key = tuple(registry.items())  # the registrations themselves: their settings and what --help shows of them
     if name not in _COMPOSED or _COMPOSED[name][0] != key:
         _COMPOSED[name] = (key, build())
     return _COMPOSED[name][1]
@@ -127,23 +127,30 @@ def _composed(name: str, registry: dict, build) -> type:
 
 def prune_config_class() -> type:
     """``prune:``: the method, pattern, scope, layers, the allocation's and every pruner's settings."""
+    base = [(n, t, _filled(f, default_scopes=default_scopes())) for n, t, f in PRUNE_BASE]
     return _composed("PruneConfig", PRUNERS, lambda: st.compose(
-        "PruneConfig", PRUNE_BASE, [AllocationSettings, *(p.settings for p in PRUNERS.values())],
+        "PruneConfig", base, [AllocationSettings, *(p.settings for p in PRUNERS.values())],
         "What to prune: the pruner, the pattern, the allocation over blocks, each pruner's options."))
 
 
 def recover_config_class() -> type:
     """``recover:``: the method, recipe, budget and every recovery's settings, composed into one section."""
     summaries = "; ".join(r.summary for r in RECOVERIES.values() if r.summary)
-    base = [(n, t, _with_help(f, f.metadata["help"].replace("{summaries}", summaries))) for n, t, f in RECOVER_BASE]
+    base = [(n, t, _filled(f, summaries=summaries)) for n, t, f in RECOVER_BASE]
     return _composed("RecoverConfig", RECOVERIES, lambda: st.compose(
         "RecoverConfig", base, [r.settings for r in RECOVERIES.values()],
         "Recovery after pruning; each method's own settings, composed into one section.",
         defaults_from=recipe_fields()))
 
 
-def _with_help(f: dataclasses.Field, text: str) -> dataclasses.Field:
-    meta = {**f.metadata, "help": text}
+def _filled(f: dataclasses.Field, **values: str) -> dataclasses.Field:
+    """``f`` with every ``{name}`` in its help and its default's text replaced by ``values[name]``: what the
+    registrations declare now (the recoveries' summaries, the pruners' default scopes)."""
+    meta = dict(f.metadata)
+    for key in ("help", "default_text"):
+        for name, value in values.items():
+            if meta.get(key):
+                meta[key] = meta[key].replace("{" + name + "}", value)
     if f.default is dataclasses.MISSING:  # a list's default: a factory
         return field(default_factory=f.default_factory, metadata=meta)
     return field(default=f.default, metadata=meta)
@@ -180,9 +187,8 @@ class RunConfig:
     lazy: bool | None = option(None, "load lazily: read each block from the safetensors shards when the walk "
                                "reaches it, write it to the output when done and free it, so host memory holds "
                                "about one block plus the activations, not the model (auto: when the weights "
-                               "exceed half the available memory; not for GGUF, .bin, lora, --calib self, zero-shot, "
-                               "speed or structured pruning, which need the whole model)", default_text="auto",
-                               changes="nothing", commands=("run", "plan"))
+                               f"exceed half the available memory; not for {WHOLE_MODEL_HELP}, which need the whole "
+                               "model)", default_text="auto", changes="nothing", commands=("run", "plan"))
     resume: bool | None = option(None, "continue a killed run from its checkpoint beside --out (auto: when there "
                                  "is one of the same settings; a different one is refused; --no-resume: discard "
                                  "it and start over)", default_text="auto", changes="nothing")

@@ -79,6 +79,8 @@ OFFLINE_SOURCES = {"offline": "wiki.utf8", "offline-c4": "c4.utf8"}
 TEST_FRACTION = 0.1
 
 NAMED_SOURCES = (*HUB_SOURCES, *OFFLINE_SOURCES)
+# the named texts with a validation split of their own (the end-to-end guard's further texts)
+VALIDATION_SOURCES = tuple(name for name, spec in HUB_SOURCES.items() if "validation" in spec.splits)
 SELF = "self"  # --calib self: windows the dense model writes (ebft.selfcalib), calibration only
 
 

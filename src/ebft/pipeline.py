@@ -38,6 +38,7 @@ from . import distributed
 from .allocation import allocator, check_allocation, weight_summaries
 from .atomic import write_json
 from .blockstore import load_lazy, store_for, weights_bytes
+from .capabilities import check_distributed, lazy_blockers
 from .checkpoint import NO_CHECKPOINT, RunCheckpoint, discard_if_finished, kill_point, settings_of
 from .config import RunConfig, resolve_device
 from .data import SELF, adds_bos, calibration_windows, eval_tokens, resolve_source, source_name
@@ -48,15 +49,15 @@ from .export.gguf import origin_of, write_gguf
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, model_perplexities, stage_perplexities
 from .evaluation.speed import measure_speed
 from .evaluation.zeroshot import average, evaluate_suite, load_tasks, plan_tasks
-from .models import BUILTIN_MODELS, check_model_source, context_length, find_blocks, load_model, model_files_fingerprint
+from .models import check_model_source, context_length, find_blocks, load_model, model_files_fingerprint
 from .output import atomic_folder, save_dtype, save_pretrained, sparsity_report
 from .prune import get_pruner
-from .recover import RECOVERIES, ModelContext, TrainingText, get_recovery
+from .recover import ModelContext, TrainingText, get_recovery
 from .recover.finish import finish, prepare_finish
 from .recover.recipes import PAPER_DIFFERENCES
 from .report import plot_block_losses
 from .selfcalib import Sampling, SelfDraw, self_windows
-from .streams import STAGES, Homes, capture_stream
+from .streams import CHAIN, STAGES, Homes, capture_stream
 from .system import PhaseClock, host_available, peak_memory, reset_host_peak, seed_everything, versions
 from .walk import MASK_KEY, PruneSpec, RecoverSpec, planning_pass, walk
 from .weights import ShardWriter
@@ -268,7 +269,7 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     homes = Homes(torch.device(device), placement)
     with clock.phase("capture"):
         chain = capture_stream(model, data.calib, torch.device(device), config.batch_size, distributed.current(),
-                               to=homes.home("calibration chain", None))
+                               to=homes.home(CHAIN, None))
     with clock.phase("plan"):
         allocation = checkpoint.allocation(lambda: allocate(model, chain, pattern, config, device, progress))
     spec = PruneSpec(get_pruner(config.prune.method), allocation.patterns if allocation else pattern,
@@ -441,7 +442,7 @@ def run(config: RunConfig, progress=None) -> dict:
     if config.export is not None:
         check_export_model(config.model, config.trust_remote_code)  # before any work, not after it
     world = distributed.env_world_size()
-    check_distributed(config, world)
+    check_distributed(config, pattern, world)
     lazy = decide_lazy(config, pattern, world)
     if lazy:
         guard_off_when_lazy(config)
@@ -575,7 +576,7 @@ def _save_lazy(model, tokenizer, checkpoint, folder, dtype) -> None:
     """A lazy run's output: the finished blocks' shards (from the checkpoint folder; cast one at a time
     when ``dtype`` is not the run's), the outside tensors, the index, config and tokenizer; loads with
     plain ``from_pretrained``, the same tensors as the eager run's ``save_pretrained``."""
-    checkpoint.link_blocks_into(folder, dtype)
+    checkpoint.blocks.link_into(folder, dtype)
     writer = ShardWriter(folder, resume=True)
     outside = store_for(model).outside_state()
     writer.add({k: v.to(dtype) if v.is_floating_point() else v for k, v in outside.items()})
@@ -642,29 +643,6 @@ def walk_sparsity(model, result) -> dict:
 
 # ----------------------------------------------------------------------------- what a run can do, decided up front
 
-def lazy_blockers(config: RunConfig, pattern) -> list[str]:
-    """What in this run needs the whole model in memory, so that it cannot load lazily."""
-    why = []
-    if str(config.model).endswith(".gguf") or config.model in BUILTIN_MODELS:
-        why.append("GGUF models load whole (transformers dequantises the file at once)")
-    if config.calib.source == SELF:
-        why.append("--calib self samples every window from the whole model, one token at a time (a lazy run would "
-                   "read every block per token)")
-    if get_recovery(config.recover.method).scope == "model":
-        why.append(f"recovery {config.recover.method} trains the whole model at once")
-    if config.eval.zeroshot:
-        why.append("zero-shot evaluation runs the whole model (evaluate the saved model with ebft eval --tasks)")
-    if config.eval.speed:
-        why.append("speed measurement runs the whole model")
-    if config.finish.method != "none":
-        why.append(f"the finish ({config.finish.method}) trains the whole model at once")
-    if pattern.structured:
-        why.append("structured pruning gives the saved model one block shape from all blocks at the end")
-    if config.export is not None:
-        why.append(f"--export {config.export} reads the whole saved model (export it afterwards with ebft export)")
-    return why
-
-
 def guard_off_when_lazy(config: RunConfig) -> None:
     """A lazy run writes each block as it finishes, so the end-to-end guard could not put the blocks as pruned
     back: a guard the user asked for is refused in one line; the default one is turned off (not paid for)."""
@@ -702,31 +680,6 @@ def decide_lazy(config: RunConfig, pattern, world: int = 1) -> bool:
                 "memory (%.1f GiB); --no-lazy loads it whole", config.model, size / 2**30,
                 f" x {local} ranks" if local > 1 else "", free / 2**30)
     return True
-
-
-def check_distributed(config: RunConfig, world: int) -> None:
-    """What a run under torchrun cannot do, refused before anything is loaded; and a torchrun setting given
-    to a run in one process (it would do nothing)."""
-    if world < 2:
-        if "rank_timeout" in getattr(config, "_given", ()):
-            raise ConfigError("--rank-timeout (rank_timeout)", config.rank_timeout, "applies only under torchrun (2 or more ranks), "
-                              "and this run is one process: drop it")
-        return
-    if get_recovery(config.recover.method).scope == "model":
-        block_wise = ", ".join(n for n, r in RECOVERIES.items() if r.scope == "block")
-        raise ConfigError("recover", config.recover.method, "trains the whole model in one process; run it without "
-                          f"torchrun (or use a block-wise recovery: {block_wise})")
-    if config.finish.method != "none":
-        raise ConfigError("finish", config.finish.method, "trains the whole model in one process; run it without "
-                          "torchrun, or leave the finish out")
-    if config.eval.zeroshot:
-        raise ConfigError("eval.zeroshot", ",".join(config.eval.zeroshot), "runs in one process: evaluate the saved "
-                          "model with ebft eval --tasks, without torchrun")
-    if config.eval.speed:
-        raise ConfigError("eval.speed", True, "measures one process: run ebft without torchrun to measure speed")
-    if config.calib.nsamples < world:
-        raise ConfigError("calib.nsamples", config.calib.nsamples,
-                          f"must be at least the number of ranks ({world}): each rank holds a share of the windows")
 
 
 # ----------------------------------------------------------------------------- evaluate

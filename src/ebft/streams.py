@@ -28,9 +28,10 @@ from .models import find_blocks
 from .system import timed
 
 STAGES = ("dense", "pruned", "final")
+# the activation groups, by the names ebft plan's placement gives them (estimate.memory sizes each)
 CHAIN = "calibration chain"
 DENSE_MODEL = "dense-model stream"
-TARGETS = "targets"
+BLOCK_TARGETS = "targets"  # the dense block's outputs on the chain's inputs (the dense-block target)
 EVALUATION = "evaluation streams"
 PRUNED_ALONE = "pruned-alone chain"  # the guard's baseline: the calibration windows through the blocks as pruned alone
 WINDOW_INPUTS = "joint window inputs"  # a recovery window of K > 1 blocks: the chain at its first block
@@ -39,8 +40,8 @@ WINDOW_INPUTS = "joint window inputs"  # a recovery window of K > 1 blocks: the 
 @dataclass(frozen=True)
 class Homes:
     """Where each activation group lives: ``where`` maps a group (:data:`CHAIN`, :data:`DENSE_MODEL`,
-    :data:`TARGETS`, :data:`EVALUATION`, :data:`PRUNED_ALONE`, :data:`WINDOW_INPUTS`) to ``"accelerator"``, ``"pinned host"`` or ``"host"``; a group
-    it does not name takes the default its caller gives."""
+    :data:`BLOCK_TARGETS`, :data:`EVALUATION`, :data:`PRUNED_ALONE`, :data:`WINDOW_INPUTS`) to ``"accelerator"``,
+    ``"pinned host"`` or ``"host"``; a group it does not name takes the default its caller gives."""
 
     device: torch.device
     where: dict[str, str] | None = None

@@ -17,8 +17,9 @@ import torch
 
 from . import settings as st
 from .allocation import ALLOCATION_SETTINGS, check_allocation
-from .config import NAMED_SOURCES, VALIDATION_SOURCES, flag_of_key
-from .data import SELF
+from .config import NAMED_SOURCES, flag_of_key
+from .data import AUTO, SELF, VALIDATION_SOURCES
+from .data import NAMED_SOURCES as TEXTS
 from .errors import ConfigError
 from .evaluation.zeroshot import plan_tasks
 from .export import check_type
@@ -215,9 +216,9 @@ def check_device(device: str) -> None:
 def check_source(source: str, field_name: str = "calib") -> None:
     """A text source is a named dataset or an existing, non-empty local file; errors name ``field_name``
     (``calib`` or ``eval``: the flag the user typed)."""
-    if source == "auto" and field_name != "eval":
+    if source == AUTO and field_name != "eval":
         raise ConfigError(field_name, source, f"auto is for evaluation; use a local file or one of "
-                          f"{', '.join(n for n in NAMED_SOURCES if n != 'auto')}")
+                          f"{', '.join(TEXTS)}")
     if source == SELF:
         if field_name == "calib":
             return

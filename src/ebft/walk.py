@@ -40,7 +40,7 @@ from .models import find_blocks, find_linears
 from .prune import BlockSite
 from .recover import BlockContext, get_recovery
 from .stats import LayerStats
-from .streams import STAGES, TARGETS, WINDOW_INPUTS, Homes, Stream, Streams, capture_stream
+from .streams import BLOCK_TARGETS, CHAIN, STAGES, WINDOW_INPUTS, Homes, Stream, Streams, capture_stream
 from .system import PhaseClock, timed
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ class BlockWork:
         if isinstance(calib, Stream):
             return calib
         return capture_stream(model, calib, device, batch_size, distributed.current(),
-                              to=where.home("calibration chain", None))
+                              to=where.home(CHAIN, None))
 
     @timed("prune alone (guard)")
     def prune_alone(self, index: int, block: nn.Module, streams: Streams) -> Alone | None:
@@ -259,7 +259,7 @@ class BlockWork:
         linears = find_linears(block, self.spec.layers)
         stats, targets = dense_pass(block, chain.calls[index], chain.x, linears, self.needs,
                                     keep_output=self.target == "dense-block",
-                                    out_device=where.home(TARGETS, chain.x.device))
+                                    out_device=where.home(BLOCK_TARGETS, chain.x.device))
         dense = ({n: lin.weight.data.to(torch.float32, copy=True) for n, lin in linears.items()}
                  if self.recovery.changes_masks else None)
         return Measured(linears, stats, targets, dense)
@@ -412,7 +412,7 @@ class WalkState:
         self.checkpoint = checkpoint if checkpoint is not None else NO_CHECKPOINT
         if self.store.lazy and work.spec is not None and checkpoint is None:
             raise ValueError("a lazily loaded model's finished blocks are written as the walk goes: pass the run's "
-                             "checkpoint (ebft.checkpoint.RunCheckpoint), which holds their writer")
+                             "checkpoint (ebft.checkpoint.RunCheckpoint), whose blocks' shards they are written to")
         self.progress = progress or _noop
         self.keep_masks = not self.store.lazy
         # the "pruned" stage's blocks cannot be rebuilt from the finished ones: a checkpoint keeps them
@@ -420,7 +420,7 @@ class WalkState:
         self.out = WalkResult()
         self.start, self.saved_tuple = 0, False
         self._started = 0.0
-        self.checkpoint.open_writer()
+        self.checkpoint.blocks.open()
         self._resume()
 
     def remaining(self) -> range:
@@ -486,14 +486,14 @@ class WalkState:
             self.out.masks.update(full)
             self.checkpoint.save_masks(index, full)
         if pruned.snapshot is not None and (self.keep_masks or self.keeps_pruned_stage):
-            on_disk = self.checkpoint.save_pruned(index, pruned.snapshot)
+            on_disk = self.checkpoint.pruned.save(index, pruned.snapshot)
             if self.keep_masks:  # the guard's fallback (a lazy walk keeps no block to go back to)
-                self.out.pruned_states[index] = (functools.partial(self.checkpoint.pruned, index) if on_disk
+                self.out.pruned_states[index] = (functools.partial(self.checkpoint.pruned.load, index) if on_disk
                                                  else functools.partial(dict, pruned.snapshot))
         elif pruned.stage_snapshot is not None:
-            self.checkpoint.save_pruned(index, pruned.stage_snapshot)
+            self.checkpoint.pruned.save(index, pruned.stage_snapshot)
             pruned.stage_snapshot = None
-        self.store.release(index, write_to=self.checkpoint.writer)
+        self.store.release(index, write_to=self.checkpoint.blocks.writer)
 
     def _returns_tuple(self) -> bool:
         return self.saved_tuple or self.streams.returns_tuple
@@ -532,11 +532,11 @@ class WalkState:
         if self.streams.carries("pruned"):
             self.streams.advance("pruned", index, self._pruned_block(index, block))
         self.work.restore_shape(index, block)
-        _set_block_state_(block, self.checkpoint.block_tensors(prefix), prefix)
+        _set_block_state_(block, self.checkpoint.blocks.tensors(prefix), prefix)
         self.streams.advance("final", index, block)
         self.store.release(index)
         if self.work.keep_pruned and self.keep_masks:  # ({} if the checkpoint has none: the guard says so)
-            self.out.pruned_states[index] = functools.partial(self.checkpoint.pruned, index)
+            self.out.pruned_states[index] = functools.partial(self.checkpoint.pruned.load, index)
         if self.keep_masks and self.work.spec is not None:
             saved = self.checkpoint.masks(index)
             # in the order the walk made them (run.json's sparsity lists the layers in this order)
@@ -545,7 +545,7 @@ class WalkState:
 
     def _pruned_block(self, index: int, dense: nn.Module) -> nn.Module:
         """Block ``index`` as the "pruned" stage saw it, rebuilt from the dense one and the checkpoint."""
-        saved = {k: v for k, v in self.checkpoint.pruned(index).items() if not k.startswith(MASK_KEY)}
+        saved = {k: v for k, v in self.checkpoint.pruned.load(index).items() if not k.startswith(MASK_KEY)}
         if not saved:
             raise EbftError(f"resume: the checkpoint {self.checkpoint.folder} lacks block {index} as pruned (the "
                             "pruned stage's activations cannot be rebuilt); pass --no-resume to start over")

@@ -81,6 +81,7 @@ from ..config import RunConfig, resolve_device
 from ..data import SELF
 from ..prune import get_pruner
 from ..recover import get_recovery
+from ..streams import BLOCK_TARGETS, CHAIN, DENSE_MODEL, EVALUATION, PRUNED_ALONE, WINDOW_INPUTS
 from .shape import ModelShape
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -297,18 +298,18 @@ def activation_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
     b = dtype_bytes(s.run_dtype())
     seq, eval_seq = seqlens(shape, s)
     chain = s.calib_nsamples * seq * shape.hidden * b
-    groups = {"calibration chain": chain}
+    groups = {CHAIN: chain}
     if s.target is not None:
-        groups["dense-model stream" if s.target == "dense-model" else "targets"] = chain
+        groups[DENSE_MODEL if s.target == "dense-model" else BLOCK_TARGETS] = chain
     # with the guard, its held-out windows travel with the evaluation texts (as pruned alone and as recovered)
     evals = (s.eval_texts * s.stages() * s.eval_windows * eval_seq + 2 * s.guard * seq
              + 2 * s.guard_text_windows() * eval_seq) * shape.hidden * b
     if evals:
-        groups["evaluation streams"] = evals
+        groups[EVALUATION] = evals
     if s.guard:  # the calibration windows through the blocks as pruned alone (the guard's baseline)
-        groups["pruned-alone chain"] = chain
+        groups[PRUNED_ALONE] = chain
     if s.window > 1 and s.trains:  # the chain at a joint window's first block, kept until the window is trained
-        groups["joint window inputs"] = chain
+        groups[WINDOW_INPUTS] = chain
     return groups
 
 

@@ -202,8 +202,7 @@ SECTION_BASE = [
                             "the input (2:4 is 50 %); or structured (whole heads and MLP channels removed, "
                             "with method flap; implied by it)")),
     ("scope", str | None, option(None, "unstructured ratio per output row or per layer: {choices}",
-                                 choices=("row", "layer"), default_text="the method's paper: wanda row, "
-                                 "magnitude/sparsegpt layer")),
+                                 choices=SCOPES, default_text="each pruner's own: {default_scopes}")),
     ("layers", str | None, option(None, "regex on linear names inside a block, e.g. mlp (never embeddings or "
                                   "lm_head)", default_text="all linears")),
 ]
@@ -232,6 +231,14 @@ def register_pruner(name: str, needs=(), default_scope: str = "row", settings: t
         return fn
 
     return register
+
+
+def default_scopes() -> str:
+    """Each unstructured pruner's declared ``default_scope``, by scope: ``wanda row, magnitude/sparsegpt layer``
+    (``--scope``'s default in ``--help``)."""
+    by_scope = {scope: sorted(n for n, p in PRUNERS.items() if not p.structured and p.default_scope == scope)
+                for scope in SCOPES}
+    return ", ".join(f"{'/'.join(names)} {scope}" for scope, names in by_scope.items() if names)
 
 
 def unregister_pruner(name: str) -> None:

@@ -52,7 +52,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..data import calibration_windows
+from ..data import VALIDATION_SOURCES, calibration_windows
 from ..errors import ConfigError, EbftError
 from ..settings import Needs, check_registration, claim_flags, option, release_flags
 from ..stats import STAT_KINDS
@@ -187,8 +187,9 @@ SECTION_BASE = [
                           high=4096, flag="--recover-guard", metavar="WINDOWS", keyed="set")),
     ("guard_texts", list[str], option([], "further texts the guard checks (the recovered model must do no worse on "
                                       "each, else pruning alone's model is kept): WINDOWS windows of the "
-                                      "evaluation length from each; wikitext2, ptb, c4: their validation split; "
-                                      "a file: as written (a validation split, never an --eval text)",
+                                      f"evaluation length from each; {', '.join(VALIDATION_SOURCES)}: their "
+                                      "validation split; a file: as written (a validation split, never an --eval "
+                                      "text)",
                                       flag="--recover-guard-on", metavar="TEXT", keyed="set")),
     ("budget", str | None, option(None, "time for the block-wise training of all blocks, e.g. 90s, 10m, 1.5h: each "
                                   "block gets what is left over the blocks left, and as many epochs as fit in it "
