@@ -328,6 +328,25 @@ def check_registration(kind: str, name, fn, settings, section: str, base, others
         raise ValueError(f"{kind} {name!r}: {problem}")
 
 
+def register(kind: str, registry: dict, name, fn, settings, section: str, base, make_entry: Callable[[], Any],
+             shared: tuple = ()) -> None:
+    """Add a pruner or recovery: its registration checked (:func:`check_registration`, against the section's
+    ``base`` fields, the ``shared`` settings classes of the section and the settings already registered),
+    ``make_entry()`` stored under ``name``, its flags claimed."""
+    if name in registry:
+        raise ValueError(f"{kind} {name!r} is registered twice")
+    others = [*shared, *(entry.settings for entry in registry.values())]
+    check_registration(kind, name, fn, settings, section, base, others)
+    registry[name] = make_entry()
+    claim_flags(settings, section, f"{kind} {name!r}")
+
+
+def unregister(kind: str, registry: dict, name: str) -> None:
+    """Remove a registered pruner or recovery (a plugin or a test that registered its own)."""
+    registry.pop(name, None)
+    release_flags(f"{kind} {name!r}")
+
+
 def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
     if f.default is _MISSING:
         return field(default_factory=f.default_factory, metadata=f.metadata)

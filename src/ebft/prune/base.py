@@ -35,7 +35,7 @@ from ..allocation import AllocationSettings
 from ..errors import ConfigError, EbftError
 from ..masks import SCOPES, MaskError, Pattern, check_mask, check_weight, validate_width
 from ..models import find_blocks, find_linears
-from ..settings import check_registration, claim_flags, option, release_flags
+from ..settings import claim_flags, option, register, unregister
 from ..stats import STAT_KINDS, LayerStats
 from ..structured import bias_slot_problem, block_layout, check_layouts, make_saveable_, shrink_block_
 
@@ -220,17 +220,13 @@ def register_pruner(name: str, needs=(), default_scope: str = "row", settings: t
     if default_scope not in SCOPES:
         raise ValueError(f"pruner {name!r}: default_scope must be one of {SCOPES}")
 
-    def register(fn):
-        if name in PRUNERS:
-            raise ValueError(f"pruner {name!r} is registered twice")
-        check_registration("pruner", name, fn, settings, "prune", SECTION_BASE,
-                           [AllocationSettings, *(p.settings for p in PRUNERS.values())])
+    def register_fn(fn):
         kind = StructuredPruner if structured else Pruner
-        PRUNERS[name] = kind(name, fn, needs, default_scope, settings)
-        claim_flags(settings, "prune", f"pruner {name!r}")
+        register("pruner", PRUNERS, name, fn, settings, "prune", SECTION_BASE,
+                 lambda: kind(name, fn, needs, default_scope, settings), shared=(AllocationSettings,))
         return fn
 
-    return register
+    return register_fn
 
 
 def default_scopes() -> str:
@@ -243,8 +239,7 @@ def default_scopes() -> str:
 
 def unregister_pruner(name: str) -> None:
     """Remove a registered pruner (a plugin or a test that registered its own)."""
-    PRUNERS.pop(name, None)
-    release_flags(f"pruner {name!r}")
+    unregister("pruner", PRUNERS, name)
 
 
 def get_pruner(name: str) -> Pruner:

@@ -54,7 +54,7 @@ from torch import nn
 
 from ..data import VALIDATION_SOURCES, calibration_windows
 from ..errors import ConfigError, EbftError
-from ..settings import Needs, check_registration, claim_flags, option, release_flags
+from ..settings import Needs, claim_flags, option, register, unregister
 from ..stats import STAT_KINDS
 from .recipes import DEFAULT_RECIPE, RECIPES
 
@@ -215,21 +215,16 @@ def register_recovery(name: str, settings: type = NoSettings, target: str | Call
         raise ValueError(f"recovery {name!r}: target must be None, a function of the settings, or one of {TARGETS}")
 
     def wrap(fn):
-        if name in RECOVERIES:
-            raise ValueError(f"recovery {name!r} is registered twice")
-        check_registration("recovery", name, fn, settings, "recover", SECTION_BASE,
-                           [r.settings for r in RECOVERIES.values()])
-        RECOVERIES[name] = Recovery(name, fn, settings, target, changes_masks, scope, frozenset(needs), structured,
-                                    state_bytes, summary, window, text_windows)
-        claim_flags(settings, "recover", f"recovery {name!r}")
+        register("recovery", RECOVERIES, name, fn, settings, "recover", SECTION_BASE,
+                 lambda: Recovery(name, fn, settings, target, changes_masks, scope, frozenset(needs), structured,
+                                  state_bytes, summary, window, text_windows))
         return fn
     return wrap
 
 
 def unregister_recovery(name: str) -> None:
     """Remove a registered recovery (a plugin or a test that registered its own)."""
-    RECOVERIES.pop(name, None)
-    release_flags(f"recovery {name!r}")
+    unregister("recovery", RECOVERIES, name)
 
 
 @dataclass(frozen=True)
