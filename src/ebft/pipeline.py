@@ -58,7 +58,7 @@ from .report import plot_block_losses
 from .selfcalib import Sampling, SelfDraw, self_windows
 from .streams import STAGES, Homes, capture_stream
 from .system import PhaseClock, host_available, peak_memory, reset_host_peak, seed_everything, versions
-from .walk import MASK_KEY, PruneSpec, RecoverSpec, planning_pass, walk
+from .walk import MASK_KEY, PruneSpec, RecoverSpec, measure_after, planning_pass, walk
 from .weights import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,7 @@ class ModelStage:
 
     label: str
     run: Callable[[ModelContext], dict]
+    measured: bool = False  # its blocks' per-block metrics are taken again after it (ebft.walk.measure_after)
 
 
 def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, device: str, progress=None,
@@ -275,7 +276,8 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     block_wise = recovery.scope == "block"
     budget = budget_seconds(config.recover.budget) if block_wise and config.recover.budget is not None else None
     guards = data.guards if guarded(config) else {}  # (a sweep's data serves cells with and without one)
-    recover = RecoverSpec(recovery, settings, config.seed, budget, keep_pruned=bool(guards)) if block_wise else None
+    recover = (RecoverSpec(recovery, settings, config.seed, budget, keep_pruned=bool(guards)) if block_wise
+               else RecoverSpec(seed=config.seed, keep_dense=True))  # a model-scope one: its blocks measured after it
     with clock.phase("walk"):
         result = walk(model, chain, spec, recover, {**data.evals, **guards},
                       {**{name: stages for name in data.evals}, **{name: ("pruned", "final") for name in guards}},
@@ -290,6 +292,9 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     for stage in whole:  # LoRA ("recovered"), the finish ("finished"): each evaluated on the model it leaves
         ctx = ModelContext(model, tokenizer, result.masks, text, torch.device(device), config.seed, progress)
         records[stage.label] = stage.run(ctx)
+        if stage.measured:  # the per-block metrics after a model-scope recovery, against the dense blocks kept
+            with clock.phase("metrics"):
+                measure_after(model, data.calib, result.dense_blocks, result.blocks, device, config.batch_size)
         for name, value in model_perplexities(model, data.evals, device, config.batch_size).items():
             perplexity[name][stage.label] = value
     if guard_record is not None and records.get("recovered") is not None:
@@ -358,7 +363,8 @@ def _model_stages(model, tokenizer, config: RunConfig, text: TrainingText, devic
     stages = []
     recovery = get_recovery(config.recover.method)
     if recovery.scope == "model":
-        stages.append(ModelStage("recovered", lambda ctx: model_recovery(recovery, config.recovery_settings(), ctx)))
+        stages.append(ModelStage("recovered", lambda ctx: model_recovery(recovery, config.recovery_settings(), ctx),
+                                 measured=True))
     prepared = prepare_finish(model, tokenizer, text, config.calib.nsamples, config.finish, device, config.batch_size,
                               progress)
     if prepared is not None:
