@@ -48,6 +48,7 @@ from .export.gguf import origin_of, write_gguf
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, model_perplexities, stage_perplexities
 from .evaluation.speed import measure_speed
 from .evaluation.zeroshot import average, evaluate_suite, load_tasks, plan_tasks
+from .metrics import METRICS
 from .models import BUILTIN_MODELS, check_model_source, context_length, find_blocks, load_model, model_files_fingerprint
 from .output import atomic_folder, save_dtype, save_pretrained, sparsity_report
 from .prune import get_pruner
@@ -563,7 +564,7 @@ def save_run(model, tokenizer, config: RunConfig, pattern, make_record: Callable
                                     k: v for k, v in dataclasses.asdict(report).items() if k != "path"}}
         write_json(tmp / "run.json", record)
         plot_block_losses(outcome.result.blocks, tmp / "block_losses.png",
-                          f"{config.model}: {config.prune.method} {pattern} + {config.recover.method}")
+                          f"{config.model}: {config.prune.method} {pattern} + {config.recover.method}", tuple(METRICS))
     checkpoint.remove()
     return record
 
