@@ -295,7 +295,8 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
         records[stage.label] = stage.run(ctx)
         if stage.measured:  # the per-block metrics after a model-scope recovery, against the dense blocks kept
             with clock.phase("metrics"):
-                measure_after(model, data.calib, result.dense_blocks, result.blocks, device, config.batch_size)
+                measure_after(model, data.calib, result.dense_blocks, result.blocks, device, config.batch_size,
+                              result.masks)
         for name, value in model_perplexities(model, data.evals, device, config.batch_size).items():
             perplexity[name][stage.label] = value
     if guard_record is not None and records.get("recovered") is not None:

@@ -36,8 +36,7 @@ from .capture import BlockIO
 from .checkpoint import NO_CHECKPOINT, Progress, kill_point, rng_state, set_rng_state
 from .errors import EbftError
 from .masks import Pattern
-from .metrics import Probe, Readings, take
-from .metrics import record as record_metrics
+from .metrics import Probe, Readings, record as record_metrics, take
 from .models import find_blocks, find_linears
 from .prune import BlockSite
 from .recover import BlockContext, get_recovery
@@ -646,18 +645,21 @@ def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str
 
 @torch.no_grad()
 def measure_after(model: nn.Module, calib: torch.Tensor, dense_blocks: dict[int, nn.Module], records: list[dict],
-                  device: str | torch.device = "cpu", batch_size: int = 1) -> None:
+                  device: str | torch.device = "cpu", batch_size: int = 1,
+                  masks: dict[str, torch.Tensor] | None = None) -> None:
     """The per-block metrics (:mod:`ebft.metrics`) of a model changed after the walk — a model-scope recovery
     such as LoRA trains every block at once: the calibration windows ``calib`` (token ids) through its blocks,
     each block measured against its dense block on the same inputs (``dense_blocks``, which the walk kept:
     :attr:`RecoverSpec.keep_dense`; freed here, one at a time). Each block's record gets its ``<metric>_after``
-    anew; its ``<metric>_before`` stays the walk's, the block as pruned."""
+    anew; its ``<metric>_before`` stays the walk's, the block as pruned. ``masks``: by full linear name."""
     device, store = torch.device(device), store_for(model)
     chain = capture_stream(model, calib, device, batch_size)
     by_index = {r["index"]: r for r in records}
     for index in range(store.num_blocks):
         block, dense, io = store.load(index, device), dense_blocks.pop(index).to(device), chain.calls[index]
-        probe = Probe(index, block, io, chain.x, io.forward(dense, chain.x), find_linears(block))
+        prefix = f"{store.prefix}.{index}."
+        own = {name[len(prefix):]: m for name, m in (masks or {}).items() if name.startswith(prefix)}
+        probe = Probe(index, block, io, chain.x, io.forward(dense, chain.x), find_linears(block), own)
         record_metrics(by_index[index], take(probe))
         del dense, probe
         io.forward(block, chain.x, out=chain.x)
