@@ -408,7 +408,7 @@ def host_fixed_bytes(shape: ModelShape, s: RunSizes, load: str) -> dict[str, int
     if s.trains:  # the block as pruned, to restore a block whose training made it worse
         out["restore snapshot of one block (fp32)" if s.window == 1 else
             f"restore snapshot of one window of {s.window} blocks (fp32)"] = 4 * trained_params(shape, s)
-    if s.whole_model and s.prunes and s.metric_passes:  # what its blocks are measured against after it
+    if s.whole_model and s.prunes:  # what its blocks are measured against after it (ebft.metrics)
         out[f"dense blocks (per-block metrics after {s.whole_model})"] = dtype_bytes(s.run_dtype()) * shape.params_in_blocks
     return out
 

@@ -269,8 +269,8 @@ def _per_block(s: RunSizes, t_fwd: float, t_eval: float, t_step: float) -> dict[
         per_block["training"] = s.epochs * math.ceil((n - s.holdout) / s.recovery_batch) * t_step
     if s.metric_passes:  # ebft.metrics: each block measured before and after its recovery (or once)
         per_block["per-block metrics"] = s.measurements() * s.metric_passes * n * t_fwd
-        if s.whole_model:  # measured again after it: the dense block's outputs, the metrics, the propagation
-            per_block[f"per-block metrics after {s.whole_model}"] = (2 + s.metric_passes) * n * t_fwd
+    if s.whole_model:  # measured again after it: the dense block's outputs, the metrics, the propagation
+        per_block[f"per-block metrics after {s.whole_model}"] = (2 + s.metric_passes) * n * t_fwd
     per_block["propagation"] = n * t_fwd
     if s.window > 1 and s.trains:  # inside a joint window the chain also goes through each block as pruned
         per_block["joint window: chain through the pruned block"] = n * t_fwd * (s.window - 1) / s.window
