@@ -100,11 +100,12 @@ PYTHON_DOCS = [p for p in DOCS if any(runs_ebft(b) for b in python_blocks(p))]
 def test_every_python_block_runs(path, tiny_model_dir, text_file, tmp_path, monkeypatch):
     """The file's blocks in order, in one namespace (a tutorial's second block runs what its first
     registered); what they register is unregistered afterwards."""
+    from ebft.metrics import METRICS, unregister_metric
     from ebft.prune import PRUNERS, unregister_pruner
     from ebft.recover import RECOVERIES, unregister_recovery
 
     monkeypatch.chdir(tmp_path)
-    pruners, recoveries = set(PRUNERS), set(RECOVERIES)
+    pruners, recoveries, metrics = set(PRUNERS), set(RECOVERIES), set(METRICS)
     module = types.ModuleType(f"docs_{path.stem}")  # a module of the reader's, as their plugin would be
     monkeypatch.setitem(sys.modules, module.__name__, module)
     try:
@@ -117,6 +118,8 @@ def test_every_python_block_runs(path, tiny_model_dir, text_file, tmp_path, monk
             unregister_pruner(name)
         for name in set(RECOVERIES) - recoveries:
             unregister_recovery(name)
+        for name in set(METRICS) - metrics:
+            unregister_metric(name)
 
 
 def _code_lines(text: str) -> list[str]:

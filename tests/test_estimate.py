@@ -273,8 +273,8 @@ def test_estimate_time_on_cpu():
     assert torch.equal(torch.get_rng_state(), rng)  # a dry run leaves the run's random state alone
     assert "ESTIMATE" in t.label and t.measured_batch == 4
     assert t.step_seconds > 0 and t.forward_seconds_per_window > 0 and t.eval_forward_seconds_per_window > 0
-    assert set(t.per_block) == {"stats + targets pass", "loss checks", "training", "propagation", "evaluation streams",
-                                "checkpoint (at 1 GB/s, assumed)"}
+    assert set(t.per_block) == {"stats + targets pass", "loss checks", "training", "per-block metrics", "propagation",
+                                "evaluation streams", "checkpoint (at 1 GB/s, assumed)"}
     assert t.per_block["training"] == pytest.approx(2 * 4 * t.step_seconds)
     shape = estimate.model_shape(cfg)  # a block's weights, its masks at 1 bit and its pruned-stage copy
     written = 2 * 4 * shape.params_in_blocks + sum(shape.mask_params) // 8

@@ -7,7 +7,7 @@ from conftest import make_tiny_model, recover_spec
 from ebft.masks import check_mask, mask_from_scores, parse_pattern
 from ebft.models import find_blocks, find_linears
 from ebft.prune import get_pruner
-from ebft.recover import mask_tuning
+from ebft.recover import training
 from ebft.recover.mask_tuning import initial_scores
 from ebft.walk import PruneSpec, walk
 
@@ -72,7 +72,7 @@ def test_mask_tuning_keeps_the_pattern_every_step_and_lowers_the_loss(arch, prun
 
 
 def test_mask_tuning_keeps_the_pruners_masks_when_training_fails(monkeypatch):
-    monkeypatch.setattr(mask_tuning, "train_epochs", lambda *a, **k: ([float("nan")], True))
+    monkeypatch.setattr(training, "train_epochs", lambda *a, **k: ([float("nan")], True))  # (the one wrapper's)
     model = make_tiny_model("llama")
     spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", 0.5, None, "row"))
     result = walk(model, _ids(), spec, recover_spec("ebft-mask", epochs=1))

@@ -49,6 +49,7 @@ from .export.gguf import origin_of, write_gguf
 from .evaluation.perplexity import C4_WINDOWS, eval_windows, model_perplexities, stage_perplexities
 from .evaluation.speed import measure_speed
 from .evaluation.zeroshot import average, evaluate_suite, load_tasks, plan_tasks
+from .metrics import METRICS
 from .models import check_model_source, context_length, find_blocks, load_model, model_files_fingerprint
 from .output import atomic_folder, save_dtype, save_pretrained, sparsity_report
 from .prune import get_pruner
@@ -59,7 +60,7 @@ from .report import plot_block_losses
 from .selfcalib import Sampling, SelfDraw, self_windows
 from .streams import CHAIN, STAGES, Homes, capture_stream
 from .system import PhaseClock, host_available, peak_memory, reset_host_peak, seed_everything, versions
-from .walk import MASK_KEY, PruneSpec, RecoverSpec, planning_pass, walk
+from .walk import MASK_KEY, PruneSpec, RecoverSpec, measure_after, planning_pass, walk
 from .weights import ShardWriter
 from .validate import budget_seconds, check_device, check_source, validate
 
@@ -247,6 +248,7 @@ class ModelStage:
 
     label: str
     run: Callable[[ModelContext], dict]
+    measured: bool = False  # its blocks' per-block metrics are taken again after it (ebft.walk.measure_after)
 
 
 def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, device: str, progress=None,
@@ -277,7 +279,8 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     block_wise = recovery.scope == "block"
     budget = budget_seconds(config.recover.budget) if block_wise and config.recover.budget is not None else None
     guards = data.guards if guarded(config) else {}  # (a sweep's data serves cells with and without one)
-    recover = RecoverSpec(recovery, settings, config.seed, budget, keep_pruned=bool(guards)) if block_wise else None
+    recover = (RecoverSpec(recovery, settings, config.seed, budget, keep_pruned=bool(guards)) if block_wise
+               else RecoverSpec(seed=config.seed, keep_dense=True))  # a model-scope one: its blocks measured after it
     with clock.phase("walk"):
         result = walk(model, chain, spec, recover, {**data.evals, **guards},
                       {**{name: stages for name in data.evals}, **{name: ("pruned", "final") for name in guards}},
@@ -292,6 +295,10 @@ def prune_and_recover(model, tokenizer, config: RunConfig, pattern, data: Data, 
     for stage in whole:  # LoRA ("recovered"), the finish ("finished"): each evaluated on the model it leaves
         ctx = ModelContext(model, tokenizer, result.masks, text, torch.device(device), config.seed, progress)
         records[stage.label] = stage.run(ctx)
+        if stage.measured:  # the per-block metrics after a model-scope recovery, against the dense blocks kept
+            with clock.phase("metrics"):
+                measure_after(model, data.calib, result.dense_blocks, result.blocks, device, config.batch_size,
+                              result.masks)
         for name, value in model_perplexities(model, data.evals, device, config.batch_size).items():
             perplexity[name][stage.label] = value
     if guard_record is not None and records.get("recovered") is not None:
@@ -360,7 +367,8 @@ def _model_stages(model, tokenizer, config: RunConfig, text: TrainingText, devic
     stages = []
     recovery = get_recovery(config.recover.method)
     if recovery.scope == "model":
-        stages.append(ModelStage("recovered", lambda ctx: model_recovery(recovery, config.recovery_settings(), ctx)))
+        stages.append(ModelStage("recovered", lambda ctx: model_recovery(recovery, config.recovery_settings(), ctx),
+                                 measured=True))
     prepared = prepare_finish(model, tokenizer, text, config.calib.nsamples, config.finish, device, config.batch_size,
                               progress)
     if prepared is not None:
@@ -559,7 +567,7 @@ def save_run(model, tokenizer, config: RunConfig, pattern, make_record: Callable
                                     k: v for k, v in dataclasses.asdict(report).items() if k != "path"}}
         write_json(tmp / "run.json", record)
         plot_block_losses(outcome.result.blocks, tmp / "block_losses.png",
-                          f"{config.model}: {config.prune.method} {pattern} + {config.recover.method}")
+                          f"{config.model}: {config.prune.method} {pattern} + {config.recover.method}", tuple(METRICS))
     checkpoint.remove()
     return record
 

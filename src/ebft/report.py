@@ -1,4 +1,4 @@
-"""Run records as pictures and tables: per-block reconstruction loss plot, markdown tables."""
+"""Run records as pictures and tables: the per-block metrics plot, markdown tables."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,45 +6,60 @@ from pathlib import Path
 from .atomic import write_atomic
 
 
-def plot_block_losses(blocks: list[dict], path: Path, title: str = "") -> Path | None:
-    """Two panels per block: the reconstruction loss before/after recovery (log scale), and their ratio
-    after/before (linear), which stays readable where the two curves nearly overlap on the log scale.
-    None if nothing to plot."""
-    rows = [b for b in blocks if "loss_before" in b]
-    if not rows:
+def plot_block_losses(blocks: list[dict], path: Path, title: str = "",
+                      metrics: tuple[str, ...] = ("reconstruction_error",)) -> Path | None:
+    """One panel per per-block metric (:mod:`ebft.metrics`; the record's ``<metric>_before`` and ``_after``, log
+    scale), then the first one's ratio after/before (linear), readable where the two curves nearly overlap on
+    the log scale. Records without metrics plot the training loss (``loss_before``/``loss_after``). Blocks whose
+    training was undone are marked; a joint window's values are on its last block. None if nothing to plot."""
+    names = [m for m in metrics if any(f"{m}_before" in b for b in blocks)] or (
+        ["loss"] if any("loss_before" in b for b in blocks) else [])
+    if not names:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    idx = [b["index"] for b in rows]
-    fig, (ax, rx) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
-    ax.plot(idx, [b["loss_before"] for b in rows], "o-", label="after pruning")
-    ax.plot(idx, [b["loss_after"] for b in rows], "o-", label="after recovery")
-    if any("holdout_loss_after" in b for b in rows):
-        ax.plot(idx, [b.get("holdout_loss_after") for b in rows], "x--", label="after recovery (held-out windows)")
-    restored = [b["index"] for b in rows if b.get("restored")]
-    if restored:
-        ax.scatter(restored, [b["loss_after"] for b in rows if b.get("restored")], marker="s", s=80,
-                   facecolors="none", edgecolors="red", label="restored (recovery rejected)")
-    positive = all(v > 0 for b in rows for v in (b["loss_before"], b["loss_after"]))
-    ax.set_yscale("log" if positive else "linear")  # a sparsity-0 run has zero losses
-    ax.set_ylabel("reconstruction loss")
-    ax.set_title(title or "per-block reconstruction loss")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ratios = [b["loss_after"] / b["loss_before"] if b["loss_before"] else 1.0 for b in rows]
-    rx.bar(idx, ratios, color=["tab:red" if b.get("restored") else "tab:green" for b in rows])
+    fig, axes = plt.subplots(len(names) + 1, 1, figsize=(8, 3 + 3 * len(names)), sharex=True,
+                             gridspec_kw={"height_ratios": [3] * len(names) + [2]})
+    for i, (name, ax) in enumerate(zip(names, axes)):
+        _metric_panel(ax, [b for b in blocks if f"{name}_before" in b], name, held_out=i == 0)
+    axes[0].set_title(title or "per-block reconstruction error")
+    rows = [b for b in blocks if f"{names[0]}_before" in b]
+    ratios = [b[f"{names[0]}_after"] / b[f"{names[0]}_before"] if b[f"{names[0]}_before"] else 1.0 for b in rows]
+    rx = axes[-1]
+    rx.bar([b["index"] for b in rows], ratios, color=["tab:red" if b.get("restored") else "tab:green" for b in rows])
     rx.axhline(1.0, color="black", linewidth=0.8)
     rx.set_ylim(0, max(1.05, max(ratios) * 1.05))
     rx.set_ylabel("after / before")
     rx.set_xlabel("block")
+    rx.xaxis.set_major_locator(MaxNLocator(integer=True))
     rx.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _metric_panel(ax, rows: list[dict], name: str, held_out: bool) -> None:
+    """A metric before and after recovery, per block (log scale when every value is positive); blocks whose
+    training was undone marked; with ``held_out``, the training loss on held-out windows after recovery."""
+    idx = [b["index"] for b in rows]
+    ax.plot(idx, [b[f"{name}_before"] for b in rows], "o-", label="after pruning")
+    ax.plot(idx, [b[f"{name}_after"] for b in rows], "o-", label="after recovery")
+    if held_out and any("holdout_loss_after" in b for b in rows):
+        ax.plot(idx, [b.get("holdout_loss_after") for b in rows], "x--", label="training loss after (held-out windows)")
+    restored = [b for b in rows if b.get("restored")]
+    if restored:
+        ax.scatter([b["index"] for b in restored], [b[f"{name}_after"] for b in restored], marker="s", s=80,
+                   facecolors="none", edgecolors="red", label="restored (recovery rejected)")
+    positive = all(v > 0 for b in rows for v in (b[f"{name}_before"], b[f"{name}_after"]))
+    ax.set_yscale("log" if positive else "linear")  # a sparsity-0 run has zero errors
+    ax.set_ylabel(name.replace("_", " "))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
 
 
 def markdown_table(headers, rows) -> str:

@@ -36,6 +36,7 @@ from .capture import BlockIO
 from .checkpoint import NO_CHECKPOINT, Progress, kill_point, rng_state, set_rng_state
 from .errors import EbftError
 from .masks import Pattern
+from .metrics import Probe, Readings, record as record_metrics, take
 from .models import find_blocks, find_linears
 from .prune import BlockSite
 from .recover import BlockContext, get_recovery
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 MASK_KEY = "mask:"  # a pruned block's snapshot holds its masks under this prefix (names relative to the block)
 
-__all__ = ["STAGES", "PruneSpec", "RecoverSpec", "WalkResult", "walk", "planning_pass", "dense_pass"]
+__all__ = ["STAGES", "PruneSpec", "RecoverSpec", "WalkResult", "walk", "planning_pass", "dense_pass", "measure_after"]
 
 
 # ----------------------------------------------------------------------------- what the walk is asked to do
@@ -81,6 +82,9 @@ class RecoverSpec:
     # calibration windows through the blocks so pruned: a `--recover none` run's model), carry the "pruned"
     # stage through those blocks, and keep them
     keep_pruned: bool = False
+    # a model-scope recovery (LoRA) changes the blocks after the walk: keep each dense block on the host, to
+    # measure the blocks against again once it has (:func:`measure_after`)
+    keep_dense: bool = False
 
 
 @dataclass
@@ -96,6 +100,7 @@ class WalkResult:
     # kept lazily): read back from the checkpoint folder where the run checkpoints, else held in host memory
     pruned_states: dict[int, Callable[[], dict[str, torch.Tensor]]] = field(default_factory=dict)
     first_block_at: float | None = None  # time.perf_counter() when the walk loaded its first block (this process)
+    dense_blocks: dict[int, nn.Module] = field(default_factory=dict)  # RecoverSpec.keep_dense: on the host
 
 
 # ----------------------------------------------------------------------------- the walk
@@ -135,7 +140,9 @@ def walk(model: nn.Module, calib: torch.Tensor | Stream | None, prune: PruneSpec
         pruned = work.prune(index, block, measured, alone)            # masks or structure, applied and checked
         streams.advance("pruned", index, state.pruned_stage(pruned))  # pruned perplexity
         for blocks in window.complete(pruned, streams):               # a joint window's blocks wait for its last
+            readings = work.metrics(blocks, streams)                  # per-block metrics of the pruned block(s)
             records = work.recover(blocks, streams, state.time_share(blocks[0].index, len(blocks)))
+            readings.after(records[-1])                               # ... and of the recovered: in the record
             for done, record in zip(blocks, records):
                 work.check(done)                                      # every mask and pattern still holds
                 streams.advance("final", done.index, done.block)      # propagate: the chain and final streams
@@ -154,6 +161,7 @@ class Measured:
     stats: dict[str, LayerStats] = field(default_factory=dict)
     targets: torch.Tensor | None = None
     dense_weights: dict[str, torch.Tensor] | None = None
+    dense_block: nn.Module | None = None  # a host copy of the dense block (RecoverSpec.keep_dense)
 
 
 @dataclass
@@ -208,10 +216,13 @@ class BlockWork:
             raise ValueError(f"recovery {recovery.name!r} trains the whole model: the walk takes block-scope ones only")
         self.spec, self.recovery, self.seed, self.budget = prune, recovery, recover.seed, recover.budget
         self.keep_pruned = recover.keep_pruned and prune is not None
+        self.keep_dense = recover.keep_dense and prune is not None
         self.settings = recover.settings if recover.settings is not None else recovery.default_settings()
         self.pruner_settings = None if prune is None else (
             prune.settings if prune.settings is not None else prune.pruner.default_settings())
         self.target = recovery.target_of(self.settings) if prune is not None else None
+        # what the per-block metrics measure against: the recovery's target, else the dense block's outputs
+        self.metric_target = (self.target or "dense-block") if prune is not None else None
         self.needs = frozenset(prune.pruner.needs) | recovery.needs if prune is not None else frozenset()
         self.pruner_needs = frozenset(prune.pruner.needs) if prune is not None else frozenset()
         self.config, self.prefix, self.progress = model.config, find_blocks(model)[0], progress
@@ -258,11 +269,11 @@ class BlockWork:
             return Measured()
         linears = find_linears(block, self.spec.layers)
         stats, targets = dense_pass(block, chain.calls[index], chain.x, linears, self.needs,
-                                    keep_output=self.target == "dense-block",
+                                    keep_output=self.metric_target == "dense-block",
                                     out_device=where.home(BLOCK_TARGETS, chain.x.device))
         dense = ({n: lin.weight.data.to(torch.float32, copy=True) for n, lin in linears.items()}
                  if self.recovery.changes_masks else None)
-        return Measured(linears, stats, targets, dense)
+        return Measured(linears, stats, targets, dense, copy.deepcopy(block).to("cpu") if self.keep_dense else None)
 
     @timed("prune")
     def prune(self, index: int, block: nn.Module, measured: Measured, alone: Alone | None = None) -> Pruned:
@@ -291,7 +302,7 @@ class BlockWork:
         if time_share is not None:
             record["time_share"] = round(time_share, 3)
         chain = streams.chain
-        targets = streams.dense_model.x if self.target == "dense-model" else pruned.measured.targets
+        targets = None if self.target is None else self.targets(window, streams)
         ctx = BlockContext(inputs=chain.windows(), targets=None if targets is None else chain.windows(targets),
                            seed=self.seed, progress=self.progress, time_share=time_share,
                            **(_one_block(pruned, chain.calls) if len(window) == 1 else _joint(window, chain.calls)))
@@ -302,6 +313,24 @@ class BlockWork:
             distributed.broadcast_([*done.block.state_dict().values(), *done.masks.values()])
             done.measured.targets = done.measured.dense_weights = None
         return records
+
+    @timed("metrics")
+    def metrics(self, window: list[Pruned], streams: Streams) -> Readings:
+        """The per-block metrics (:mod:`ebft.metrics`) of a pruned block, or joint window, against its target, taken
+        before its recovery; ``.after(record)`` takes them after it (nothing to take without pruning)."""
+        if self.spec is None:
+            return Readings(None)
+        parts = _one_block(window[0], streams.chain.calls) if len(window) == 1 else _joint(window, streams.chain.calls)
+        probe = Probe(inputs=streams.chain.x, targets=self.targets(window, streams, self.metric_target),
+                      **{k: parts[k] for k in ("index", "block", "io", "linears", "masks")})
+        return Readings(probe, unchanged=self.recovery.name == "none", clock=self.clock)
+
+    def targets(self, window: list[Pruned], streams: Streams, target: str | None = None) -> torch.Tensor:
+        """What the window's (last) block should output: the dense model's activations (``dense-model``) or the
+        dense block's outputs on the chain's inputs (``dense-block``); ``target``: default the recovery's."""
+        if (target or self.target) == "dense-model":
+            return streams.dense_model.x
+        return window[-1].measured.targets
 
     def window(self) -> int:
         """Blocks recovered together (the recovery's ``window``; 1 without pruning)."""
@@ -493,6 +522,8 @@ class WalkState:
         elif pruned.stage_snapshot is not None:
             self.checkpoint.pruned.save(index, pruned.stage_snapshot)
             pruned.stage_snapshot = None
+        if pruned.measured.dense_block is not None:
+            self.out.dense_blocks[index], pruned.measured.dense_block = pruned.measured.dense_block, None
         self.store.release(index, write_to=self.checkpoint.blocks.writer)
 
     def _returns_tuple(self) -> bool:
@@ -528,6 +559,8 @@ class WalkState:
         (from the checkpoint) and the finished block (from the checkpoint, which the model keeps)."""
         prefix = f"{self.work.prefix}.{index}."
         block = self.store.load(index, self.device)
+        if self.work.keep_dense:
+            self.out.dense_blocks[index] = copy.deepcopy(block).to("cpu")
         self.streams.advance("dense", index, block)
         if self.streams.carries("pruned"):
             self.streams.advance("pruned", index, self._pruned_block(index, block))
@@ -608,6 +641,29 @@ def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str
         for s in stats.values():
             s.all_reduce_()
     return stats, out
+
+
+@torch.no_grad()
+def measure_after(model: nn.Module, calib: torch.Tensor, dense_blocks: dict[int, nn.Module], records: list[dict],
+                  device: str | torch.device = "cpu", batch_size: int = 1,
+                  masks: dict[str, torch.Tensor] | None = None) -> None:
+    """The per-block metrics (:mod:`ebft.metrics`) of a model changed after the walk — a model-scope recovery
+    such as LoRA trains every block at once: the calibration windows ``calib`` (token ids) through its blocks,
+    each block measured against its dense block on the same inputs (``dense_blocks``, which the walk kept:
+    :attr:`RecoverSpec.keep_dense`; freed here, one at a time). Each block's record gets its ``<metric>_after``
+    anew; its ``<metric>_before`` stays the walk's, the block as pruned. ``masks``: by full linear name."""
+    device, store = torch.device(device), store_for(model)
+    chain = capture_stream(model, calib, device, batch_size)
+    by_index = {r["index"]: r for r in records}
+    for index in range(store.num_blocks):
+        block, dense, io = store.load(index, device), dense_blocks.pop(index).to(device), chain.calls[index]
+        prefix = f"{store.prefix}.{index}."
+        own = {name[len(prefix):]: m for name, m in (masks or {}).items() if name.startswith(prefix)}
+        probe = Probe(index, block, io, chain.x, io.forward(dense, chain.x), find_linears(block), own)
+        record_metrics(by_index[index], take(probe))
+        del dense, probe
+        io.forward(block, chain.x, out=chain.x)
+        store.release(index)
 
 
 @torch.no_grad()

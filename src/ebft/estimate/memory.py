@@ -13,13 +13,17 @@ statistics it needs, its optimiser state per parameter, its training target). In
 
 **Weights.** ``b·P_total`` in all; host memory holds that when loading eagerly, and
 ``b·(max P_blk + P_outside)`` when loading lazily (one block plus embeddings, final norm, head);
-plus ``Σ P_mask`` bytes for the bool masks the walk keeps of every finished block (``keep_masks``).
+plus ``Σ P_mask`` bytes for the bool masks the walk keeps of every finished block (``keep_masks``);
+plus, with a model-scope recovery (LoRA), ``b·Σ P_blk`` for the dense blocks the walk keeps on the host to
+measure the per-block metrics against once that recovery has changed every block.
 
 **Activations** (stored in the run dtype, resident for the whole walk)::
 
     calibration chain   N·S·H·b       the inputs of the current block, updated in place
     targets             N·S·H·b       dense-block: the dense block's outputs (one copy per block)
                                       dense-model: the dense model's own stream, carried beside the chain
+                                      (a recovery without a target: the dense block's outputs all the same,
+                                      what the per-block metrics of :mod:`ebft.metrics` measure against)
     evaluation streams  texts·k·W·Sₑ·H·b + 2·G·(S + g·Sₑ)·H·b
                                       with the guard: G windows of the calibration text and of each of its g
                                       further texts, at two stages
@@ -79,6 +83,7 @@ import torch
 
 from ..config import RunConfig, resolve_device
 from ..data import SELF
+from ..metrics import metric_passes
 from ..prune import get_pruner
 from ..recover import get_recovery
 from ..streams import BLOCK_TARGETS, CHAIN, DENSE_MODEL, EVALUATION, PRUNED_ALONE, WINDOW_INPUTS
@@ -129,6 +134,16 @@ class RunSizes:
     methods: str = "wanda + ebft"  # the pruner and the recovery, for the table
     self_windows: int = 0  # --calib self: windows generated (whole batches; 0: another calibration text)
     self_batch: int = 16  # --calib self: windows generated at once
+    metric_passes: int = 1  # forward passes over the calibration windows of one measurement of every metric
+
+    def metric_target(self) -> str | None:
+        """What the per-block metrics measure against: the recovery's target, else the dense block's outputs."""
+        return (self.target or "dense-block") if self.prunes else None
+
+    def measurements(self) -> int:
+        """Measurements of every metric the walk takes per block: before and after a recovery that changes the
+        block inside the walk, once for ``none`` and a model-scope recovery (measured again after it)."""
+        return 2 if self.recovers and not self.whole_model else 1
 
     def guard_text_windows(self) -> int:
         """The guard's windows of its further texts (``guard`` of each, of the evaluation length)."""
@@ -165,7 +180,8 @@ class RunSizes:
                     walk_batch=config.batch_size, layers=config.prune.layers, checkpoint=config.checkpoint,
                     trust_remote_code=config.trust_remote_code,
                     methods=f"{config.prune.method} + {recovery.name}",
-                    self_windows=self_calibration_windows(config), self_batch=config.calib.self_batch_size)
+                    self_windows=self_calibration_windows(config), self_batch=config.calib.self_batch_size,
+                    metric_passes=metric_passes())
         return dataclasses.replace(sizes, **found)
 
     def run_dtype(self) -> str:
@@ -299,8 +315,8 @@ def activation_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
     seq, eval_seq = seqlens(shape, s)
     chain = s.calib_nsamples * seq * shape.hidden * b
     groups = {CHAIN: chain}
-    if s.target is not None:
-        groups[DENSE_MODEL if s.target == "dense-model" else BLOCK_TARGETS] = chain
+    if s.metric_target() is not None:  # the recovery's target, or the metrics' (ebft.metrics)
+        groups[DENSE_MODEL if s.metric_target() == "dense-model" else BLOCK_TARGETS] = chain
     # with the guard, its held-out windows travel with the evaluation texts (as pruned alone and as recovered)
     evals = (s.eval_texts * s.stages() * s.eval_windows * eval_seq + 2 * s.guard * seq
              + 2 * s.guard_text_windows() * eval_seq) * shape.hidden * b
@@ -393,6 +409,8 @@ def host_fixed_bytes(shape: ModelShape, s: RunSizes, load: str) -> dict[str, int
     if s.trains:  # the block as pruned, to restore a block whose training made it worse
         out["restore snapshot of one block (fp32)" if s.window == 1 else
             f"restore snapshot of one window of {s.window} blocks (fp32)"] = 4 * trained_params(shape, s)
+    if s.whole_model and s.prunes:  # what its blocks are measured against after it (ebft.metrics)
+        out[f"dense blocks (per-block metrics after {s.whole_model})"] = dtype_bytes(s.run_dtype()) * shape.params_in_blocks
     return out
 
 

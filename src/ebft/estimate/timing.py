@@ -3,8 +3,8 @@
 The block is called the way the walk calls it (:func:`ebft.capture.capture` records its arguments),
 trained with the recovery's real step (:func:`ebft.recover.training.training_step`: autocast, masked
 gradients, clipping, AdamW) on EBFT's trainable parameters, and the time is extrapolated to the whole
-walk: ``blocks × (stats pass + dense-model stream + the loss checks + epochs × steps + propagation +
-evaluation streams)``. Pruning itself (SparseGPT's solve), the capture and the head are not timed. On
+walk: ``blocks × (stats pass + dense-model stream + the loss checks + epochs × steps + the per-block metrics +
+propagation + evaluation streams)``. Pruning itself (SparseGPT's solve), the capture and the head are not timed. On
 a CPU it is a rough estimate, labelled so.
 
 ``--calib self`` adds its generation before the walk: ``windows / batch × seqlen`` decode steps, each one
@@ -260,13 +260,17 @@ def _time_training(model, block, shape, s: RunSizes, device, batch: int, length:
 def _per_block(s: RunSizes, t_fwd: float, t_eval: float, t_step: float) -> dict[str, float]:
     n = s.calib_nsamples
     per_block = {}
-    if s.target == "dense-block" or s.needs:
+    if s.metric_target() == "dense-block" or s.needs:
         per_block["stats + targets pass"] = n * t_fwd
     if s.target == "dense-model":
         per_block["dense-model stream"] = n * t_fwd
     if s.trains:
         per_block["loss checks"] = 2 * n * t_fwd  # before and after, training and held-out windows
         per_block["training"] = s.epochs * math.ceil((n - s.holdout) / s.recovery_batch) * t_step
+    if s.metric_passes:  # ebft.metrics: each block measured before and after its recovery (or once)
+        per_block["per-block metrics"] = s.measurements() * s.metric_passes * n * t_fwd
+    if s.whole_model:  # measured again after it: the dense block's outputs, the metrics, the propagation
+        per_block[f"per-block metrics after {s.whole_model}"] = (2 + s.metric_passes) * n * t_fwd
     per_block["propagation"] = n * t_fwd
     if s.window > 1 and s.trains:  # inside a joint window the chain also goes through each block as pruned
         per_block["joint window: chain through the pruned block"] = n * t_fwd * (s.window - 1) / s.window

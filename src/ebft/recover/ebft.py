@@ -25,8 +25,6 @@ forward runs under autocast; they go back to the model's dtype at the end.
 """
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 
 from torch import nn
@@ -34,10 +32,7 @@ from torch import nn
 from ..models import norm_modules
 from ..settings import option
 from .base import BlockContext, register_recovery
-from .training import (BlockTrainingSettings, autocast_dtype, evaluate_loss, make_adamw, mask_dtype, rejection,
-                       split_holdout, train_epochs)
-
-log = logging.getLogger(__name__)
+from .training import BlockTrainingSettings, Trainee, Training, make_adamw, mask_dtype, train_block
 
 
 @dataclass
@@ -68,50 +63,44 @@ def trainable_parameters(block: nn.Module, linears: dict[str, nn.Linear], train_
     return params
 
 
+class KeptWeights(Trainee):
+    """EBFT's trainee: the kept weights of the block's linears (and their biases; norms with ``train_norms``),
+    in fp32 for the block's lifetime (master weights); a host copy to restore a block training made worse."""
+
+    def __init__(self, ctx: BlockContext, settings: KeptWeightSettings):
+        self.ctx, self.settings = ctx, settings
+        self.params = trainable_parameters(ctx.block, ctx.linears, settings.train_norms)
+        self.dtypes = [p.dtype for p in self.params]
+
+    def prepare(self) -> None:
+        for p in self.params:  # fp32 master weights for the block's lifetime
+            p.data = p.data.float()
+        self.saved = [p.detach().to("cpu", copy=True) for p in self.params]  # to restore a rejected block
+
+    def start(self) -> Training:
+        ctx = self.ctx
+        for p in self.params:
+            p.requires_grad_(True)
+        weight_masks = [(ctx.linears[name].weight, m.to(ctx.device, mask_dtype(ctx.device)))
+                        for name, m in ctx.masks.items()]
+        return Training(self.params, make_adamw(self.params, self.settings.lr, self.settings.weight_decay),
+                        weight_masks)
+
+    def undo(self) -> None:
+        for p, s in zip(self.params, self.saved):
+            p.data.copy_(s)
+
+    def finish(self, record: dict) -> None:
+        for p, dt in zip(self.params, self.dtypes):
+            p.data = p.data.to(dt)
+        # what the optimizer can change: the kept weights (a masked weight's gradient is zeroed), biases, norms
+        record["trainable_params"] = (sum(p.numel() for p in self.params)
+                                      - sum(int((~m).sum()) for m in self.ctx.masks.values()))
+        self.saved = []
+
+
 @register_recovery("ebft", settings=EbftSettings, target=lambda settings: settings.target, state_bytes=16,
                    window=lambda settings: settings.window, summary="ebft trains the kept weights of each block")
 def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     """Train the kept weights of ``ctx.block`` to reproduce ``ctx.targets``; return the block's record."""
-    block, linears, masks = ctx.block, ctx.linears, ctx.masks
-    train_idx, hold_idx = split_holdout(ctx.inputs.shape[0], settings.holdout)
-    amp = autocast_dtype(ctx.device, settings.precision, next(ctx.block.parameters()).dtype)
-
-    params = trainable_parameters(block, linears, settings.train_norms)
-    dtypes = [p.dtype for p in params]
-    for p in params:  # fp32 master weights for the block's lifetime
-        p.data = p.data.float()
-    saved = [p.detach().to("cpu", copy=True) for p in params]  # to restore a rejected block: host memory
-    grads = {p: p.requires_grad for p in block.parameters()}  # given back as they were
-    for p in block.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    weight_masks = [(linears[name].weight, m.to(ctx.device, mask_dtype(ctx.device))) for name, m in masks.items()]
-
-    # what the optimizer can change: the kept weights (a masked weight's gradient is zeroed), biases, norms
-    kept = sum(p.numel() for p in params) - sum(int((~m).sum()) for m in masks.values())
-    record = {"trainable_params": kept, "loss_before": evaluate_loss(ctx, train_idx, settings, amp)}
-    if len(hold_idx):
-        record["holdout_loss_before"] = evaluate_loss(ctx, hold_idx, settings, amp)
-
-    optimizer = make_adamw(params, settings.lr, settings.weight_decay)
-    start = time.perf_counter()
-    epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp, weight_masks, record=record)
-    record["train_seconds"] = round(time.perf_counter() - start, 3)  # the epochs alone (ends on a host sync)
-
-    for p in block.parameters():
-        p.requires_grad_(grads.get(p, False))
-    after = float("nan") if failed else evaluate_loss(ctx, train_idx, settings, amp)
-    restored = rejection(failed, after, record["loss_before"])
-    if restored:
-        log.warning("block %d: %s; restoring the pruned weights", ctx.index, restored)
-        for p, s in zip(params, saved):
-            p.data.copy_(s)
-        after = record["loss_before"]
-    for p, dt in zip(params, dtypes):
-        p.data = p.data.to(dt)
-    record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored)
-    if len(hold_idx):
-        record["holdout_loss_after"] = evaluate_loss(ctx, hold_idx, settings, amp)
-    del optimizer, saved
-    return record
+    return train_block(ctx, settings, KeptWeights(ctx, settings))

@@ -24,8 +24,6 @@ first: its mask is the reference for that check and for the run's records.
 """
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +32,7 @@ from ..masks import Pattern, mask_from_scores
 from ..settings import option
 from .base import BlockContext, register_recovery
 from .ebft import KeptWeightSettings, trainable_parameters
-from .training import autocast_dtype, evaluate_loss, make_adamw, mask_dtype, rejection, split_holdout, train_epochs
-
-log = logging.getLogger(__name__)
+from .training import Trainee, Training, make_adamw, mask_dtype, train_block
 
 
 @dataclass
@@ -75,77 +71,82 @@ def tighten(weight: torch.Tensor, keep: torch.Tensor, norms: torch.Tensor, targe
     return torch.where(chosen[..., None], nm, torch.ones_like(nm)).reshape(rows, cols) & keep
 
 
+class MovingMask(Trainee):
+    """The moving mask's trainee: the kept weights from their dense values while the mask tightens (every
+    ``on_step``) to the target; the pruner's one-shot weights (and mask) kept to go back to."""
+
+    undone = "keeping the pruner's one-shot mask and weights"
+
+    def __init__(self, ctx: BlockContext, settings: GradualSettings):
+        if ctx.dense_weights is None:
+            raise ValueError("ebft-gradual changes masks: call it through the walk, which passes dense_weights")
+        self.ctx, self.settings = ctx, settings
+        self.params = trainable_parameters(ctx.block, ctx.linears, settings.train_norms)
+        self.dtypes = [p.dtype for p in self.params]
+        self.done = 0  # mask updates made
+
+    def prepare(self) -> None:
+        self.one_shot = [p.detach().clone() for p in self.params]  # the pruner's weights: kept if training does not beat them
+
+    def start(self) -> Training:
+        ctx, settings, linears, masks = self.ctx, self.settings, self.ctx.linears, self.ctx.masks
+        for name, lin in linears.items():  # from the dense weights, at the start's sparsity
+            lin.weight.data = ctx.dense_weights[name].to(lin.weight.device, lin.weight.dtype)
+        self.norms = {name: ctx.stats[name].col_norm for name in masks}
+        self.keep_masks = {name: tighten(linears[name].weight, torch.ones_like(m, device=linears[name].weight.device),
+                                         self.norms[name], ctx.pattern, settings.gradual_start)
+                           for name, m in masks.items()}
+        for p in self.params:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.weight_masks = {name: keep.to(mask_dtype(keep.device), copy=True) for name, keep in self.keep_masks.items()}
+        for name in masks:
+            linears[name].weight.data.mul_(self.weight_masks[name])
+        self.optimizer = make_adamw(self.params, settings.lr, settings.weight_decay)
+        return Training(self.params, self.optimizer, [(linears[n].weight, self.weight_masks[n]) for n in masks],
+                        self.on_step)
+
+    def on_step(self, step: int, total: int) -> None:
+        """Tighten the mask to the updates due after ``step`` of ``total`` steps (the cubic schedule)."""
+        settings = self.settings
+        due = min(settings.gradual_updates, int(step / max(total * settings.gradual_end, 1) * settings.gradual_updates))
+        while self.done < due:
+            self.done += 1
+            fraction = cubic(settings.gradual_start, self.done, settings.gradual_updates)
+            for name, mask in self.weight_masks.items():
+                weight = self.ctx.linears[name].weight
+                self.keep_masks[name] = tighten(weight.data, self.keep_masks[name], self.norms[name], self.ctx.pattern,
+                                                fraction)
+                mask.copy_(self.keep_masks[name])
+                weight.data.mul_(mask)
+                for moment in self.optimizer.state.get(weight, {}).values():
+                    if torch.is_tensor(moment) and moment.shape == weight.shape:
+                        moment.mul_(mask)
+
+    def trained(self) -> None:
+        self.on_step(1, 1)  # the target exactly, whatever the number of steps (a budget may have cut them)
+
+    def undo(self) -> None:
+        for p, saved in zip(self.params, self.one_shot):
+            p.data = saved.clone()
+
+    def keep(self, record: dict) -> None:
+        masks, flips = self.ctx.masks, 0
+        for name, keep in self.keep_masks.items():
+            flips += int((keep != masks[name].to(keep.device)).sum())
+            masks[name] = keep.to(masks[name].device)
+        record["mask_flips"] = flips
+
+    def finish(self, record: dict) -> None:
+        for p, dt in zip(self.params, self.dtypes):
+            p.data = p.data.to(dt)
+        record["trainable_params"] = (sum(p.numel() for p in self.params)
+                                      - sum(int((~m).sum()) for m in self.ctx.masks.values()))
+
+
 @register_recovery("ebft-gradual", settings=GradualSettings, target=lambda settings: settings.target,
                    changes_masks=True, needs=("sq",), structured=False, state_bytes=24,
                    summary="ebft-gradual trains the weights while the mask tightens to the target")
 def ebft_gradual(ctx: BlockContext, settings: GradualSettings) -> dict:
     """Train ``ctx.block`` from its dense weights while its masks tighten to ``ctx.pattern``; the record."""
-    if ctx.dense_weights is None:
-        raise ValueError("ebft-gradual changes masks: call it through the walk, which passes dense_weights")
-    block, linears, masks, target = ctx.block, ctx.linears, ctx.masks, ctx.pattern
-    train_idx, hold_idx = split_holdout(ctx.inputs.shape[0], settings.holdout)
-    amp = autocast_dtype(ctx.device, settings.precision, next(block.parameters()).dtype)
-    params = trainable_parameters(block, linears, settings.train_norms)
-    dtypes = [p.dtype for p in params]
-    one_shot = [p.detach().clone() for p in params]  # the pruner's weights: kept if training does not beat them
-    record = {"loss_before": evaluate_loss(ctx, train_idx, settings, amp)}
-    if len(hold_idx):
-        record["holdout_loss_before"] = evaluate_loss(ctx, hold_idx, settings, amp)
-    grads = {p: p.requires_grad for p in block.parameters()}
-    for p in block.parameters():
-        p.requires_grad_(False)
-    for name, lin in linears.items():  # from the dense weights, at the start's sparsity
-        lin.weight.data = ctx.dense_weights[name].to(lin.weight.device, lin.weight.dtype)
-    norms = {name: ctx.stats[name].col_norm for name in masks}
-    keep = {name: tighten(linears[name].weight, torch.ones_like(m, device=linears[name].weight.device), norms[name],
-                          target, settings.gradual_start) for name, m in masks.items()}
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    weight_masks = {name: keep[name].to(mask_dtype(keep[name].device), copy=True) for name in masks}
-    for name in masks:
-        linears[name].weight.data.mul_(weight_masks[name])
-    optimizer = make_adamw(params, settings.lr, settings.weight_decay)
-    state = {"done": 0}
-
-    def on_step(step: int, total: int) -> None:
-        due = min(settings.gradual_updates, int(step / max(total * settings.gradual_end, 1) * settings.gradual_updates))
-        while state["done"] < due:
-            state["done"] += 1
-            fraction = cubic(settings.gradual_start, state["done"], settings.gradual_updates)
-            for name in masks:
-                weight = linears[name].weight
-                keep[name] = tighten(weight.data, keep[name], norms[name], target, fraction)
-                weight_masks[name].copy_(keep[name])
-                weight.data.mul_(weight_masks[name])
-                for moment in optimizer.state.get(weight, {}).values():
-                    if torch.is_tensor(moment) and moment.shape == weight.shape:
-                        moment.mul_(weight_masks[name])
-
-    start = time.perf_counter()
-    epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp,
-                                        [(linears[n].weight, weight_masks[n]) for n in masks], on_step, record=record)
-    on_step(1, 1)  # the target exactly, whatever the number of steps (a budget may have cut them)
-    record["train_seconds"] = round(time.perf_counter() - start, 3)
-    for p, g in grads.items():
-        p.requires_grad_(g)
-    after = float("nan") if failed else evaluate_loss(ctx, train_idx, settings, amp)
-    restored = rejection(failed, after, record["loss_before"])
-    if restored:
-        log.warning("block %d: %s; keeping the pruner's one-shot mask and weights", ctx.index, restored)
-        for p, saved in zip(params, one_shot):
-            p.data = saved.clone()
-        after = record["loss_before"]
-    else:
-        flips = 0
-        for name in masks:
-            flips += int((keep[name] != masks[name].to(keep[name].device)).sum())
-            masks[name] = keep[name].to(masks[name].device)
-        record["mask_flips"] = flips
-    for p, dt in zip(params, dtypes):
-        p.data = p.data.to(dt)
-    record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored,
-                  trainable_params=sum(p.numel() for p in params) - sum(int((~m).sum()) for m in masks.values()))
-    if len(hold_idx):
-        record["holdout_loss_after"] = evaluate_loss(ctx, hold_idx, settings, amp)
-    return record
+    return train_block(ctx, settings, MovingMask(ctx, settings))

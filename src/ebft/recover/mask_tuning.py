@@ -29,7 +29,6 @@ starting masks and weights are kept.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +38,7 @@ from torch.nn.utils import parametrize
 from ..masks import Pattern, mask_from_scores
 from ..settings import option
 from .base import BlockContext, register_recovery
-from .training import BlockTrainingSettings, autocast_dtype, evaluate_loss, rejection, split_holdout, train_epochs
-
-log = logging.getLogger(__name__)
+from .training import BlockTrainingSettings, Trainee, Training, train_block
 
 MARGIN = 1e-3  # of the normalised score: how far the initial mask sits from a tie
 
@@ -88,58 +85,56 @@ class _MaskedDense(nn.Module):
         return (self.frozen * mask).to(self.out_dtype)
 
 
+class TunedMasks(Trainee):
+    """Mask tuning's trainee: each linear's weight parametrized as W° ⊙ M(S) (:class:`_MaskedDense`) while its
+    scores S train; the learned masks are kept, or the pruner's (the parametrization removed either way)."""
+
+    undone = "keeping the pruner's masks"
+
+    def __init__(self, ctx: BlockContext, settings: MaskTuningSettings):
+        if ctx.dense_weights is None:
+            raise ValueError("ebft-mask changes masks: call it through the walk, which passes dense_weights")
+        self.ctx, self.settings = ctx, settings
+        self.tuned: dict[str, _MaskedDense] = {}
+        self.frozen: dict[str, torch.Tensor] = {}
+
+    def start(self) -> Training:
+        ctx, linears = self.ctx, self.ctx.linears
+        for name, mask in ctx.masks.items():
+            dense = ctx.dense_weights[name]
+            keep = mask.to(dense.device)
+            self.frozen[name] = torch.where(keep, linears[name].weight.detach().float(), dense)
+            importance = self.frozen[name].abs() * ctx.stats[name].col_norm.to(keep.device)
+            scores = initial_scores(importance, keep, ctx.pattern)
+            self.tuned[name] = _MaskedDense(self.frozen[name], scores, ctx.pattern, linears[name].weight.dtype)
+            parametrize.register_parametrization(linears[name], "weight", self.tuned[name], unsafe=True)
+        params = [t.scores for t in self.tuned.values()]
+        return Training(params, torch.optim.AdamW(params, lr=self.settings.mask_lr, betas=(0.9, 0.95), weight_decay=0.0))
+
+    def trained(self) -> None:
+        self.new_masks = {name: t.hard_mask() for name, t in self.tuned.items()}
+
+    def stop(self) -> None:
+        for name in self.tuned:
+            parametrize.remove_parametrizations(self.ctx.linears[name], "weight", leave_parametrized=False)
+
+    def keep(self, record: dict) -> None:
+        # flips: weights that changed between kept and pruned
+        record["mask_flips"] = 0
+        for name, keep in self.new_masks.items():
+            weight, masks = self.ctx.linears[name].weight, self.ctx.masks
+            record["mask_flips"] += int((keep != masks[name].to(keep.device)).sum())
+            weight.data = (self.frozen[name] * keep).to(weight.dtype)
+            masks[name] = keep.to(masks[name].device)
+
+    def finish(self, record: dict) -> None:
+        record.setdefault("mask_flips", 0)
+
+
 @register_recovery("ebft-mask", settings=MaskTuningSettings, target=lambda settings: settings.target,
                    changes_masks=True, needs=("sq",), structured=False, state_bytes=24,
                    summary="ebft-mask learns the masks, weights frozen")
 def ebft_mask(ctx: BlockContext, settings: MaskTuningSettings) -> dict:
     """Learn the masks of ``ctx.block`` with its weights frozen (pruner's values where kept, dense values
     elsewhere); return its record."""
-    if ctx.dense_weights is None:
-        raise ValueError("ebft-mask changes masks: call it through the walk, which passes dense_weights")
-    block, linears, masks, pattern = ctx.block, ctx.linears, ctx.masks, ctx.pattern
-    train_idx, hold_idx = split_holdout(ctx.inputs.shape[0], settings.holdout)
-    amp = autocast_dtype(ctx.device, settings.precision, next(ctx.block.parameters()).dtype)
-    loss = lambda idx: evaluate_loss(ctx, idx, settings, amp)  # noqa: E731
-
-    # loss of the block as the pruner left it; flips: weights that changed between kept and pruned
-    record = {"loss_before": loss(train_idx), "mask_flips": 0}
-    if len(hold_idx):
-        record["holdout_loss_before"] = loss(hold_idx)
-    grads = {p: p.requires_grad for p in block.parameters()}
-    for p in block.parameters():
-        p.requires_grad_(False)
-    tuned, frozen = {}, {}
-    try:
-        for name, mask in masks.items():
-            dense = ctx.dense_weights[name]
-            keep = mask.to(dense.device)
-            frozen[name] = torch.where(keep, linears[name].weight.detach().float(), dense)
-            importance = frozen[name].abs() * ctx.stats[name].col_norm.to(keep.device)
-            scores = initial_scores(importance, keep, pattern)
-            tuned[name] = _MaskedDense(frozen[name], scores, pattern, linears[name].weight.dtype)
-            parametrize.register_parametrization(linears[name], "weight", tuned[name], unsafe=True)
-        params = [t.scores for t in tuned.values()]
-        optimizer = torch.optim.AdamW(params, lr=settings.mask_lr, betas=(0.9, 0.95), weight_decay=0.0)
-        epoch_losses, failed = train_epochs(ctx, train_idx, params, optimizer, settings, amp, record=record)
-        after = float("nan") if failed else loss(train_idx)
-        new_masks = {name: t.hard_mask() for name, t in tuned.items()}
-    finally:
-        for name in tuned:
-            parametrize.remove_parametrizations(linears[name], "weight", leave_parametrized=False)
-        for p, g in grads.items():
-            p.requires_grad_(g)
-
-    restored = rejection(failed, after, record["loss_before"])
-    if restored:
-        log.warning("block %d: %s; keeping the pruner's masks", ctx.index, restored)
-        after = record["loss_before"]
-    else:
-        for name, keep in new_masks.items():
-            weight = linears[name].weight
-            record["mask_flips"] += int((keep != masks[name].to(keep.device)).sum())
-            weight.data = (frozen[name] * keep).to(weight.dtype)
-            masks[name] = keep.to(masks[name].device)
-    record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored)
-    if len(hold_idx):
-        record["holdout_loss_after"] = loss(hold_idx)
-    return record
+    return train_block(ctx, settings, TunedMasks(ctx, settings))

@@ -1,8 +1,11 @@
-"""What the block-wise training recoveries share: settings, loss, the masked AdamW step, the epoch loop.
+"""What the block-wise training recoveries share: settings, loss, the masked AdamW step, the epoch loop,
+and the one wrapper around them (:func:`train_block`).
 
-EBFT (:mod:`.ebft`) trains a pruned block's kept weights and mask tuning (:mod:`.mask_tuning`) its
-mask scores, both against the same block objective; LoRA (:mod:`.lora`) reuses the optimiser step
-and the precision rule. Precision: fp32 on CPU; on CUDA bf16 autocast where the GPU has it, else fp16
+EBFT (:mod:`.ebft`) trains a pruned block's kept weights, the moving mask (:mod:`.gradual`) its weights
+while its mask tightens and mask tuning (:mod:`.mask_tuning`) its mask scores, all against the same block
+objective and through :func:`train_block` (the loss before, what trains, the epochs, the loss after, the
+training undone when that is worse, the record), each saying only what it trains (a :class:`Trainee`);
+LoRA (:mod:`.lora`) reuses the optimiser step and the precision rule. Precision: fp32 on CPU; on CUDA bf16 autocast where the GPU has it, else fp16
 autocast with a GradScaler that *unscales before clipping* (the reference clips scaled fp16
 gradients, which makes its clip threshold meaningless). No host synchronisation inside an epoch:
 losses accumulate on the device and are read once per epoch.
@@ -15,9 +18,11 @@ the global batch and the objective are one process's (see :mod:`ebft.distributed
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -26,6 +31,8 @@ from ..distributed import all_reduce_, reduce_gradients_
 from ..settings import option
 from .base import TARGETS
 from .steps import Batches, StepRunner, tf32_on_cuda
+
+log = logging.getLogger(__name__)
 
 LOSSES = ("mse", "token-norm")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -163,6 +170,89 @@ def block_loss(ctx, x: torch.Tensor, y: torch.Tensor, settings: BlockTrainingSet
     with torch.autocast(ctx.device.type, dtype=amp, enabled=amp is not None,
                         **({"cache_enabled": False} if ctx.device.type == "cuda" else {})):
         return reconstruction_loss(ctx.forward(x), y, settings.loss)
+
+
+@dataclass
+class Training:
+    """What a :class:`Trainee` trains once it is set up: the parameters, their optimiser, the (weight, mask)
+    pairs whose gradients are masked, and a hook called after every step (``on_step(step, total_steps)``)."""
+
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    weight_masks: list[tuple[nn.Parameter, torch.Tensor]] = ()
+    on_step: Callable[[int, int], None] | None = None
+
+
+class Trainee:
+    """What one block-training recovery trains and how it is set up, kept or undone: the hooks
+    :func:`train_block` calls, in this order. Only :meth:`start` must be written; the others do nothing."""
+
+    undone = "restoring the pruned weights"  # what the warning says when the training is undone
+
+    def prepare(self) -> None:
+        """Before the starting loss is measured (EBFT: the fp32 master weights it is measured with)."""
+
+    def start(self) -> Training:
+        """After the starting loss, every parameter of the block frozen: set up and unfreeze what trains."""
+        raise NotImplementedError
+
+    def trained(self) -> None:
+        """After the last epoch, before the final loss (the moving mask: its target exactly)."""
+
+    def stop(self) -> None:
+        """Always, once the final loss is measured or training failed with an error (mask tuning: its
+        parametrization removed)."""
+
+    def undo(self) -> None:
+        """The training made the block worse (or not finite): put back what the block was."""
+
+    def keep(self, record: dict) -> None:
+        """The training is kept (a mask-tuning method: its new masks, counted in ``record``)."""
+
+    def finish(self, record: dict) -> None:
+        """Always, last (EBFT: the weights back in the model's dtype; the trained parameters counted)."""
+
+
+def train_block(ctx, settings: BlockTrainingSettings, trainee: Trainee) -> dict:
+    """The one wrapper of the block-training recoveries: the block loss before (and on the held-out windows),
+    ``trainee``'s parameters trained for the epochs (:func:`train_epochs`), the loss after, and the training
+    undone (``trainee.undo``) when that loss is higher or not finite — a recovered block is never worse on its
+    training windows than pruning left it. The block's parameters leave with the ``requires_grad`` they came
+    with. Returns the block's record: ``loss_before``, ``loss_after``, ``epoch_losses``, ``restored`` (why the
+    training was undone, or None), ``train_seconds``, ``steps``, ``holdout_loss_*`` and the trainee's own."""
+    train_idx, hold_idx = split_holdout(ctx.inputs.shape[0], settings.holdout)
+    amp = autocast_dtype(ctx.device, settings.precision, next(ctx.block.parameters()).dtype)
+    trainee.prepare()
+    record = {"loss_before": evaluate_loss(ctx, train_idx, settings, amp)}
+    if len(hold_idx):
+        record["holdout_loss_before"] = evaluate_loss(ctx, hold_idx, settings, amp)
+    grads = {p: p.requires_grad for p in ctx.block.parameters()}  # given back as they were
+    for p in grads:
+        p.requires_grad_(False)
+    try:
+        run = trainee.start()
+        start = time.perf_counter()
+        epoch_losses, failed = train_epochs(ctx, train_idx, run.params, run.optimizer, settings, amp, run.weight_masks,
+                                            run.on_step, record=record)
+        trainee.trained()
+        record["train_seconds"] = round(time.perf_counter() - start, 3)  # the epochs alone (ends on a host sync)
+        after = float("nan") if failed else evaluate_loss(ctx, train_idx, settings, amp)
+    finally:
+        trainee.stop()
+        for p, g in grads.items():
+            p.requires_grad_(g)
+    restored = rejection(failed, after, record["loss_before"])
+    if restored:
+        log.warning("block %d: %s; %s", ctx.index, restored, trainee.undone)
+        trainee.undo()
+        after = record["loss_before"]
+    else:
+        trainee.keep(record)
+    trainee.finish(record)
+    record.update(loss_after=after, epoch_losses=epoch_losses, restored=restored)
+    if len(hold_idx):
+        record["holdout_loss_after"] = evaluate_loss(ctx, hold_idx, settings, amp)
+    return record
 
 
 def train_epochs(ctx, train_idx, params, optimizer, settings: BlockTrainingSettings, amp,
