@@ -37,7 +37,7 @@ def test_explicit_settings_win_over_the_recipe():
 def test_the_paper_recipe_is_the_reference_codes():
     """sunggo/EBFT trains every parameter that is not a mask (norms included), weight decay 0.1 on all."""
     assert RECIPES["paper"] == {"epochs": 10, "batch_size": 8, "lr": 2e-4, "weight_decay": 0.1,
-                                "target": "dense-block", "train_norms": True, "loss": "mse"}
+                                "target": "dense-block", "train_norms": True, "loss": "mse", "refit": False}
 
 
 def test_run_records_the_recipe_and_the_settings_that_ran(tiny_model_dir, text_file, tmp_path):

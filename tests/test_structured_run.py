@@ -57,6 +57,7 @@ def test_flap_with_lora_baseline_runs(tiny_model_dir, text_file, tmp_path):
 @pytest.mark.parametrize("extra,needle", [
     (["--method", "flap", "--recover", "dsnot"], "recover: got 'dsnot'"),
     (["--method", "flap", "--recover", "ebft-mask"], "structured pruning has none"),
+    (["--method", "flap", "--recover", "refit"], "structured pruning has none"),
     (["--method", "flap", "--layers", "mlp"], "prune.layers"),
     (["--method", "flap", "--pattern", "2:4"], "pattern"),
     (["--method", "wanda", "--pattern", "structured"], "use method flap"),

@@ -155,7 +155,7 @@ def walk(model: nn.Module, calib: torch.Tensor | Stream | None, prune: PruneSpec
 @dataclass
 class Measured:
     """A block before pruning: its pruned linears, their input statistics, the dense block's outputs
-    (``dense-block`` targets) and the dense weights (for recoveries that change masks)."""
+    (``dense-block`` targets) and the dense weights (for recoveries that change masks or refit)."""
 
     linears: dict[str, nn.Linear] = field(default_factory=dict)
     stats: dict[str, LayerStats] = field(default_factory=dict)
@@ -223,7 +223,8 @@ class BlockWork:
         self.target = recovery.target_of(self.settings) if prune is not None else None
         # what the per-block metrics measure against: the recovery's target, else the dense block's outputs
         self.metric_target = (self.target or "dense-block") if prune is not None else None
-        self.needs = frozenset(prune.pruner.needs) | recovery.needs if prune is not None else frozenset()
+        self.recovery_needs = recovery.needs_of(self.settings)
+        self.needs = frozenset(prune.pruner.needs) | self.recovery_needs if prune is not None else frozenset()
         self.pruner_needs = frozenset(prune.pruner.needs) if prune is not None else frozenset()
         self.config, self.prefix, self.progress = model.config, find_blocks(model)[0], progress
 
@@ -272,7 +273,7 @@ class BlockWork:
                                     keep_output=self.metric_target == "dense-block",
                                     out_device=where.home(BLOCK_TARGETS, chain.x.device))
         dense = ({n: lin.weight.data.to(torch.float32, copy=True) for n, lin in linears.items()}
-                 if self.recovery.changes_masks else None)
+                 if self.recovery.wants_dense_weights(self.settings) else None)
         return Measured(linears, stats, targets, dense, copy.deepcopy(block).to("cpu") if self.keep_dense else None)
 
     @timed("prune")
@@ -284,7 +285,7 @@ class BlockWork:
                                                       self.pruner_settings)
         linears = find_linears(block) if self.spec.pruner.structured else measured.linears  # shrunk
         for s in measured.stats.values():
-            s.keep_only(self.recovery.needs)  # the Hessian is large; free it unless the recovery reads it
+            s.keep_only(self.recovery_needs)  # the Hessian is large; free it unless the recovery reads it
         return Pruned(index, block, site, measured, linears, masks, record, alone)
 
     @timed("recover")
@@ -365,7 +366,9 @@ def _joint(window: list[Pruned], calls) -> dict:
     return dict(index=window[0].index, block=JointBlocks([p.block for p in window]),
                 linears=named(lambda p: p.linears), masks=named(lambda p: p.masks),
                 stats=named(lambda p: p.measured.stats), pattern=window[0].site.pattern,
-                io=JointIO([calls[p.index] for p in window]), dense_weights=None)
+                io=JointIO([calls[p.index] for p in window]),
+                dense_weights=None if window[0].measured.dense_weights is None
+                else named(lambda p: p.measured.dense_weights))
 
 
 class JointBlocks(nn.Module):

@@ -135,6 +135,8 @@ class RunSizes:
     self_windows: int = 0  # --calib self: windows generated (whole batches; 0: another calibration text)
     self_batch: int = 16  # --calib self: windows generated at once
     metric_passes: int = 1  # forward passes over the calibration windows of one measurement of every metric
+    dense_weights: bool = False  # the recovery is handed the block's dense weights (fp32; EBFT's refit, refit)
+    refit: bool = False  # the kept weights are refit in closed form before training (EBFT's refit, refit)
 
     def metric_target(self) -> str | None:
         """What the per-block metrics measure against: the recovery's target, else the dense block's outputs."""
@@ -168,7 +170,7 @@ class RunSizes:
                     precision=training.get("precision", "auto"), load=load, calib_nsamples=config.calib.nsamples,
                     calib_seqlen=config.calib.seqlen, eval_texts=len(sources), eval_windows=windows or 0,
                     eval_seqlen=config.eval.seqlen, eval_stages=3 if config.eval.pruned else 2,
-                    needs=frozenset(get_pruner(config.prune.method).needs) | recovery.needs,
+                    needs=frozenset(get_pruner(config.prune.method).needs) | recovery.needs_of(settings),
                     trains=recovery.trains_blocks and recovery.state_bytes > 0, state_bytes=recovery.state_bytes,
                     target=recovery.target_of(settings) if recovery.scope == "block" else None,
                     recovers=recovery.name != "none", whole_model=recovery.name if recovery.scope == "model" else None,
@@ -181,7 +183,10 @@ class RunSizes:
                     trust_remote_code=config.trust_remote_code,
                     methods=f"{config.prune.method} + {recovery.name}",
                     self_windows=self_calibration_windows(config), self_batch=config.calib.self_batch_size,
-                    metric_passes=metric_passes())
+                    metric_passes=metric_passes(),
+                    dense_weights=bool(recovery.dense_weights(settings) if callable(recovery.dense_weights)
+                                       else recovery.dense_weights),
+                    refit=bool(training.get("refit", False)) or recovery.name == "refit")
         return dataclasses.replace(sizes, **found)
 
     def run_dtype(self) -> str:
@@ -352,6 +357,11 @@ def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> d
                                              "one forward batch (estimate)": forward_transient_bytes(shape, s)}}
     if s.guard:  # the block is pruned twice: the copy pruning alone leaves (the guard's fallback)
         phases["pruning and forward passes"]["the block pruned alone (guard)"] = b * shape.block_params
+    if s.refit:  # the Hessians kept until the recovery, the dense weights, the solver's [out, in] tensors
+        ins = shape.linear_inputs
+        phases["refit (closed form)"] = {**block, "Hessians kept for the refit": 4 * s.window * sum(i * i for i in ins),
+                                         "dense weights (fp32)": 4 * s.window * max(shape.linear_params),
+                                         "solver workspace": 4 * 7 * shape.max_linear}
     if s.trains:
         state = optimizer_bytes(shape, s)
         trained = trained_params(shape, s)

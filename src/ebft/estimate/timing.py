@@ -193,8 +193,11 @@ def _measure(config, s: RunSizes, device: torch.device, iters: int, warmup: int,
         mb, ml, s_scale = shrink(s.recovery_batch, seq)
         t_step, peaks = _time_training(model, block, shape, s, device, mb, ml, iters, warmup, base)
         t_step *= s_scale
+    t_refit = _refit_seconds(block, s, device, iters, warmup) if s.refit else 0.0
     del model, block, x, io
     per_block = _per_block(s, t_fwd, t_eval, t_step)
+    if t_refit:
+        per_block[f"refit ({REFIT_ITERATIONS} solver iterations, typical)"] = t_refit
     disk = disk_bytes(shape, s, "eager")
     written = sum(v for k, v in disk.items() if k.startswith("checkpoint"))
     if written:  # the block's weights (and masks, and its pruned-stage copy) as each block ends
@@ -226,6 +229,22 @@ def _generation_seconds(model, shape, s: RunSizes, device, seq: int, iters: int,
     t_sample = _timed(lambda: sample_next(logits, noise, banned, Sampling(batch=batch)), device, iters, warmup)
     step = t_block * (shape.layers + shape.vocab * shape.hidden / shape.block_params) + t_sample
     return s.self_windows // batch * seq * step
+
+
+REFIT_ITERATIONS = 40  # what a refit's solver typically takes (SmolLM2, Wanda 50-70 %: 20-70; its cap is 100)
+
+
+@torch.no_grad()
+def _refit_seconds(block, s: RunSizes, device, iters: int, warmup: int) -> float:
+    """The closed-form refit of one block (:mod:`ebft.recover.refit`): :data:`REFIT_ITERATIONS` iterations of its
+    solver, each one masked [out, in] × [in, in] product per linear, timed on the block's own shapes."""
+    total = 0.0
+    for lin in find_linears(block, s.layers).values():
+        w = torch.randn(lin.weight.shape, device=device)
+        h = torch.randn(lin.in_features, lin.in_features, device=device)
+        mask = torch.rand(lin.weight.shape, device=device) > 0.5
+        total += _timed(lambda: mask * (w @ h), device, iters, warmup)
+    return total * REFIT_ITERATIONS
 
 
 DISK_BYTES_PER_S = 1e9  # what `ebft plan` assumes a checkpoint's writes cost (page cache, then the disk)

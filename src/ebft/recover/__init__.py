@@ -14,7 +14,7 @@ def no_recovery(ctx: BlockContext, settings) -> dict:
     return {}
 
 
-from . import ebft, mask_tuning, gradual, dsnot  # noqa: E402,F401  (registers; this order in YAML and --help)
+from . import ebft, refit, mask_tuning, gradual, dsnot  # noqa: E402,F401  (registers; this order in YAML and --help)
 from . import lora  # noqa: E402,F401  (registers)
 
 __all__ = ["RECOVERIES", "TARGETS", "BlockContext", "ModelContext", "NoSettings", "Recovery", "TrainingText",

@@ -29,7 +29,10 @@ sweeps read about a recovery, so that adding one is one module:
 - ``target``: what each block is trained towards — ``"dense-block"`` (the dense block on the chain's
   inputs), ``"dense-model"`` (the dense model's own activations), a function of the settings that
   returns one of these (EBFT: its ``target`` setting), or None for a recovery that needs no targets;
-- ``needs``: the input statistics the walk's dense pass collects for it (beside the pruner's);
+- ``needs``: the input statistics the walk's dense pass collects for it (beside the pruner's), or a
+  function of the settings that returns them (EBFT: the Hessian when ``refit`` is on);
+- ``dense_weights``: whether it is handed ``ctx.dense_weights`` (the fp32 weights before pruning), or a
+  function of the settings (a mask-tuning method always gets them);
 - ``state_bytes``: bytes of optimiser state per trained parameter on the accelerator (the estimator's
   memory arithmetic; 0 for a recovery that does not train);
 - ``window``: how many consecutive blocks one call trains together, a function of the settings (EBFT:
@@ -75,7 +78,7 @@ class BlockContext:
     pattern: object  # ebft.masks.Pattern of this block
     io: object  # ebft.walk.BlockIO: how the block is called, device, batch size
     seed: int = 0
-    dense_weights: dict[str, torch.Tensor] | None = None  # for ``changes_masks`` recoveries
+    dense_weights: dict[str, torch.Tensor] | None = None  # for ``changes_masks`` and ``dense_weights`` recoveries
     progress: Callable[..., None] | None = None
     # seconds this block's training may take (``--recover-budget``: the budget left, shared over the
     # blocks left); None: no time limit, the settings' epochs run
@@ -123,7 +126,8 @@ class Recovery:
     target: str | Callable | None = "dense-block"  # see the module docstring
     changes_masks: bool = False  # mask tuning: may update ``ctx.masks``; gets ``ctx.dense_weights``
     scope: str = "block"  # "block": called per block inside the walk | "model": once, after the walk
-    needs: frozenset[str] = frozenset()  # LayerStats kinds the walk must collect for it
+    needs: frozenset[str] | Callable = frozenset()  # LayerStats kinds the walk collects for it (or settings -> them)
+    dense_weights: bool | Callable = False  # hand it ``ctx.dense_weights`` (or settings -> whether to)
     structured: bool = True  # False: refuses structured (shape-changing) pruning
     state_bytes: int = 0  # optimiser state per trained parameter (the estimator's arithmetic)
     summary: str = ""  # one line for --help
@@ -136,6 +140,15 @@ class Recovery:
         if target is not None and target not in TARGETS:
             raise ValueError(f"recovery {self.name!r}: target {target!r} is not one of {TARGETS}")
         return target
+
+    def needs_of(self, settings) -> frozenset[str]:
+        """The input statistics the walk collects for it with these settings."""
+        return frozenset(self.needs(settings) if callable(self.needs) else self.needs)
+
+    def wants_dense_weights(self, settings) -> bool:
+        """Whether it is handed the dense weights (``ctx.dense_weights``) with these settings."""
+        return self.changes_masks or bool(self.dense_weights(settings) if callable(self.dense_weights)
+                                          else self.dense_weights)
 
     def window_of(self, settings) -> int:
         """How many consecutive blocks one call trains together with these settings (1: each alone)."""
@@ -205,18 +218,19 @@ claim_flags(SECTION_BASE, "recover", "the recover section")
 def register_recovery(name: str, settings: type = NoSettings, target: str | Callable | None = "dense-block",
                       changes_masks: bool = False, scope: str = "block", needs=(), structured: bool = True,
                       state_bytes: int = 0, summary: str = "", window: Callable | None = None,
-                      text_windows: Callable | None = None):
+                      text_windows: Callable | None = None, dense_weights: bool | Callable = False):
     """Decorator: add ``fn`` to :data:`RECOVERIES` under ``name``, with what it declares."""
     if scope not in ("block", "model"):
         raise ValueError(f"recovery {name!r}: scope must be 'block' or 'model'")
-    if not set(needs) <= set(STAT_KINDS):
+    if not callable(needs) and not set(needs) <= set(STAT_KINDS):
         raise ValueError(f"recovery {name!r}: unknown statistics {sorted(set(needs) - set(STAT_KINDS))}")
     if not (target is None or callable(target) or target in TARGETS):
         raise ValueError(f"recovery {name!r}: target must be None, a function of the settings, or one of {TARGETS}")
 
     def wrap(fn):
         register("recovery", RECOVERIES, name, fn, settings, "recover", SECTION_BASE,
-                 lambda: Recovery(name, fn, settings, target, changes_masks, scope, frozenset(needs), structured,
+                 lambda: Recovery(name, fn, settings, target, changes_masks, scope,
+                                  needs if callable(needs) else frozenset(needs), dense_weights, structured,
                                   state_bytes, summary, window, text_windows))
         return fn
     return wrap

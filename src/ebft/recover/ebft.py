@@ -20,6 +20,11 @@ the dense model's output after the last, L = ‖B_{ℓ+K−1}∘…∘Bℓ(Xℓ;
 hands this function the window as one "block" (:class:`ebft.walk.JointBlocks`); K = 1 is the
 paper's EBFT, unchanged.
 
+**A closed-form start** (``refit``; on in ``--recipe best``): before the first step, each pruned linear's
+kept weights are set to their masked least-squares optimum on the calibration inputs
+(:mod:`.refit`); the training starts from there. The block's loss "before" is still the pruned block's,
+and a block that ends worse than that is restored to its pruned weights, refit undone with it.
+
 On CUDA the trainable weights are held in fp32 for the block's lifetime (master weights) while the
 forward runs under autocast; they go back to the model's dtype at the end.
 """
@@ -32,6 +37,7 @@ from torch import nn
 from ..models import norm_modules
 from ..settings import option
 from .base import BlockContext, register_recovery
+from .refit import RefitSettings, refit_block
 from .training import BlockTrainingSettings, Trainee, Training, make_adamw, mask_dtype, train_block
 
 
@@ -46,7 +52,10 @@ class KeptWeightSettings(BlockTrainingSettings):
 
 
 @dataclass
-class EbftSettings(KeptWeightSettings):
+class EbftSettings(RefitSettings, KeptWeightSettings):
+    refit: bool = option(False, "ebft: before training, set each pruned layer's kept weights to their least-squares "
+                         "optimum on the calibration inputs (closed form, as --recover refit; training then starts "
+                         "there)", keyed="set")
     window: int = option(1, "ebft: blocks trained together — each run of this many consecutive blocks, every "
                          "block pruned with its own masks, is trained jointly towards the dense model's output "
                          "after its last block (needs target dense-model); 1: each block alone, as the paper",
@@ -69,6 +78,7 @@ class KeptWeights(Trainee):
 
     def __init__(self, ctx: BlockContext, settings: KeptWeightSettings):
         self.ctx, self.settings = ctx, settings
+        self.refit_record: dict = {}
         self.params = trainable_parameters(ctx.block, ctx.linears, settings.train_norms)
         self.dtypes = [p.dtype for p in self.params]
 
@@ -79,6 +89,8 @@ class KeptWeights(Trainee):
 
     def start(self) -> Training:
         ctx = self.ctx
+        if getattr(self.settings, "refit", False):  # the closed-form start; undo() still returns to the pruned weights
+            self.refit_record = refit_block(ctx, self.settings.refit_damp)
         for p in self.params:
             p.requires_grad_(True)
         weight_masks = [(ctx.linears[name].weight, m.to(ctx.device, mask_dtype(ctx.device)))
@@ -96,11 +108,13 @@ class KeptWeights(Trainee):
         # what the optimizer can change: the kept weights (a masked weight's gradient is zeroed), biases, norms
         record["trainable_params"] = (sum(p.numel() for p in self.params)
                                       - sum(int((~m).sum()) for m in self.ctx.masks.values()))
+        record.update(self.refit_record)
         self.saved = []
 
 
 @register_recovery("ebft", settings=EbftSettings, target=lambda settings: settings.target, state_bytes=16,
-                   window=lambda settings: settings.window, summary="ebft trains the kept weights of each block")
+                   window=lambda settings: settings.window, needs=lambda settings: ("hessian",) if settings.refit else (),
+                   dense_weights=lambda settings: settings.refit, summary="ebft trains the kept weights of each block")
 def ebft(ctx: BlockContext, settings: EbftSettings) -> dict:
     """Train the kept weights of ``ctx.block`` to reproduce ``ctx.targets``; return the block's record."""
     return train_block(ctx, settings, KeptWeights(ctx, settings))

@@ -38,9 +38,10 @@ class Rule:
 
 RECIPES: dict[str, dict] = {
     "paper": {"epochs": 10, "batch_size": 8, "lr": 2e-4, "weight_decay": 0.1, "target": "dense-block",
-              "train_norms": True, "loss": "mse"},
+              "train_norms": True, "loss": "mse", "refit": False},
     "best": {"epochs": 10, "batch_size": Rule(lambda c: max(1, min(8, c.calib.nsamples // 16)), "nsamples/16 in [1, 8]"),
-             "lr": 1e-3, "weight_decay": 0.0, "target": "dense-model", "train_norms": True, "loss": "mse"},
+             "lr": 1e-3, "weight_decay": 0.0, "target": "dense-model", "train_norms": True, "loss": "mse",
+             "refit": True},
 }
 DEFAULT_RECIPE = "best"
 
