@@ -80,12 +80,12 @@ POINTS = {
     # the closed-form refit (ebft.recover.refit): alone, and EBFT's start (on in the best recipe since it was
     # measured; "norefit" points are the best recipe as it was before)
     "refit": ("refit alone (closed form)", {"method": "refit"}),
-    **{f"refit-damp{d:g}": ("refit alone (closed form)", {"method": "refit", "refit_damp": d}) for d in (0.1, 1.0)},
+    **{f"refit-damp{d:g}": ("refit alone (closed form)", {"method": "refit", "refit_damp": d}) for d in (0.01, 0.1)},
     **{f"norefit-best-e{e}{w}": ("EBFT, best recipe without refit", {"method": "ebft", "recipe": "best", "epochs": e,
                                                                      "refit": False, **({"window": 3} if w else {})})
        for e in (1, 2, 4) for w in ("", "-w3")},
     **{f"best-e2-damp{d:g}": ("EBFT, refit dampening", {"method": "ebft", "recipe": "best", "epochs": 2,
-                                                       "refit_damp": d}) for d in (0.1, 1.0)},
+                                                       "refit_damp": d}) for d in (0.01, 0.1, 0.3, 3.0)},
     **{f"lora-{n}": ("LoRA (masked)", {"method": "lora", "lora_steps": n, "lora_batch_size": 4, "lora_lr": 1e-3})
        for n in LORA_STEPS},
 }

@@ -218,7 +218,8 @@ def test_sizes_come_from_the_run_config_and_the_methods_declarations():
     s = RunSizes.of(cfg, context=4096)
     assert (s.calib_nsamples, s.calib_seqlen, s.recovery_batch, s.eval_texts) == (256, 1024, 8, 1)
     assert s.eval_windows == 341_469 // 2048  # WikiText-2 at min(4096, 2048)
-    assert (s.needs, s.state_bytes, s.target, s.trains) == ({"sq"}, 16, "dense-model", True)  # wanda + ebft, best
+    assert (s.needs, s.state_bytes, s.target, s.trains) == ({"sq", "hessian"}, 16, "dense-model", True)  # best: refit
+    assert s.refit and s.dense_weights
     cfg.eval.windows = 8
     assert RunSizes.of(cfg).eval_windows == 8
     cfg.prune.method, cfg.recover.method = "sparsegpt", "dsnot"

@@ -45,8 +45,8 @@ def test_masked_lstsq_is_the_exact_row_by_row_solution(damp):
 
 def test_the_default_tolerance_is_close_to_the_optimum_and_better_than_pruning():
     W, H, M = _problem(out=64, inp=96, keep=0.3, seed=1)
-    solved, _ = masked_lstsq(W, H, M)
-    best = _exact(W, H, M, 0.01)
+    solved, _ = masked_lstsq(W, H, M)  # the default dampening, 1.0
+    best = _exact(W, H, M, 1.0)
     pruned, refit, optimum = (layer_error(v, W, H) for v in (W * M, solved, best))
     assert refit < 0.8 * pruned
     assert refit <= optimum * 1.02
@@ -122,3 +122,17 @@ def test_the_plan_counts_the_hessians_and_dense_weights_refit_keeps():
     assert "hessian" in on.needs and "hessian" not in off.needs
     assert on.dense_weights and not off.dense_weights
 
+
+
+def test_a_structured_pruner_gets_no_refit_from_the_recipe_and_refuses_one_asked_for(tiny_model_dir, tmp_path, capsys):
+    from conftest import small_run_args
+    from ebft.cli import main
+    flap = RunConfig()
+    flap.prune.method = "flap"
+    assert not flap.recovery_settings().refit  # the best recipe's refit applies to masks only
+    assert get_recovery("ebft").needs_of(flap.recovery_settings()) == frozenset()
+    out = tmp_path / "bad"
+    assert main(small_run_args(tiny_model_dir, out, "--method", "flap", "--refit")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--refit" in err and "structured" in err
+    assert not out.exists()

@@ -268,15 +268,19 @@ class RunConfig:
         return st.subset(self.prune, AllocationSettings)
 
     def recovery_settings(self):
-        """The recovery's own settings: each value as given, else the recipe's, else the method's default."""
+        """The recovery's own settings: each value as given, else the recipe's where it applies to the run, else
+        the method's default."""
         cls = get_recovery(self.recover.method).settings
-        values = {}
+        values, run = {}, None
         for f in dataclasses.fields(cls):
             given = getattr(self.recover, f.name)
             if given is not None or f.name not in RECIPES[self.recover.recipe]:
                 values[f.name] = given if given is not None else st.default_of(f)
-            else:
-                values[f.name] = recipe_value(self.recover.recipe, f.name, self)
+                continue
+            needs = st.needs_of(f)  # a recipe sets only what applies to the run (no refit of a structured block)
+            run = run if run is not None or needs is None else self.to_dict()
+            applies = needs is None or needs.met(run)
+            values[f.name] = recipe_value(self.recover.recipe, f.name, self) if applies else st.default_of(f)
         return cls(**values)
 
     def windows_drawn(self) -> int:

@@ -37,7 +37,7 @@ from torch import nn
 from ..models import norm_modules
 from ..settings import option
 from .base import BlockContext, register_recovery
-from .refit import RefitSettings, refit_block
+from .refit import MASKED, RefitSettings, refit_block
 from .training import BlockTrainingSettings, Trainee, Training, make_adamw, mask_dtype, train_block
 
 
@@ -55,7 +55,7 @@ class KeptWeightSettings(BlockTrainingSettings):
 class EbftSettings(RefitSettings, KeptWeightSettings):
     refit: bool = option(False, "ebft: before training, set each pruned layer's kept weights to their least-squares "
                          "optimum on the calibration inputs (closed form, as --recover refit; training then starts "
-                         "there)", keyed="set")
+                         "there)", keyed="set", needs=MASKED)
     window: int = option(1, "ebft: blocks trained together — each run of this many consecutive blocks, every "
                          "block pruned with its own masks, is trained jointly towards the dense model's output "
                          "after its last block (needs target dense-model); 1: each block alone, as the paper",
