@@ -86,6 +86,9 @@ POINTS = {
        for e in (1, 2, 4) for w in ("", "-w3")},
     **{f"best-e2-damp{d:g}": ("EBFT, refit dampening", {"method": "ebft", "recipe": "best", "epochs": 2,
                                                        "refit_damp": d}) for d in (0.01, 0.1, 0.3, 3.0)},
+    **{f"best-e2-w3-damp{d:g}": ("EBFT, refit dampening, joint windows", {"method": "ebft", "recipe": "best",
+                                                                         "epochs": 2, "window": 3, "refit_damp": d})
+       for d in (0.01,)},
     **{f"lora-{n}": ("LoRA (masked)", {"method": "lora", "lora_steps": n, "lora_batch_size": 4, "lora_lr": 1e-3})
        for n in LORA_STEPS},
 }

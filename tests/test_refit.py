@@ -136,3 +136,26 @@ def test_a_structured_pruner_gets_no_refit_from_the_recipe_and_refuses_one_asked
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--refit" in err and "structured" in err
     assert not out.exists()
+
+
+def test_the_plan_times_the_refit_solver_only_when_it_runs(tiny_model_dir):
+    from ebft.estimate.timing import estimate_time
+    from ebft.models import load_config
+    config = RunConfig(model=str(tiny_model_dir))
+    config.calib.nsamples, config.calib.seqlen = 4, 32
+    timed = {}
+    for refit in (True, False):
+        config.recover.refit = refit
+        estimate = estimate_time(load_config(str(tiny_model_dir)), RunSizes.of(config), device="cpu", iters=1, warmup=0)
+        timed[refit] = [k for k, v in estimate.per_block.items() if k.startswith("refit") and v > 0]
+    assert len(timed[True]) == 1 and timed[False] == []
+
+
+def test_a_joint_window_refits_every_block_it_holds():
+    model = make_tiny_model("llama", layers=4)
+    spec = PruneSpec(get_pruner("wanda"), parse_pattern("unstructured", 0.6, None, "row"))
+    settings = dict(epochs=1, batch_size=2, lr=1e-3, target="dense-model", window=2, refit=True)
+    result = walk(model, _ids(), spec, recover_spec("ebft", **settings), eval_ids={"x": _ids(2, seed=1)}, batch_size=2)
+    last = result.blocks[1]
+    assert last["window"] == [0, 1] and last["refit_error_after"] < last["refit_error_before"]
+    assert "refit_error_before" not in result.blocks[0]  # a window's record is on its last block

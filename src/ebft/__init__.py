@@ -6,7 +6,7 @@ The public API, importable as written in docs/architecture.md::
 """
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["RunConfig", "CalibConfig", "PruneConfig", "RecoverConfig", "EvalConfig", "run", "evaluate",
            "sweep", "SweepConfig"]

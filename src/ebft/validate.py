@@ -118,7 +118,7 @@ def validate(config, need_out: bool = True, need_device: bool = True, check_unus
                               f"recover {' or '.join(n for n, r in RECOVERIES.items() if r.trains_blocks)}")
     recovery.check_window(config.recovery_settings())
     if pattern.structured and not recovery.structured:
-        raise ConfigError("recover", config.recover.method, "changes masks, and structured pruning has none: "
+        raise ConfigError("recover", config.recover.method, "works on masks, and structured pruning has none: "
                           f"use {', '.join(n for n, r in RECOVERIES.items() if r.structured)}")
     if pattern.structured and config.prune.layers is not None:
         raise ConfigError("prune.layers", config.prune.layers, "structured pruning chooses heads and channels "

@@ -51,6 +51,9 @@ counts the same in host memory, less what the host's weights already hold):
   ``4·max in²`` for its inverse and ``4·max P_linear`` for a fp32 weight copy) + one no-grad forward
   batch of the walk
   (:func:`forward_transient_bytes`, an estimate).
+- *refit* (EBFT's ``refit``, ``--recover refit``): the Hessians kept from the dense pass until the block's
+  recovery ``4·K·Σ in²``, the block's dense weights in fp32 ``4·K·P_lin`` and the solver's [out, in]
+  tensors ``28·max P_linear`` (K: the joint window's blocks).
 - *head*: embeddings, final norm and head ``b·P_outside`` + the logits of one evaluation window and
   their fp32 copy and log-softmax ``Sₑ·V·(b + 8)``.
 - *self-calibration* (``--calib self``, before the walk): the whole model on the accelerator ``b·P_total``

@@ -4,8 +4,9 @@ The block is called the way the walk calls it (:func:`ebft.capture.capture` reco
 trained with the recovery's real step (:func:`ebft.recover.training.training_step`: autocast, masked
 gradients, clipping, AdamW) on EBFT's trainable parameters, and the time is extrapolated to the whole
 walk: ``blocks × (stats pass + dense-model stream + the loss checks + epochs × steps + the per-block metrics +
-propagation + evaluation streams)``. Pruning itself (SparseGPT's solve), the capture and the head are not timed. On
-a CPU it is a rough estimate, labelled so.
+propagation + evaluation streams)``, and with a refit (:mod:`ebft.recover.refit`) its solver: the masked
+[out, in] × [in, in] product of each linear, timed, × :data:`REFIT_ITERATIONS`. Pruning itself (SparseGPT's
+solve), the capture and the head are not timed. On a CPU it is a rough estimate, labelled so.
 
 ``--calib self`` adds its generation before the walk: ``windows / batch × seqlen`` decode steps, each one
 token of every window of a batch through every block with a KV cache, then the head and the sampler.

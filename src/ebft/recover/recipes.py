@@ -4,8 +4,9 @@
 paper. ``best`` is what ebft measured to recover the most for the same calibration data in about the
 same time (``benchmarks/frontier.py``; docs/results.md's "Recovery: the time–quality frontier" shows the
 measurements and the check on a text domain the recipe was not tuned on): a 5× larger learning rate,
-no weight decay, the dense model's own activations as the target, the norms trained too, and small
-batches when the calibration set is small — optimiser *steps* are what a small calibration set lacks
+no weight decay, the dense model's own activations as the target, the norms trained too, the kept
+weights refit in closed form before the first step (:mod:`.refit`), and small batches when the
+calibration set is small — optimiser *steps* are what a small calibration set lacks
 (about 16 windows per step at most: batch = nsamples / 16, between 1 and 8).
 
 A setting given explicitly (a flag, a YAML key, a Python assignment) always wins over the recipe;

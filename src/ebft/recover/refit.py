@@ -42,6 +42,7 @@ import torch
 from ..prune.base import PRUNERS
 from ..settings import Needs, option
 from .base import BlockContext, register_recovery
+from .recipes import DEFAULT_RECIPE, RECIPES
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,22 @@ MASKED = Needs("prune.method", lambda method: method not in PRUNERS or not PRUNE
                "a pruner that leaves masks (a structured pruner's blocks have none)")
 
 
+def _refits(recover: dict) -> bool:
+    """Whether the run's recovery refits: EBFT where its ``refit`` is on (given, else from its recipe); the
+    other owner of the dampening, the ``refit`` recovery, always."""
+    if recover.get("method") != "ebft":
+        return True
+    refit = recover.get("refit")
+    return bool(RECIPES.get(recover.get("recipe", DEFAULT_RECIPE), {}).get("refit", False) if refit is None else refit)
+
+
 @dataclass
 class RefitSettings:
     refit_damp: float = option(1.0, "refit: λ = this fraction of mean(diag H) added to the layer Hessian's "
                                "diagonal, a ridge towards the dense weights (SparseGPT's 0.01 fits the calibration "
                                "text closer and recovered worse on SmolLM2 at 50 %)", low=0, low_open=True,
-                               keyed="set")
+                               keyed="set", needs=Needs("recover", _refits, "a refit (--recover refit, or "
+                                                        "--recover ebft with --refit or --recipe best)"))
 
 
 @torch.no_grad()
