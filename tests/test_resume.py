@@ -355,3 +355,14 @@ def test_a_weight_file_written_with_its_time_set_back_is_found(tmp_path):
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert weights.stat().st_mtime_ns == stat.st_mtime_ns
     assert model_files_fingerprint(str(folder)) != before
+
+
+def test_a_checkpoint_of_another_ebft_version_is_refused_naming_the_version_first(tmp_path):
+    """A newer ebft records settings an older one did not have (0.2.0: recover.refit): the refusal names the
+    version, and a key one side lacks reads "not recorded", not "unset"."""
+    from ebft.checkpoint import _refuse, first_difference
+    saved = {"config": {"recover": {"method": "ebft"}}, "versions": {"ebft": "0.1.0"}}
+    now = {"config": {"recover": {"method": "ebft", "refit": None}}, "versions": {"ebft": "0.2.0"}}
+    assert first_difference(saved, now) == ("versions.ebft", "0.1.0", "0.2.0", 2)
+    message = str(_refuse(tmp_path, "", first_difference(saved, {**now, "versions": saved["versions"]})))
+    assert "recover.refit = nothing (not recorded), this run has unset" in message

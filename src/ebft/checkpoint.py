@@ -169,14 +169,19 @@ def data_hashes(calib: torch.Tensor | None, evals: dict[str, torch.Tensor]) -> d
     return out
 
 
+_NOT_RECORDED = "<not recorded>"  # a key one side does not have (a checkpoint of another ebft version)
+
+
 def first_difference(saved: dict, now: dict) -> tuple[str, object, object, int] | None:
-    """``(key, saved value, current value, how many keys differ)`` or None when equal."""
+    """``(key, saved value, current value, how many keys differ)`` or None when equal; a version named first
+    (it explains the others: a newer ebft records settings an older one did not have)."""
     a, b = _flatten(saved), _flatten(now)
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+    keys = [k for k in sorted(set(a) | set(b), key=lambda k: (not k.startswith("versions."), k))
+            if a.get(k, _NOT_RECORDED) != b.get(k, _NOT_RECORDED)]
     if not keys:
         return None
     k = keys[0]
-    return k, a.get(k, "<unset>"), b.get(k, "<unset>"), len(keys)
+    return k, a.get(k, _NOT_RECORDED), b.get(k, _NOT_RECORDED), len(keys)
 
 
 def _refuse(folder: Path, what: str, diff) -> EbftError:
@@ -189,7 +194,7 @@ def _refuse(folder: Path, what: str, diff) -> EbftError:
 
 
 def _shown(value) -> str:
-    return "unset" if value is None else repr(value)
+    return "unset" if value is None else "nothing (not recorded)" if value == _NOT_RECORDED else repr(value)
 
 
 # ----------------------------------------------------------------------------- the walk's state
