@@ -961,14 +961,16 @@ def check_block_benchmark(check: Check, device: str, shape: str, epochs: int = 2
     run = run_config("auto", epochs, batch=8)
     pruner, recovery = get_pruner("wanda"), get_recovery("ebft")
     pattern = run.pattern()
-    stats, y = dense_pass(block, io, x, linears, set(pruner.needs) | set(recovery.needs))
+    settings = run.recovery_settings()
+    stats, y = dense_pass(block, io, x, linears, set(pruner.needs) | recovery.needs_of(settings))
+    dense = ({n: lin.weight.data.to(torch.float32, copy=True) for n, lin in linears.items()}
+             if recovery.wants_dense_weights(settings) else None)  # the best recipe's refit reads them
     masks, _ = pruner.prune_block(block, linears, stats, BlockSite(0, "block", None, pattern), run.pruner_settings())
     pruned_state = {k: v.detach().clone() for k, v in block.state_dict().items()}
-    settings = run.recovery_settings()
 
     marks = []
     ctx = BlockContext(index=0, block=block, linears=linears, inputs=x, targets=y, masks=masks, stats=stats,
-                       pattern=pattern, io=io, seed=0,
+                       pattern=pattern, io=io, seed=0, dense_weights=dense,
                        progress=lambda event, **info: marks.append(time.perf_counter()) if event == "epoch" else None)
     if dev.type == "cuda":
         torch.cuda.synchronize()
