@@ -16,7 +16,7 @@ from conftest import TEXT, block_training
 from ebft import checkpoint as ckpt
 from ebft.cli import main
 
-TIMES = {"seconds", "seconds_by_phase", "phases", "recover_seconds", "train_seconds", "wall_seconds", "peak_memory_bytes", "prefill_tokens_per_s",
+TIMES = {"seconds", "seconds_by_phase", "phases", "recover_seconds", "train_seconds", "refit_seconds", "wall_seconds", "peak_memory_bytes", "prefill_tokens_per_s",
          "generate_tokens_per_s"}
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -124,10 +124,13 @@ def cell_key(cell: RunConfig) -> str:
     EBFT cell), as its ``keyed`` mode says; a setting the sweep does not take counts as its default (it
     cannot change a cell); the recovery's settings as the recipe resolves them (the recipe is in its values)."""
     skip = inapplicable(cell)
-    resolved = {f"recover.{k}": v for k, v in dataclasses.asdict(cell.recovery_settings()).items()}
+    own = cell.recovery_settings()
+    resolved = {f"recover.{k}": v for k, v in dataclasses.asdict(own).items()}
+    # a recipe-controlled field's default in the section is "from the recipe"; the method's own default is its default
+    method_defaults = {f"recover.{f.name}": default_of(f) for f in dataclasses.fields(own)}
     settings: dict = {}
     for key, f, value in cell.setting_fields():
-        default = default_of(f)
+        default = method_defaults.get(key, default_of(f))
         if "sweep" not in commands_of(f):
             value = default
         elif key in skip and keyed_mode(f) != "always":
