@@ -178,7 +178,7 @@ def training_tokens(cell: dict) -> int:
     rec, calib = cell["config"]["recover"], cell["config"]["calib"]
     if rec["method"] == "lora":
         return rec["lora_steps"] * rec["lora_batch_size"] * calib["seqlen"]
-    if rec["method"] == "none":
+    if rec["method"] in ("none", "refit"):  # no training
         return 0
     return rec["epochs"] * calib["nsamples"] * calib["seqlen"]
 
