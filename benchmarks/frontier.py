@@ -89,6 +89,8 @@ POINTS = {
     **{f"best-e2-w3-damp{d:g}": ("EBFT, refit dampening, joint windows", {"method": "ebft", "recipe": "best",
                                                                          "epochs": 2, "window": 3, "refit_damp": d})
        for d in (0.01,)},
+    **{f"best-e2-lr{lr:g}": ("EBFT, learning rate after the refit", {"method": "ebft", "recipe": "best", "epochs": 2,
+                                                                     "lr": lr}) for lr in (5e-4, 2e-3)},
     **{f"lora-{n}": ("LoRA (masked)", {"method": "lora", "lora_steps": n, "lora_batch_size": 4, "lora_lr": 1e-3})
        for n in LORA_STEPS},
 }

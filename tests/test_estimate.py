@@ -219,7 +219,7 @@ def test_sizes_come_from_the_run_config_and_the_methods_declarations():
     assert (s.calib_nsamples, s.calib_seqlen, s.recovery_batch, s.eval_texts) == (256, 1024, 8, 1)
     assert s.eval_windows == 341_469 // 2048  # WikiText-2 at min(4096, 2048)
     assert (s.needs, s.state_bytes, s.target, s.trains) == ({"sq", "hessian"}, 16, "dense-model", True)  # best: refit
-    assert s.refit and s.dense_weights
+    assert s.refits() and s.dense_weights and s.recovery_needs == {"hessian"}
     cfg.eval.windows = 8
     assert RunSizes.of(cfg).eval_windows == 8
     cfg.prune.method, cfg.recover.method = "sparsegpt", "dsnot"

@@ -121,6 +121,12 @@ def test_the_plan_counts_the_hessians_and_dense_weights_refit_keeps():
     off = RunSizes.of(config)
     assert "hessian" in on.needs and "hessian" not in off.needs
     assert on.dense_weights and not off.dense_weights
+    assert on.refits() and not off.refits()
+    config.recover.method = "refit"  # the standalone recovery: known from what it declares, not from its name
+    assert RunSizes.of(config).refits()
+    config.prune.method, config.recover.method = "sparsegpt", "dsnot"  # a Hessian (the pruner's) and dense weights
+    dsnot = RunSizes.of(config)  # (a mask changer's) are not a refit
+    assert "hessian" in dsnot.needs and dsnot.dense_weights and not dsnot.refits()
 
 
 

@@ -138,8 +138,13 @@ class RunSizes:
     self_windows: int = 0  # --calib self: windows generated (whole batches; 0: another calibration text)
     self_batch: int = 16  # --calib self: windows generated at once
     metric_passes: int = 1  # forward passes over the calibration windows of one measurement of every metric
-    dense_weights: bool = False  # the recovery is handed the block's dense weights (fp32; EBFT's refit, refit)
-    refit: bool = False  # the kept weights are refit in closed form before training (EBFT's refit, refit)
+    recovery_needs: frozenset = frozenset()  # the input statistics the recovery itself reads (in ``needs`` too)
+    dense_weights: bool = False  # the recovery is handed the block's dense weights (fp32)
+
+    def refits(self) -> bool:
+        """Whether the recovery solves for the kept weights in closed form (EBFT's refit, ``refit``): it reads the
+        layers' Hessians and the dense weights."""
+        return "hessian" in self.recovery_needs and self.dense_weights
 
     def metric_target(self) -> str | None:
         """What the per-block metrics measure against: the recovery's target, else the dense block's outputs."""
@@ -187,9 +192,7 @@ class RunSizes:
                     methods=f"{config.prune.method} + {recovery.name}",
                     self_windows=self_calibration_windows(config), self_batch=config.calib.self_batch_size,
                     metric_passes=metric_passes(),
-                    dense_weights=bool(recovery.dense_weights(settings) if callable(recovery.dense_weights)
-                                       else recovery.dense_weights),
-                    refit=bool(training.get("refit", False)) or recovery.name == "refit")
+                    recovery_needs=recovery.needs_of(settings), dense_weights=recovery.wants_dense_weights(settings))
         return dataclasses.replace(sizes, **found)
 
     def run_dtype(self) -> str:
@@ -360,7 +363,7 @@ def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> d
                                              "one forward batch (estimate)": forward_transient_bytes(shape, s)}}
     if s.guard:  # the block is pruned twice: the copy pruning alone leaves (the guard's fallback)
         phases["pruning and forward passes"]["the block pruned alone (guard)"] = b * shape.block_params
-    if s.refit:  # the Hessians kept until the recovery, the dense weights, the solver's [out, in] tensors
+    if s.refits():  # the Hessians kept until the recovery, the dense weights, the solver's [out, in] tensors
         ins = shape.linear_inputs
         phases["refit (closed form)"] = {**block, "Hessians kept for the refit": 4 * s.window * sum(i * i for i in ins),
                                          "dense weights (fp32)": 4 * s.window * max(shape.linear_params),

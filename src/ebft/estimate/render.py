@@ -13,7 +13,8 @@ def plan_to_dict(p: ResourcePlan) -> dict:
     sh = p.shape
     return {
         "model": p.model,
-        "sizes": {**dataclasses.asdict(p.sizes), "needs": sorted(p.sizes.needs)},
+        "sizes": {**dataclasses.asdict(p.sizes), "needs": sorted(p.sizes.needs),
+                  "recovery_needs": sorted(p.sizes.recovery_needs)},
         "dtype": p.sizes.run_dtype(), "autocast": p.sizes.autocast_dtype(),
         "shape": {k: v for k, v in dataclasses.asdict(sh).items()
                   if k not in ("params_blocks", "linear_params", "mask_params", "norm_params", "linear_inputs")},

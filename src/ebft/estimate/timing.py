@@ -194,7 +194,7 @@ def _measure(config, s: RunSizes, device: torch.device, iters: int, warmup: int,
         mb, ml, s_scale = shrink(s.recovery_batch, seq)
         t_step, peaks = _time_training(model, block, shape, s, device, mb, ml, iters, warmup, base)
         t_step *= s_scale
-    t_refit = _refit_seconds(block, s, device, iters, warmup) if s.refit else 0.0
+    t_refit = _refit_seconds(block, s, device, iters, warmup) if s.refits() else 0.0
     del model, block, x, io
     per_block = _per_block(s, t_fwd, t_eval, t_step)
     if t_refit:
