@@ -142,6 +142,11 @@ def test_a_structured_pruner_gets_no_refit_from_the_recipe_and_refuses_one_asked
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--refit" in err and "structured" in err
     assert not out.exists()
+    # its dampening too: the best recipe's refit does not apply to FLAP, so --refit-damp would do nothing
+    assert main(small_run_args(tiny_model_dir, out, "--method", "flap", "--refit-damp", "0.5")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--refit-damp" in err and "structured" in err
+    assert not out.exists()
 
 
 def test_the_plan_times_the_refit_solver_only_when_it_runs(tiny_model_dir):

@@ -61,6 +61,26 @@ class Needs:
         values = settings.get(section, {}) if section else settings
         return name not in values or bool(self.test(values[name]))
 
+    def __and__(self, other: "Needs | AllNeeds") -> "AllNeeds":
+        return AllNeeds((self, other))
+
+
+@dataclass(frozen=True)
+class AllNeeds:
+    """Where a setting applies: where every one of ``parts`` holds (``needs_a & needs_b``)."""
+
+    parts: tuple
+
+    def met(self, settings: dict) -> bool:
+        return all(part.met(settings) for part in self.parts)
+
+    @property
+    def text(self) -> str:
+        return " and ".join(part.text for part in self.parts)
+
+    def __and__(self, other: "Needs | AllNeeds") -> "AllNeeds":
+        return AllNeeds((*self.parts, other))
+
 
 def option(default: Any, help: str, *, flag: str | None = None, choices: tuple | Callable[[], tuple] | None = None,
            low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False,

@@ -69,8 +69,8 @@ class RefitSettings:
     refit_damp: float = option(1.0, "refit: λ = this fraction of mean(diag H) added to the layer Hessian's "
                                "diagonal, a ridge towards the dense weights (SparseGPT's 0.01 fits the calibration "
                                "text closer and recovered worse on SmolLM2 at 50 %)", low=0, low_open=True,
-                               keyed="set", needs=Needs("recover", _refits, "a refit (--recover refit, or "
-                                                        "--recover ebft with --refit or --recipe best)"))
+                               keyed="set", needs=MASKED & Needs("recover", _refits, "a refit (--recover refit, "
+                                                                 "or --recover ebft with --refit or --recipe best)"))
 
 
 @torch.no_grad()
