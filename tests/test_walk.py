@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from conftest import ARCHS, make_tiny_model
+from ebft.estimate.shape import model_shape
 from ebft.evaluation.perplexity import eval_windows, perplexity
 from ebft.masks import parse_pattern
 from ebft.models import find_blocks, find_linears
 from ebft.prune import get_pruner
 from ebft.capture import capture, tail_nll
-from ebft.walk import PruneSpec, walk
+from ebft.stats import STAT_KINDS, LayerStats
+from ebft.walk import PruneSpec, dense_pass, walk
 
 
 def _ids(n=3, s=32, vocab=320, seed=0):
@@ -85,3 +87,31 @@ def test_perplexity_equals_direct_computation(tiny_llama):
     assert perplexity(tiny_llama, ids, seqlen) == pytest.approx(direct, rel=1e-5)
     assert eval_windows(ids, seqlen).shape == (4, seqlen)
     assert eval_windows(ids, seqlen, max_windows=2).shape == (2, seqlen)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_linears_reading_one_input_share_one_statistics_object_with_the_same_sums(arch):
+    """q/k/v (and gate/up) read the very same tensor: one LayerStats, counted once, equal to each one's own sums."""
+    model = make_tiny_model(arch)
+    block = find_blocks(model)[1][0]
+    ids = torch.randint(0, 320, (6, 16), generator=torch.Generator().manual_seed(0))
+    x, calls = capture(model, ids, torch.device("cpu"), batch_size=4)  # two batches: 4 + 2 windows
+    linears = find_linears(block)
+    own = {n: LayerStats(l.in_features, frozenset(STAT_KINDS)) for n, l in linears.items()}
+    hooks = [l.register_forward_hook(lambda m, a, o, s=own[n]: s.update(a[0])) for n, l in linears.items()]
+    calls[0].forward(block, x)
+    for h in hooks:
+        h.remove()
+    stats, _ = dense_pass(block, calls[0], x, linears, STAT_KINDS, keep_output=False)
+    if arch == "llama":  # q/k/v, o, gate/up, down: 4 statistics for 7 linears
+        q, k, v, gate, up = (next(n for n in linears if n.endswith(s))
+                             for s in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+        assert stats[q] is stats[k] is stats[v] and stats[gate] is stats[up]
+        assert len({id(s) for s in stats.values()}) == 4
+    distinct = list({id(s): s for s in stats.values()}.values())  # what ebft plan counts: one per distinct input
+    assert sorted(s.in_features for s in distinct) == sorted(model_shape(model.config).stats_inputs)
+    for name, s in stats.items():
+        assert s.count == own[name].count == 6 * 16
+        for attr in ("sq_sum", "x_sum", "xxt"):
+            torch.testing.assert_close(getattr(s, attr), getattr(own[name], attr), rtol=1e-5, atol=1e-5)
+

@@ -40,7 +40,7 @@ from .metrics import Probe, Readings, record as record_metrics, take
 from .models import find_blocks, find_linears
 from .prune import BlockSite
 from .recover import BlockContext, get_recovery
-from .stats import LayerStats
+from .stats import LayerStats, StatsHooks
 from .streams import BLOCK_TARGETS, CHAIN, STAGES, WINDOW_INPUTS, Homes, Stream, Streams, capture_stream
 from .system import PhaseClock, timed
 
@@ -626,9 +626,7 @@ def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str
     stats = {n: LayerStats(l.in_features, frozenset(needs), io.device) for n, l in linears.items()}
     if not keep_output and not needs:
         return stats, None
-    hooks = [l.register_forward_hook(lambda m, a, o, s=stats[n]: s.update(a[0]))
-             for n, l in linears.items()] if needs else []
-    try:
+    with StatsHooks(linears if needs else {}, stats) as hooks:
         out = None
         if keep_output:
             where = x.device if out_device is None else out_device
@@ -637,11 +635,8 @@ def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str
         else:
             for i in range(0, x.shape[0], io.batch_size):
                 io.call(block, x[i:i + io.batch_size].to(io.device, non_blocking=True))
-    finally:
-        for h in hooks:
-            h.remove()
     if needs:
-        for s in stats.values():
+        for s in hooks.unique():  # a shared one once
             s.all_reduce_()
     return stats, out
 

@@ -296,10 +296,10 @@ def optimizer_bytes(shape: ModelShape, s: RunSizes) -> dict[str, int]:
 
 
 def statistics_bytes(shape: ModelShape, s: RunSizes) -> int:
-    """The input statistics the pruner and the recovery declare, for one block's linears: ``sq`` and
-    ``mean`` a fp32 vector over inputs each; ``hessian`` a fp32 Hessian per linear, its inverse's
-    workspace and a fp32 weight copy."""
-    ins = shape.linear_inputs
+    """The input statistics the pruner and the recovery declare, for one block's linears — one set per distinct
+    input (q/k/v share one): ``sq`` and ``mean`` a fp32 vector over inputs each; ``hessian`` a fp32 Hessian,
+    its inverse's workspace and a fp32 weight copy."""
+    ins = shape.stats_inputs or shape.linear_inputs
     total = 4 * sum(ins) * len(s.needs & {"sq", "mean"})
     if "hessian" in s.needs:
         total += 4 * sum(i * i for i in ins) + 4 * max(ins, default=0) ** 2 + 4 * shape.max_linear
@@ -364,7 +364,7 @@ def working_bytes(shape: ModelShape, s: RunSizes, batch: int | None = None) -> d
     if s.guard:  # the block is pruned twice: the copy pruning alone leaves (the guard's fallback)
         phases["pruning and forward passes"]["the block pruned alone (guard)"] = b * shape.block_params
     if s.refits():  # the Hessians kept until the recovery, the dense weights, the solver's [out, in] tensors
-        ins = shape.linear_inputs
+        ins = shape.stats_inputs or shape.linear_inputs
         phases["refit (closed form)"] = {**block, "Hessians kept for the refit": 4 * s.window * sum(i * i for i in ins),
                                          "dense weights (fp32)": 4 * s.window * max(shape.linear_params),
                                          "solver workspace": 4 * 7 * shape.max_linear}

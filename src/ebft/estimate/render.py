@@ -17,7 +17,8 @@ def plan_to_dict(p: ResourcePlan) -> dict:
                   "recovery_needs": sorted(p.sizes.recovery_needs)},
         "dtype": p.sizes.run_dtype(), "autocast": p.sizes.autocast_dtype(),
         "shape": {k: v for k, v in dataclasses.asdict(sh).items()
-                  if k not in ("params_blocks", "linear_params", "mask_params", "norm_params", "linear_inputs")},
+                  if k not in ("params_blocks", "linear_params", "mask_params", "norm_params", "linear_inputs",
+                                "stats_inputs")},
         "parameters": {"total": sh.params_total, "per_block": sh.block_params, "blocks": sh.layers,
                        "in_blocks": sh.params_in_blocks, "outside_blocks": sh.params_outside},
         "weights_bytes": p.weights,

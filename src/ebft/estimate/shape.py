@@ -44,6 +44,7 @@ class ModelShape:
     qkv_params: int  # block 0's q/k/v weights (their inputs need no gradient)
     max_linear: int  # the largest linear weight in a block
     linear_inputs: tuple[int, ...]  # in_features of block 0's selected linears
+    stats_inputs: tuple[int, ...] = ()  # in_features of each distinct input among them (q/k/v read one, gate/up one)
 
     @property
     def params_in_blocks(self) -> int:
@@ -111,7 +112,24 @@ def model_shape(config, layers: str | None = None, attention: str | None = None,
         qkv_params=sum(l.weight.numel() for l in qkv),
         max_linear=max((l.weight.numel() for l in all0.values()), default=0),
         linear_inputs=tuple(l.in_features for l in linears[0].values()),
+        stats_inputs=_distinct_inputs(linears[0], qkv, intermediate if gated else None, hidden),
     )
+
+
+def _distinct_inputs(linears: dict, qkv: list, gated_width: int | None, hidden: int) -> tuple[int, ...]:
+    """The in_features of each distinct input tensor the linears read: the walk's statistics are one object per
+    input (:class:`ebft.stats.StatsHooks`) — the attention's q/k/v projections read one, a gated MLP's gate and
+    up projections one."""
+    groups: dict[str, int] = {}
+    for name, lin in linears.items():
+        if any(lin is q for q in qkv):
+            key = "qkv"
+        elif gated_width is not None and lin.in_features == hidden and lin.out_features == gated_width:
+            key = "gate/up"
+        else:
+            key = name
+        groups.setdefault(key, lin.in_features)
+    return tuple(groups.values())
 
 
 def _numel(p) -> int:
