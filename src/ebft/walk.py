@@ -636,7 +636,9 @@ def dense_pass(block: nn.Module, io: BlockIO, x: torch.Tensor, linears: dict[str
             for i in range(0, x.shape[0], io.batch_size):
                 io.call(block, x[i:i + io.batch_size].to(io.device, non_blocking=True))
     if needs:
-        for s in hooks.unique():  # a shared one once
+        # a shared one once; every rank holds calibration windows (fewer windows than ranks is refused), so every
+        # rank found the same sharing and reduces the same objects in the same order
+        for s in hooks.unique():
             s.all_reduce_()
     return stats, out
 
