@@ -74,7 +74,7 @@ POINTS = {
     **{f"n{n}-best-e{e}-b{b}{w}": ("EBFT, more calibration windows", {"calib.nsamples": n, "method": "ebft",
                                                                        "recipe": "best", "epochs": e, "batch_size": b,
                                                                        **({"window": 3} if w else {})})
-       for n, e, b in ((64, 1, 2), (128, 1, 4)) for w in ("", "-w3")},
+       for n, e, b in ((64, 1, 2), (128, 1, 4), (128, 2, 4)) for w in ("", "-w3")},
     "atp0.01-none": ("pruned, ATP allocation (beta)", {"prune.allocation": "atp", "prune.atp_beta": 0.01,
                                                        "method": "none"}),
     # the closed-form refit (ebft.recover.refit): alone, and EBFT's start (on in the best recipe since it was
@@ -89,8 +89,8 @@ POINTS = {
     **{f"best-e2-w3-damp{d:g}": ("EBFT, refit dampening, joint windows", {"method": "ebft", "recipe": "best",
                                                                          "epochs": 2, "window": 3, "refit_damp": d})
        for d in (0.01,)},
-    **{f"best-e2-lr{lr:g}": ("EBFT, learning rate after the refit", {"method": "ebft", "recipe": "best", "epochs": 2,
-                                                                     "lr": lr}) for lr in (5e-4, 2e-3)},
+    **{f"best-e{e}-lr{lr:g}": ("EBFT, learning rate", {"method": "ebft", "recipe": "best", "epochs": e, "lr": lr})
+       for e in (2, 4) for lr in (5e-4, 2e-3, 4e-3)},
     **{f"lora-{n}": ("LoRA (masked)", {"method": "lora", "lora_steps": n, "lora_batch_size": 4, "lora_lr": 1e-3})
        for n in LORA_STEPS},
 }
